@@ -1,0 +1,217 @@
+"""Run configuration: data, model and training settings, chosen by name and overridden by key.
+
+Named configs (``get_config(name)``):
+
+- ``paper``: the setting of Torda et al. (2024): 192x192 crops at [27:219], slices z 90..99,
+  width-64 U-Net (about 31.0M parameters), Adam lr 2e-4 b1 0.5, batch 10, 30 epochs,
+  flip + resize-crop augmentation.
+- ``demo``: small and fast on a laptop CPU: the same slices downsampled 2x to 96x96, a width-8
+  U-Net, 6 epochs.
+- ``tiny``: for tests: 4 slices per case downsampled 6x to 32x32, width-4 U-Net of depth 2.
+
+Overrides use dotted keys, e.g. ``train.epochs=3``, ``model.width=16``, ``data.slices=tumour``.
+A key that does not exist, or a value that does not parse as the field's type, raises
+:class:`~tracin_jax.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracin_jax.errors import InputError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    layout: str = "auto"  # auto | brats2019 | brats2020 | brats2021 | brats2023 | msd
+    modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")  # channel order
+    crop: tuple[int, int, int, int] = (27, 219, 27, 219)  # y0, y1, x0, x1 (in-plane, canonical)
+    slices: str = "90:100"  # "a:b" (half-open) or "tumour" (every slice with tumour)
+    normalise: str = "paper"  # paper: 2x/max(x)-1 per case and channel | zscore: inside brain
+    downsample: int = 1  # integer in-plane factor after cropping (mean-pool images, strided labels)
+    test_fraction: float = 0.2
+    split_seed: int = 1234
+    max_cases: int = 0  # 0 = all cases found
+    grades: str = "all"  # BraTS 2018/2019 only: all | HGG | LGG
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = 64  # channels of the first encoder block
+    depth: int = 4  # down-sampling stages; bridge has width * 2**depth channels
+    norm: str = "batch"  # batch | group | none
+    num_classes: int = 4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 2e-4
+    b1: float = 0.5
+    b2: float = 0.999
+    momentum: float = 0.0  # sgd only
+    batch_size: int = 10
+    epochs: int = 30
+    seed: int = 0
+    loss: str = "dice"  # dice | ce
+    background_weight: float = 0.0
+    dice_eps: float = 1e-6
+    augment_flip: bool = False
+    augment_resize_crop: bool = False
+    resize_to: int = 250  # resize-crop augmentation: resize to this size (scaled with downsample)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _paper() -> Config:
+    return Config(
+        name="paper",
+        data=DataConfig(grades="HGG"),
+        train=TrainConfig(augment_flip=True, augment_resize_crop=True),
+    )
+
+
+def _demo() -> Config:
+    return Config(
+        name="demo",
+        data=DataConfig(downsample=2),
+        model=ModelConfig(width=8),
+        train=TrainConfig(epochs=6, lr=2e-3, b1=0.9),
+    )
+
+
+def _tiny() -> Config:
+    return Config(
+        name="tiny",
+        data=DataConfig(slices="93:97", downsample=6),
+        model=ModelConfig(width=4, depth=2),
+        train=TrainConfig(epochs=2, batch_size=4, lr=3e-3, b1=0.9),
+    )
+
+
+CONFIGS = {"paper": _paper, "demo": _demo, "tiny": _tiny}
+
+
+def get_config(name: str) -> Config:
+    """Returns the named config (``paper``, ``demo`` or ``tiny``)."""
+    if name not in CONFIGS:
+        raise InputError(f"unknown config {name!r}: choose one of {', '.join(sorted(CONFIGS))}")
+    return CONFIGS[name]()
+
+
+def _parse_value(key: str, raw: str, current: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            parts = [p for p in raw.replace("(", "").replace(")", "").split(",") if p.strip()]
+            kind = type(current[0]) if current else str
+            return tuple(kind(p.strip()) for p in parts)
+        return raw
+    except ValueError:
+        raise InputError(
+            f"config value {key}={raw!r} is not a valid {type(current).__name__}"
+        ) from None
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Applies ``section.key=value`` overrides; unknown keys raise InputError."""
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"config override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key.count(".") != 1:
+            raise InputError(f"config key {key!r} does not exist (use section.key, e.g. train.epochs)")
+        section, name = key.split(".")
+        if section not in ("data", "model", "train"):
+            raise InputError(f"config key {key!r} does not exist: no section {section!r}")
+        sub = getattr(config, section)
+        if name not in {f.name for f in dataclasses.fields(sub)}:
+            raise InputError(f"config key {key!r} does not exist")
+        value = _parse_value(key, raw, getattr(sub, name))
+        config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{name: value})})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks values a typo could break; raises InputError naming the value."""
+    d, m, t = config.data, config.model, config.train
+    choices = {
+        "data.layout": (d.layout, ("auto", "brats2019", "brats2020", "brats2021", "brats2023", "msd")),
+        "data.normalise": (d.normalise, ("paper", "zscore")),
+        "model.norm": (m.norm, ("batch", "group", "none")),
+        "train.optimizer": (t.optimizer, ("adam", "sgd")),
+        "train.loss": (t.loss, ("dice", "ce")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InputError(f"config value {key}={value!r} is not one of {', '.join(allowed)}")
+    if len(d.crop) != 4 or d.crop[1] <= d.crop[0] or d.crop[3] <= d.crop[2]:
+        raise InputError(f"config value data.crop={d.crop} must be y0,y1,x0,x1 with y1>y0, x1>x0")
+    h, w = d.crop[1] - d.crop[0], d.crop[3] - d.crop[2]
+    if d.downsample < 1 or h % d.downsample or w % d.downsample:
+        raise InputError(f"config value data.downsample={d.downsample} must divide the crop {h}x{w}")
+    size = (h // d.downsample, w // d.downsample)
+    if size[0] % (2**m.depth) or size[1] % (2**m.depth):
+        raise InputError(
+            f"image size {size[0]}x{size[1]} is not divisible by 2**model.depth={2**m.depth}"
+        )
+    if d.slices != "tumour":
+        try:
+            a, b = (int(v) for v in d.slices.split(":"))
+            if b <= a:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"config value data.slices={d.slices!r} must be 'a:b' with b>a, or 'tumour'") from None
+    if not 0.0 < d.test_fraction < 1.0:
+        raise InputError(f"config value data.test_fraction={d.test_fraction} must lie in (0, 1)")
+    for key, value in (("model.width", m.width), ("model.depth", m.depth),
+                       ("train.batch_size", t.batch_size), ("train.epochs", t.epochs)):
+        if value < 1:
+            raise InputError(f"config value {key}={value} must be at least 1")
+    if t.lr <= 0:
+        raise InputError(f"config value train.lr={t.lr} must be positive")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Inverse of ``Config.to_dict`` (lists become tuples)."""
+    def build(cls, values):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                v = values[f.name]
+                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)
+
+    return Config(
+        name=raw.get("name", "custom"),
+        data=build(DataConfig, raw.get("data", {})),
+        model=build(ModelConfig, raw.get("model", {})),
+        train=build(TrainConfig, raw.get("train", {})),
+    )

@@ -1,0 +1,116 @@
+"""``load_run(workdir)``: one object that later stages and notebooks use to reach a trained run.
+
+>>> run = tracin_jax.load_run("runs/demo")
+>>> run.checkpoints[0].epoch, run.checkpoints[0].lr
+>>> logits = run.apply(run.checkpoints[-1].variables, run.test.images[:2])   # f32[2,H,W,4]
+>>> run.classwise_loss(logits, run.test.labels[:2])                        # f32[2,3]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tracin_jax import checkpoints
+from tracin_jax.errors import InputError
+from tracin_jax.models import build_unet
+from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
+from tracin_jax.training.train import RUN_FILE, init_variables, load_config
+
+
+@dataclass
+class Checkpoint:
+    """One saved epoch. ``variables`` ({'params', 'batch_stats'}) load on first access."""
+
+    workdir: Path
+    epoch: int
+    step: int
+    lr: float
+    _like: Any = field(repr=False, default=None)
+    _variables: Any = field(repr=False, default=None)
+
+    @property
+    def variables(self) -> Any:
+        if self._variables is None:
+            self._variables = checkpoints.load_variables(self.workdir, self.epoch, self._like)
+        return self._variables
+
+
+class Run:
+    """A trained run: config, checkpoints in epoch order, pure apply and loss, and the data."""
+
+    class_names = CLASS_NAMES
+
+    def __init__(self, workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None):
+        self.workdir = Path(workdir)
+        if not self.workdir.is_dir():
+            raise InputError(f"--workdir {self.workdir} is not a folder")
+        self.config = load_config(self.workdir)
+        run_file = self.workdir / RUN_FILE
+        self.info = json.loads(run_file.read_text()) if run_file.exists() else {}
+        self.data_dir = Path(data_dir) if data_dir else Path(self.info.get("data_dir", ""))
+        self.model = build_unet(self.config.model)
+        epochs = checkpoints.list_epochs(self.workdir)
+        if not epochs:
+            raise InputError(f"{self.workdir}: no checkpoints found (train first)")
+        like = jax.eval_shape(lambda: init_variables(self.model, jax.random.key(0), self.image_shape))
+        self.checkpoints = []
+        for e in epochs:
+            meta = checkpoints.load_meta(self.workdir, e)
+            self.checkpoints.append(Checkpoint(self.workdir, e, int(meta["step"]), float(meta["lr"]), like))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        d = self.config.data
+        h = (d.crop[1] - d.crop[0]) // d.downsample
+        w = (d.crop[3] - d.crop[2]) // d.downsample
+        return (h, w, len(d.modalities))
+
+    def checkpoint(self, epoch: int) -> Checkpoint:
+        for c in self.checkpoints:
+            if c.epoch == epoch:
+                return c
+        have = ", ".join(str(c.epoch) for c in self.checkpoints)
+        raise InputError(f"{self.workdir}: no checkpoint for epoch {epoch} (have {have})")
+
+    def apply(self, variables: Any, images: jax.Array) -> jax.Array:
+        """Inference mode (BatchNorm running stats). images f32[B,H,W,4] -> logits f32[B,H,W,4]."""
+        return self.model.apply(variables, images, train=False)
+
+    def features(self, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(logits f32[B,H,W,4], last hidden features f32[B,H,W,width]) in inference mode."""
+        return self.model.apply(variables, images, train=False, return_features=True)
+
+    def classwise_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """Per-example soft Dice of the tumour classes: f32[B, 3] (NCR/NET, ED, ET)."""
+        return tumour_dice_loss(logits, jnp.asarray(labels, jnp.int32), self.config.train.dice_eps)
+
+    @cached_property
+    def dataset(self):
+        from tracin_jax.data import load_dataset
+
+        if not self.data_dir or not Path(self.data_dir).exists():
+            raise InputError(f"{self.workdir}: data folder {str(self.data_dir)!r} not found "
+                             "(pass data_dir= to load_run)")
+        return load_dataset(self.data_dir, self.config.data, progress=False)
+
+    @property
+    def train(self):
+        """Training examples (images f32[N,H,W,4], labels u8[N,H,W], ids, cases)."""
+        return self.dataset.train
+
+    @property
+    def test(self):
+        return self.dataset.test
+
+
+def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Run:
+    """Opens a training workdir. ``data_dir`` overrides the data folder recorded at training."""
+    return Run(workdir, data_dir)
