@@ -222,6 +222,7 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
                 variables, opt_state, jnp.asarray(train.images[idx]),
                 jnp.asarray(train.labels[idx], jnp.int32), step_key)
             step_count += 1
+            _fault_injection(step_count)
             losses.append(loss)
             if b % 5 == 0 or b == n_batches - 1:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -243,6 +244,18 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
                                     {"step": step_count, "lr": lr})
         log(_format_metrics(last_metrics))
     return last_metrics
+
+
+def _fault_injection(step: int) -> None:
+    """Test hook: TRACIN_JAX_KILL_AT_STEP=n SIGKILLs this process right after step n.
+
+    Used by the resume tests to reproduce a hard kill mid-epoch deterministically.
+    """
+    at = os.environ.get("TRACIN_JAX_KILL_AT_STEP")
+    if at is not None and int(at) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _format_metrics(m: dict) -> str:

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny synthetic BraTS dataset and a tiny trained run, built once per session.
+
+Volumes are 80 x 80 x 48 (the synthetic generator keeps the 240 x 240 x 155 mm field of view with
+larger voxels), cropped to 64 x 64, downsampled 2x to 32 x 32, four axial slices per case.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_SHAPE = (80, 80, 48)
+TINY_OVERRIDES = ["data.crop=8,72,8,72", "data.downsample=2", "data.slices=26:30", "train.epochs=3"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Preprocessing cache in a temporary folder, never the user's ~/.cache."""
+    old = os.environ.get("TRACIN_JAX_CACHE")
+    os.environ["TRACIN_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("TRACIN_JAX_CACHE", None)
+    else:
+        os.environ["TRACIN_JAX_CACHE"] = old
+
+
+def tiny_config(*extra: str):
+    from tracin_jax.config import apply_overrides, get_config
+
+    return apply_overrides(get_config("tiny"), [*TINY_OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 6-case synthetic BraTS 2019 tree (seed 0)."""
+    from tracin_jax.data import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_synthetic_dataset(root, cases=6, seed=0, progress=False, shape=TINY_SHAPE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """Workdir of the `tiny` config trained for 3 epochs on `tiny_data` (checkpoints 1, 2, 3)."""
+    from tracin_jax.training.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lambda s: None)
+    return workdir

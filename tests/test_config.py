@@ -1,0 +1,41 @@
+import pytest
+
+from tracin_jax.config import apply_overrides, config_from_dict, get_config
+from tracin_jax.errors import InputError
+
+
+def test_paper_config_is_the_papers_setting():
+    c = get_config("paper")
+    assert c.data.crop == (27, 219, 27, 219) and c.data.slices == "90:100"
+    assert c.data.split_seed == 1234 and c.data.test_fraction == 0.2
+    assert (c.model.width, c.model.depth) == (64, 4)
+    assert (c.train.optimizer, c.train.lr, c.train.b1, c.train.batch_size, c.train.epochs) == ("adam", 2e-4, 0.5, 10, 30)
+    assert c.train.augment_flip and c.train.augment_resize_crop
+
+
+def test_overrides_parse_types_and_round_trip():
+    c = apply_overrides(get_config("demo"), ["train.epochs=3", "model.norm=group", "data.crop=0,96,0,96",
+                                             "train.augment_flip=true", "train.lr=1e-3"])
+    assert c.train.epochs == 3 and c.model.norm == "group" and c.data.crop == (0, 96, 0, 96)
+    assert c.train.augment_flip is True and c.train.lr == 1e-3
+    assert config_from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epoch=3", "train.epoch"),
+    ("optim.lr=1", "optim"),
+    ("train.epochs=three", "train.epochs='three'"),
+    ("model.norm=layer", "model.norm='layer'"),
+    ("data.slices=9-3", "data.slices"),
+    ("epochs", "epochs"),
+    ("data.downsample=5", "data.downsample=5"),
+])
+def test_bad_overrides_name_the_value(override, needle):
+    with pytest.raises(InputError, match=None) as e:
+        apply_overrides(get_config("demo"), [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_config_name():
+    with pytest.raises(InputError, match="unknown config 'big'"):
+        get_config("big")

@@ -1,0 +1,86 @@
+"""On-disk cache of preprocessed datasets.
+
+A cache file ``<cache_dir>/brats-<key>.npz`` holds the arrays of one :class:`Dataset`. The key
+hashes the resolved data folder, every input file's path relative to it with its size and
+``mtime_ns``, the DataConfig as JSON and ``CACHE_VERSION``, so editing, touching, adding or
+removing a used file, or changing any data setting, gives a new key. Files are written
+atomically (temporary file in the same folder, fsync, ``os.replace``); an unreadable or
+inconsistent cache file is ignored and rebuilt.
+
+Default folder: ``$TRACIN_JAX_CACHE`` if set, else ``~/.cache/tracin_jax``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+CACHE_VERSION = 1
+CACHE_ENV = "TRACIN_JAX_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$TRACIN_JAX_CACHE`` if set, else ``~/.cache/tracin_jax``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tracin_jax"
+
+
+def file_signature(path: Path, data_dir: Path) -> list:
+    """[path relative to ``data_dir``, size, mtime_ns] of one input file (stat follows links)."""
+    st = Path(path).stat()
+    return [Path(os.path.relpath(path, data_dir)).as_posix(), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(data_dir: Path, files: list[Path], cfg) -> str:
+    """Hex sha256 of (resolved data dir, file signatures, DataConfig JSON, CACHE_VERSION).
+
+    ``files`` are paths found under ``data_dir`` as given; ``cfg`` is a DataConfig.
+    """
+    payload = {
+        "version": CACHE_VERSION,
+        "data_dir": Path(data_dir).resolve().as_posix(),
+        "files": [file_signature(p, data_dir) for p in files],
+        "config": dataclasses.asdict(cfg),
+    }
+    text = json.dumps(payload, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"brats-{key[:24]}.npz"
+
+
+def save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes an uncompressed .npz atomically: temp file in the same folder, fsync, replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """All arrays of an .npz file, or None if it is missing or unreadable (corrupt, truncated)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None

@@ -1,0 +1,185 @@
+"""Turning one case's canonical volumes into 2D axial training examples.
+
+Geometry (canonical RAS arrays, see :mod:`tracin_jax.data.nifti`): ``crop = (y0, y1, x0, x1)``
+selects ``volume[y0:y1, x0:x1, z]``: the first in-plane range applies to array axis 0
+(left -> right), the second to axis 1 (posterior -> anterior). An example image is
+``[H, W] = [axis 0, axis 1]`` of one axial slice z (axis 2). The paper's crop (27, 219, 27, 219)
+gives 192 x 192.
+
+Order of operations per case: normalisation statistics on the whole volume -> crop -> choose
+slices -> normalise -> downsample.
+
+Normalisation:
+
+- ``paper``: per case and channel, x -> 2 x / max(x) - 1, with max(x) over that channel's whole
+  (uncropped, all-slices) volume, as the authors' code normalised each loaded volume. Background
+  (0) becomes -1 and the brightest voxel of the volume 1. A channel with max <= 0 is an error.
+- ``zscore``: per case and channel, (x - mean) / std with mean and std over the brain mask of the
+  whole volume (voxels where any modality is non-zero); voxels outside the mask are set to 0.
+
+Downsampling by an integer factor k (after cropping): images are mean-pooled over k x k blocks;
+labels are picked with stride k at offset k // 2 (``labels[k//2::k, k//2::k]``), the centre-ish
+voxel of each block, so classes stay exact integers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tracin_jax.errors import InputError
+
+
+def parse_slices(spec: str) -> tuple[int, int] | None:
+    """``"a:b"`` -> (a, b) (half-open, b > a >= 0); ``"tumour"`` -> None."""
+    if spec == "tumour":
+        return None
+    try:
+        a, b = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise InputError(f"config value data.slices={spec!r} must be 'a:b' with b>a, or 'tumour'") from None
+    if a < 0 or b <= a:
+        raise InputError(f"config value data.slices={spec!r} must be 'a:b' with b>a>=0, or 'tumour'")
+    return a, b
+
+
+def check_crop(shape: tuple[int, ...], crop: tuple[int, int, int, int], case_id: str) -> None:
+    """InputError naming the case if ``crop`` does not fit the in-plane size ``shape[:2]``."""
+    y0, y1, x0, x1 = crop
+    if not (0 <= y0 < y1 <= shape[0] and 0 <= x0 < x1 <= shape[1]):
+        raise InputError(
+            f"case {case_id}: crop {tuple(crop)} (y0, y1, x0, x1) does not fit its in-plane size "
+            f"{shape[0]}x{shape[1]}"
+        )
+
+
+def crop_inplane(volume: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
+    """``volume[y0:y1, x0:x1, ...]``: [X, Y, Z, ...] -> [y1-y0, x1-x0, Z, ...] (a view)."""
+    y0, y1, x0, x1 = crop
+    return volume[y0:y1, x0:x1]
+
+
+def select_slices(labels: np.ndarray, spec: str, case_id: str) -> np.ndarray:
+    """Axial slice indices to use.
+
+    Args:
+      labels: u8[H, W, Z] cropped class labels of the case (used by ``"tumour"``).
+      spec: ``"a:b"`` or ``"tumour"`` (every z whose cropped labels contain any tumour class).
+      case_id: named in the error message.
+    Returns:
+      int64[n] increasing slice indices (n may be 0 for ``"tumour"``).
+    Raises:
+      InputError: the range a:b lies outside the volume's Z slices.
+    """
+    rng = parse_slices(spec)
+    depth = labels.shape[2]
+    if rng is None:
+        return np.flatnonzero(labels.any(axis=(0, 1)))
+    a, b = rng
+    if b > depth:
+        raise InputError(
+            f"case {case_id}: slice range {a}:{b} lies outside the volume's {depth} axial slices"
+        )
+    return np.arange(a, b)
+
+
+def paper_scale(channels: list[np.ndarray], names: list[str]) -> np.ndarray:
+    """f32[C]: the maximum of each whole channel volume [X, Y, Z].
+
+    InputError naming ``names[c]`` (the channel's file) if a maximum is <= 0.
+    """
+    top = np.array([float(v.max()) for v in channels], dtype=np.float32)
+    for c, m in enumerate(top):
+        if not m > 0:
+            raise InputError(f"{names[c]}: image maximum is {float(m):g}; paper normalisation needs max > 0")
+    return top
+
+
+def paper_normalise(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``2 x / scale - 1`` per channel: f32[..., C], f32[C] -> f32[..., C] in [-1, 1] for x >= 0."""
+    return (x.astype(np.float32) * (2.0 / scale) - 1.0).astype(np.float32)
+
+
+def brain_mask(channels: list[np.ndarray]) -> np.ndarray:
+    """bool[X, Y, Z]: voxels where any channel volume is non-zero."""
+    mask = channels[0] != 0
+    for v in channels[1:]:
+        mask |= v != 0
+    return mask
+
+
+def zscore_stats(channels: list[np.ndarray], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean f32[C], std f32[C]) of each channel volume inside the brain mask of all channels.
+
+    InputError naming the channel's file when the mask is empty or the std is 0.
+    """
+    mask = brain_mask(channels)
+    if not mask.any():
+        raise InputError(f"{names[0]}: every voxel of every modality is 0; no brain to normalise")
+    mean, std = np.zeros(len(channels), np.float32), np.zeros(len(channels), np.float32)
+    for c, v in enumerate(channels):
+        inside = v[mask].astype(np.float64)
+        mean[c], std[c] = inside.mean(), inside.std()
+        if not std[c] > 0:
+            raise InputError(f"{names[c]}: constant inside the brain; zscore normalisation needs std > 0")
+    return mean, std
+
+
+def zscore_normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(x - mean) / std`` per channel inside the brain (any channel non-zero), 0 outside.
+
+    f32[..., C] -> f32[..., C].
+    """
+    x = x.astype(np.float32)
+    out = (x - mean) / std
+    out[~np.any(x != 0, axis=-1)] = 0.0
+    return out.astype(np.float32)
+
+
+def downsample_images(images: np.ndarray, k: int) -> np.ndarray:
+    """Mean-pools k x k blocks: f32[N, H, W, C] -> f32[N, H/k, W/k, C] (H, W divisible by k)."""
+    if k == 1:
+        return images
+    n, h, w, c = images.shape
+    if h % k or w % k:
+        raise InputError(f"config value data.downsample={k} must divide the crop {h}x{w}")
+    return images.reshape(n, h // k, k, w // k, k, c).mean(axis=(2, 4), dtype=np.float32)
+
+
+def downsample_labels(labels: np.ndarray, k: int) -> np.ndarray:
+    """Strided pick ``labels[:, k//2::k, k//2::k]``: u8[N, H, W] -> u8[N, H/k, W/k]."""
+    if k == 1:
+        return labels
+    return np.ascontiguousarray(labels[:, k // 2 :: k, k // 2 :: k])
+
+
+def case_examples(channels: list[np.ndarray], labels: np.ndarray, names: list[str], crop, slices: str,
+                  normalise: str, downsample: int, case_id: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All preprocessing of one case.
+
+    Args:
+      channels: C canonical image volumes [X, Y, Z] (any real dtype), in output channel order.
+      labels: u8[X, Y, Z] canonical classes (0..3).
+      names: C file names (for errors), one per channel.
+      crop, slices, normalise, downsample: the DataConfig fields.
+      case_id: named in errors.
+    Returns:
+      images f32[n, H, W, C], labels u8[n, H, W], z int64[n]; H = (y1-y0)/k, W = (x1-x0)/k.
+    """
+    for name, v in zip(names, channels):
+        if v.shape != labels.shape:
+            raise InputError(f"{name}: shape {v.shape} differs from the seg shape {labels.shape}")
+    check_crop(labels.shape, crop, case_id)
+    lab = crop_inplane(labels, crop)  # [H, W, Z]
+    z = select_slices(lab, slices, case_id)
+    img = np.stack([crop_inplane(v, crop)[:, :, z] for v in channels], axis=-1)  # [H, W, n, C]
+    if normalise == "paper":
+        img = paper_normalise(img, paper_scale(channels, names))
+    elif normalise == "zscore":
+        mean, std = zscore_stats(channels, names)
+        img = zscore_normalise(img, mean, std)
+    else:
+        raise InputError(f"config value data.normalise={normalise!r} is not one of paper, zscore")
+    img = np.ascontiguousarray(np.moveaxis(img, 2, 0), dtype=np.float32)  # [n, H, W, C]
+    lab = np.ascontiguousarray(np.moveaxis(lab[:, :, z], 2, 0), dtype=np.uint8)  # [n, H, W]
+    return downsample_images(img, downsample), downsample_labels(lab, downsample), z
