@@ -1,6 +1,6 @@
 """``tracin-jax``: command-line entry point.
 
-Subcommands: ``synth``, ``train``, ``influence``, ``demo``. Bad input prints one line
+Subcommands: ``synth``, ``train``, ``influence``, ``explain``, ``demo``. Bad input prints one line
 ``tracin-jax: error: ...`` and exits with status 2, without a traceback.
 """
 
@@ -62,23 +62,35 @@ def _cmd_influence(args) -> dict:
     return meta
 
 
+def _cmd_explain(args) -> None:
+    from tracin_jax.explain import run_explain
+
+    run_explain(args.workdir, args.influence, args.out, k=args.k, modality=args.modality,
+                data_dir=args.data, level=args.level, similarity=args.similarity)
+    print(f"report written to {Path(args.out) / 'index.html'}")
+
+
 def _cmd_demo(args) -> None:
     from tracin_jax.config import apply_overrides, get_config
     from tracin_jax.data import write_synthetic_dataset
+    from tracin_jax.explain import run_explain
     from tracin_jax.influence import run_influence
     from tracin_jax.training.train import train_and_evaluate
 
     root = Path(args.workdir)
-    data, run, infl = root / "data", root / "run", root / "influence"
-    t0 = time.perf_counter()
-    print(f"[1/3] synthetic BraTS-layout data ({args.cases} cases) -> {data}")
-    write_synthetic_dataset(data, cases=args.cases, seed=args.seed)
+    data, run, infl, report = root / "data", root / "run", root / "influence", root / "report"
     config = apply_overrides(get_config("demo"), args.set or [])
-    print(f"[2/3] training the '{config.name}' config -> {run}")
+    t0 = time.perf_counter()
+    print(f"[1/4] synthetic BraTS-layout data ({args.cases} cases) -> {data}")
+    write_synthetic_dataset(data, cases=args.cases, seed=args.seed)
+    print(f"[2/4] training the '{config.name}' config -> {run}")
     train_and_evaluate(config, data, run)
-    print(f"[3/3] class-wise influence (head subset) -> {infl}")
+    print(f"[3/4] class-wise influence (head subset, all checkpoints) -> {infl}")
     run_influence(run, infl, params="head")
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s; outputs under {root}")
+    print(f"[4/4] explanations and report -> {report}")
+    run_explain(run, infl, report)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    print(f"open the report: {(report / 'index.html').resolve()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--data", default=None, help="data folder, if moved since training")
     i.set_defaults(func=_cmd_influence)
 
-    d = sub.add_parser("demo", help="synth -> train -> influence on the embedded default data")
+    x = sub.add_parser("explain", help="HTML report: proponents/opponents, global patterns, "
+                       "faithfulness, filter selection")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--influence", required=True, help="folder written by `tracin-jax influence`")
+    x.add_argument("--out", required=True)
+    x.add_argument("--k", type=int, default=5, help="proponents and opponents shown per item")
+    x.add_argument("--modality", default="flair", help="flair | t1 | t1ce | t2")
+    x.add_argument("--level", default="patient", help="patient (the paper) | slice")
+    x.add_argument("--similarity", default="cosine", help="cosine | max_ratio | max_product")
+    x.add_argument("--data", default=None, help="data folder, if moved since training")
+    x.set_defaults(func=_cmd_explain)
+
+    d = sub.add_parser("demo", help="synth -> train -> influence -> report on the embedded data")
     d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--cases", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,346 @@
+"""``run_explain``: local, global and faithfulness explanations of an influence folder, as a report.
+
+>>> from tracin_jax.explain import run_explain
+>>> metrics = run_explain("runs/demo/run", "runs/demo/influence", "runs/demo/report")
+
+Steps (each in its own module): rankings and aggregates (``ranking``), local explanation
+figures, global explanations, faithfulness of the rankings against last-hidden-layer
+similarity (``features``, ``faithfulness``), filter selection validated by ablation
+(``selection``), then ``index.html`` + ``metrics.json`` (``report``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+from tqdm.auto import tqdm
+
+from tracin_jax.errors import InputError
+from tracin_jax.explain import faithfulness as fa
+from tracin_jax.explain import figures as fig
+from tracin_jax.explain import ranking, report, selection
+from tracin_jax.explain.features import SIMILARITIES, FeatureStore
+from tracin_jax.explain.global_view import global_explanations
+from tracin_jax.explain.inputs import PRESENT_FILE, Influence, load_influence
+from tracin_jax.explain.local import local_explanations
+from tracin_jax.training.losses import CLASS_NAMES
+
+LEVELS = ("patient", "slice")
+
+
+def _class_arg(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value in CLASS_NAMES:
+        return CLASS_NAMES.index(value)
+    if isinstance(value, (int, np.integer)) and 0 <= int(value) < 3:
+        return int(value)
+    raise InputError(f"{what}={value!r}: choose one of {', '.join(CLASS_NAMES)} (or 0, 1, 2)")
+
+
+def _pick_checkpoint(run, epoch: int | None):
+    if epoch is None:
+        return run.checkpoints[-1]
+    for c in run.checkpoints:
+        if c.epoch == epoch:
+            return c
+    have = ", ".join(str(c.epoch) for c in run.checkpoints)
+    raise InputError(f"epoch={epoch}: the run has no checkpoint for it (have {have})")
+
+
+def _check_present(infl: Influence, labels: np.ndarray) -> None:
+    truth = np.stack([(labels == c).any(axis=(1, 2)) for c in (1, 2, 3)], axis=1)
+    bad = np.argwhere(truth != infl.test_present)
+    if bad.size:
+        t, c = bad[0]
+        raise InputError(f"{infl.dir / PRESENT_FILE}: says {CLASS_NAMES[c]} is "
+                         f"{'present' if infl.test_present[t, c] else 'absent'} in {infl.test_ids[t]}, "
+                         "the run's ground truth disagrees (influence computed on other data?)")
+
+
+def _representatives(infl: Influence, train_labels: np.ndarray) -> tuple[list[np.ndarray], str]:
+    """Per training class j: int[n_test, 3, n_patients] representative slice of each patient."""
+    n_pat = len(infl.patients)
+    if infl.scores is not None:
+        reps = [ranking.representatives(np.asarray(infl.scores[:, :, :, j]), infl.train_patient, n_pat)
+                for j in range(3)]
+        return reps, "largest |score|"
+    fallback = ranking.largest_region_representatives(train_labels, infl.train_patient, n_pat)
+    reps = [np.broadcast_to(fallback[j], (infl.n_test, 3, n_pat)) for j in range(3)]
+    if infl.topk is None:
+        return reps, "largest class region (scores.npy absent)"
+    tk = infl.topk
+    for j in range(3):
+        idx = np.concatenate([tk["proponents_indices"][:, :, j], tk["opponents_indices"][:, :, j]], -1)
+        val = np.concatenate([tk["proponents_scores"][:, :, j], tk["opponents_scores"][:, :, j]], -1)
+        reps[j] = ranking.representatives_from_topk(reps[j], idx, val, infl.train_patient)
+    return reps, ("largest |score| among the top-K slices, else largest class region "
+                  "(scores.npy absent)")
+
+
+def _faithfulness(infl, store, query, train, reps, *, similarity, n_extremes, n_permutations,
+                  seed) -> tuple[dict, list[np.ndarray]]:
+    """FI curves, Spearman and the permutation gap test for every similarity.
+
+    Returns (metrics part, FI curves of the chosen similarity: per class f32[R_c, F]); the
+    metrics part carries the chosen similarity's scatter data under '_scatter' for the figures.
+    """
+    rs = fa.region_stats(store, query.images, query.labels, train.images, train.labels,
+                         test_name=infl.query_split)
+    present = infl.test_present
+    eligible = fa.eligible_patients(train.labels, infl.train_patient, len(infl.patients))
+    out: dict = {"similarity": similarity, "metrics": {},
+                 "ranked_patients": {CLASS_NAMES[c]: int(eligible[c].sum()) for c in range(3)}}
+    chosen_curves = []
+    for kind in SIMILARITIES:
+        per_class, curves, abs_s, mean_s = {}, [], [], []
+        for c in range(3):
+            rows = present[:, c]
+            sim = fa.similarity(rs, c, kind)  # [n_test, n_train, F]
+            order = fa.patient_order(infl.patient_scores, c, eligible[c])
+            sbr = fa.by_rank(sim, order, reps[c][:, c, :])[rows]  # [m, R, F]
+            curve = fa.fi_curve(sbr) if sbr.shape[0] else np.full(sbr.shape[1:], np.nan)
+            curves.append(curve)
+            ranked = np.flatnonzero(eligible[c])
+            s_pat = fa.nanmean(fa.by_rank(sim, np.broadcast_to(ranked, order.shape),
+                                          reps[c][:, c, :])[rows], axis=-1)  # [m, R]
+            a_pat = np.abs(infl.patient_scores[rows, c][:, ranked, c])
+            abs_s.append(a_pat)
+            mean_s.append(s_pat)
+            entry = {"spearman_abs_score_vs_S": fa.spearman(a_pat, s_pat),
+                     "fi_mean_over_filters": fa.nanmean(curve, axis=1)}
+            if sbr.shape[0]:
+                entry["gap_test"] = fa.item_permutation_test(fa.nanmean(sbr, axis=-1), n_extremes,
+                                                             n_permutations, seed)
+            else:
+                entry["gap_test"] = {}
+            per_class[CLASS_NAMES[c]] = entry
+        pooled = fa.spearman(np.concatenate([a.ravel() for a in abs_s]),
+                             np.concatenate([m.ravel() for m in mean_s]))
+        out["metrics"][kind] = {"per_class": per_class, "spearman_pooled": pooled}
+        if kind == similarity:
+            chosen_curves = curves
+            chosen_scatter = (abs_s, mean_s)
+    out["fi_curves"] = chosen_curves  # [3][R, F]
+    out["_scatter"] = chosen_scatter
+    return out, chosen_curves
+
+
+def _selection(curves, store, test, train, variables, *, n_extremes, n_permutations, seed, z_min,
+               alpha, random_seeds) -> dict:
+    n_f = curves[0].shape[1]
+    sel = [selection.select_filters(curves[c], n_extremes, n_permutations, seed, z_min, alpha)
+           for c in range(3)]
+    selected = np.stack([s["selected"] for s in sel])  # [3, F]
+    zero = [np.zeros(n_f, bool)] + [selection.group_mask(n_f, [f]) for f in range(n_f)]
+    groups_idx = []
+    for c in range(3):
+        size = int(selected[c].sum())
+        g = {"size": size, "selected": np.flatnonzero(selected[c]),
+             "least": selection.least_important(sel[c]["z"], size),
+             "random": selection.random_sets(n_f, size, range(random_seeds)) if size else []}
+        rows = {"selected": len(zero)}
+        zero.append(selection.group_mask(n_f, g["selected"]))
+        rows["least"] = len(zero)
+        zero.append(selection.group_mask(n_f, g["least"]))
+        rows["random"] = []
+        for r in g["random"]:
+            rows["random"].append(len(zero))
+            zero.append(selection.group_mask(n_f, r))
+        groups_idx.append((g, rows))
+    zero = np.stack(zero)
+    head = variables["params"]["head"]
+    kernel = np.asarray(head["kernel"]).reshape(n_f, -1)
+    bias = np.asarray(head["bias"])
+    per_filter, groups, dice, comparisons = {}, {}, {}, {}
+    for split, ex in (("train", train), ("test", test)):
+        d = selection.dice_table(selection.ablation_counts(store, split, ex.images, ex.labels,
+                                                           kernel, bias, zero))
+        drop = d[0][None] - d  # [G, 3]
+        dice[split] = {"baseline": dict(zip(CLASS_NAMES, d[0]))}
+        per_filter[split] = drop[1:1 + n_f].T  # [3, F]
+        groups[split], comparisons[split] = [], {}
+        for c, (g, rows) in enumerate(groups_idx):
+            rnd = [drop[r, c] for r in rows["random"]]
+            groups[split].append({"size": g["size"], "selected": drop[rows["selected"], c],
+                                  "least": drop[rows["least"], c], "random": rnd})
+            comparisons[split][CLASS_NAMES[c]] = selection.mean_difference_test(
+                per_filter[split][c], selected[c], n_permutations, seed)
+    return {
+        "rule": {"n_extremes": n_extremes, "n_window": [s["n"] for s in sel], "z_min": z_min,
+                 "alpha": alpha, "n_permutations": n_permutations, "seed": seed,
+                 # filters per class passing by chance: min(alpha, P(Z >= z_min)) * F (normal null)
+                 "expected_by_chance": min(alpha, float(stats.norm.sf(z_min))) * n_f},
+        "per_class": {CLASS_NAMES[c]: {
+            "selected": np.flatnonzero(selected[c]), "n_selected": int(selected[c].sum()),
+            "gap": sel[c]["gap"], "z": sel[c]["z"], "p": sel[c]["p"],
+            "least_important": groups_idx[c][0]["least"],
+            "random_sets": groups_idx[c][0]["random"]} for c in range(3)},
+        "n_filters": n_f, "random_seeds": list(range(random_seeds)),
+        "baseline_dice": dice, "per_filter_dice_drop": per_filter,
+        "group_dice_drop": groups, "single_filter_comparison": comparisons,
+        "_selected": selected,
+    }
+
+
+def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *, k: int = 5,
+                modality: str = "flair", level: str = "patient", train_class: int | str | None = None,
+                items_per_class: int = 4, test_items: Sequence[str] | None = None,
+                similarity: str = "cosine", n_extremes: int = 10, n_permutations: int = 1000,
+                z_min: float = 2.0, alpha: float = 0.05, random_seeds: int = 5, seed: int = 0,
+                epoch: int | None = None, batch_size: int = 16, progress: bool = True) -> dict:
+    """Writes the explanation report of an opened run (see :func:`run_explain`); returns metrics."""
+    t0 = time.perf_counter()
+    if int(k) < 1:
+        raise InputError(f"k={k}: must be at least 1")
+    if level not in LEVELS:
+        raise InputError(f"level={level!r}: choose one of {', '.join(LEVELS)}")
+    if similarity not in SIMILARITIES:
+        raise InputError(f"similarity={similarity!r}: choose one of {', '.join(SIMILARITIES)}")
+    modalities = list(run.config.data.modalities)
+    if modality not in modalities:
+        raise InputError(f"modality={modality!r}: the run's channels are {', '.join(modalities)}")
+    mod = modalities.index(modality)
+    j_fixed = _class_arg(train_class, "train_class")
+    train = run.train
+    infl0_split = _peek_split(influence_dir)
+    query = run.train if infl0_split == "train" else run.test
+    infl = load_influence(influence_dir, test_ids=list(query.ids), train_ids=list(train.ids),
+                          train_cases=list(train.cases))
+    _check_present(infl, np.asarray(query.labels))
+    ckpt = _pick_checkpoint(run, epoch)
+    tmp = report.start(out)
+    try:
+        reps, rep_rule = _representatives(infl, np.asarray(train.labels))
+        steps = tqdm(total=4, desc="explain", disable=not progress)
+        local = local_explanations(infl, query, train, reps, k=int(k), level=level, train_class=j_fixed,
+                       items_per_class=items_per_class, test_items=test_items, mod=mod,
+                       modality=modality, folder=tmp, progress=progress)
+        steps.update()
+        glob = global_explanations(infl, int(k), tmp)
+        steps.update()
+        store = FeatureStore(run.features, ckpt.variables, batch_size, progress=progress)
+        faith, curves = _faithfulness(infl, store, query, train, reps, similarity=similarity,
+                                      n_extremes=n_extremes, n_permutations=n_permutations,
+                                      seed=seed)
+        steps.update()
+        sel = _selection(curves, store, run.test, train, ckpt.variables, n_extremes=n_extremes,
+                         n_permutations=n_permutations, seed=seed, z_min=z_min, alpha=alpha,
+                         random_seeds=random_seeds)
+        steps.update()
+        steps.close()
+        metrics = _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, tmp, t0,
+                            options=dict(k=int(k), modality=modality, level=level,
+                                         train_class=None if j_fixed is None else CLASS_NAMES[j_fixed],
+                                         items_per_class=items_per_class, similarity=similarity,
+                                         n_extremes=n_extremes, n_permutations=n_permutations,
+                                         z_min=z_min, alpha=alpha, random_seeds=random_seeds,
+                                         seed=seed, epoch=ckpt.epoch))
+        from tracin_jax.explain.page import render
+
+        metrics = report.jsonable(metrics)
+        report.write_metrics(tmp, metrics)
+        (tmp / "index.html").write_text(render(metrics), encoding="utf-8")
+        report.finish(tmp, out)
+    except BaseException:
+        report.abandon(tmp)
+        raise
+    return metrics
+
+
+def _peek_split(influence_dir) -> str:
+    import json
+
+    try:
+        return str(json.loads((Path(influence_dir) / "meta.json").read_text()).get("split", "test"))
+    except (OSError, ValueError):
+        return "test"  # load_influence reports the problem with the file
+
+
+def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, options) -> dict:
+    scatter = faith.pop("_scatter")
+    curves = faith["fi_curves"]
+    selected = sel.pop("_selected")
+    kind = faith["similarity"]
+    per_class = faith["metrics"][kind]["per_class"]
+    highlight = []
+    for c in range(3):
+        z = np.asarray(sel["per_class"][CLASS_NAMES[c]]["z"], float)
+        highlight.append([int(f) for f in np.argsort(-np.where(np.isfinite(z), z, -np.inf))[:3]
+                          if np.isfinite(z[f])])
+    faith["figures"] = {
+        "fi_curves": fig.fi_curves(folder / "fi_curves.png", curves,
+                                   sel["rule"]["n_window"], highlight,
+                                   [per_class[n]["gap_test"] for n in CLASS_NAMES], kind),
+        "similarity_vs_score": fig.similarity_vs_score(
+            folder / "similarity_vs_score.png", scatter[0], scatter[1],
+            [per_class[n]["spearman_abs_score_vs_S"] for n in CLASS_NAMES], kind)}
+    sel["figures"] = {
+        "ablation_per_filter": fig.ablation_per_filter(folder / "ablation_per_filter.png",
+                                                       sel["per_filter_dice_drop"], selected),
+        "importance_histograms": fig.importance_histograms(
+            folder / "importance_histograms.png",
+            np.stack([sel["per_class"][n]["gap"] for n in CLASS_NAMES]), selected),
+        "group_ablation": fig.group_ablation(folder / "group_ablation.png", sel["group_dice_drop"])}
+    sel["verdict"] = _verdict(sel)
+    meta = {k: v for k, v in infl.meta.items()
+            if k not in ("test_ids", "train_ids", "train_cases", "test_cases", "patients")}
+    return {
+        "run": {"workdir": str(getattr(run, "workdir", "")),
+                "config": run.config.to_dict() if hasattr(run.config, "to_dict") else {},
+                "checkpoints": [{"epoch": c.epoch, "lr": c.lr} for c in run.checkpoints],
+                "features_checkpoint": {"epoch": ckpt.epoch, "lr": ckpt.lr}},
+        "influence": {"dir": str(infl.dir), "meta": meta, "n_test": infl.n_test,
+                      "n_train": infl.n_train, "n_patients": len(infl.patients),
+                      "query_split": infl.query_split, "has_scores": infl.scores is not None,
+                      "representative_slice": rep_rule},
+        "options": options,
+        "local": local, "global": glob, "faithfulness": faith, "selection": sel,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _verdict(sel: dict) -> dict:
+    """Per split and class: does zeroing the selected set cost more Dice than random sets?"""
+    out = {}
+    for split, rows in sel["group_dice_drop"].items():
+        out[split] = {}
+        for c, g in enumerate(rows):
+            if g["size"] == 0:
+                out[split][CLASS_NAMES[c]] = {"size": 0, "selected_beats_random": None,
+                                              "selected_beats_every_random": None}
+                continue
+            rnd = np.asarray(g["random"], float)
+            out[split][CLASS_NAMES[c]] = {
+                "size": g["size"], "selected_drop": g["selected"], "random_mean": float(np.nanmean(rnd)),
+                "random_std": float(np.nanstd(rnd)), "least_drop": g["least"],
+                "selected_beats_random": bool(g["selected"] > np.nanmean(rnd)),
+                "selected_beats_every_random": bool(np.all(g["selected"] > rnd)),
+                "fraction_random_below_selected": float(np.mean(rnd < g["selected"]))}
+    return out
+
+
+def run_explain(workdir: str | os.PathLike, influence_dir: str | os.PathLike, out: str | os.PathLike,
+                *, k: int = 5, modality: str = "flair", data_dir: str | os.PathLike | None = None,
+                progress: bool = True, **options) -> dict:
+    """Explanation report of the influence folder ``influence_dir`` of the run in ``workdir``.
+
+    Writes ``out/index.html`` (offline; figures as PNG files beside it) and ``out/metrics.json``
+    (every number in the report); returns the metrics dict. ``k``: proponents/opponents shown and
+    counted; ``modality``: the channel shown in figures. Further keyword options (defaults):
+    level='patient' | 'slice', train_class=None (j = i), items_per_class=4, test_items=None
+    (test slice ids to explain instead), similarity='cosine' | 'max_ratio' | 'max_product',
+    n_extremes=10, n_permutations=1000, z_min=2.0, alpha=0.05, random_seeds=5, seed=0,
+    epoch=None (last checkpoint's features), batch_size=16.
+
+    Raises InputError (one line) for a bad influence folder or option.
+    """
+    from tracin_jax.run import load_run
+
+    return explain_run(load_run(workdir, data_dir), influence_dir, out, k=k, modality=modality,
+                       progress=progress, **options)

@@ -1,0 +1,174 @@
+"""Reading and checking an influence folder against the run it was computed for.
+
+An influence folder holds (axes: test example, test class i, train example or patient, train
+class j; classes NCR/NET, ED, ET):
+
+- ``scores.npy``          f32[n_test, 3, n_train, 3]   (optional: absent when too large),
+- ``patient_scores.npy``  f32[n_test, 3, n_patients, 3] (a patient's score = sum over its slices),
+- ``test_present.npy``    bool[n_test, 3]  (test class present in the slice's ground truth),
+- ``self_influence.npy``  f32[n_train, 3]  (optional),
+- ``topk_{proponents,opponents}_{indices,scores}.npy``  int32 / f32[n_test, 3, 3, K]
+  (optional: the top-K training slices per test item, test class and training class; -1 / NaN
+  where not ranked; written instead of ``scores.npy`` when that is too large),
+- ``meta.json``: class_names, test_ids, train_ids, train_cases, patients, checkpoints, ...
+
+Everything a user can get wrong (a missing file, a shape or id list that does not match the
+run) raises :class:`~tracin_jax.errors.InputError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tracin_jax.errors import InputError
+
+META_FILE = "meta.json"
+SCORES_FILE = "scores.npy"
+PATIENT_SCORES_FILE = "patient_scores.npy"
+PRESENT_FILE = "test_present.npy"
+SELF_INFLUENCE_FILE = "self_influence.npy"
+N_CLASSES = 3
+
+
+@dataclass
+class Influence:
+    """A checked influence folder. Arrays are numpy; ``scores`` may be a read-only memmap or None."""
+
+    dir: Path
+    meta: dict
+    patient_scores: np.ndarray  # f32[n_test, 3, n_patients, 3]
+    test_present: np.ndarray  # bool[n_test, 3]
+    scores: np.ndarray | None  # f32[n_test, 3, n_train, 3]
+    self_influence: np.ndarray | None  # f32[n_train, 3]
+    topk: dict | None  # {'proponents_indices', ...}: [n_test, 3, 3, K] slice-level top-K, or None
+    test_ids: list[str]
+    train_ids: list[str]
+    train_cases: list[str]
+    patients: list[str]
+    train_patient: np.ndarray  # int[n_train]: index into ``patients`` of each training slice
+
+    @property
+    def n_test(self) -> int:
+        return self.patient_scores.shape[0]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_ids)
+
+    @property
+    def query_split(self) -> str:
+        """Which split of the run the "test" axis holds (``test`` unless the folder says ``train``)."""
+        return str(self.meta.get("split", "test"))
+
+
+def _load_array(path: Path, ndim: int, mmap: bool = False) -> np.ndarray:
+    if not path.exists():
+        raise InputError(f"{path}: missing (not an influence folder, or an unfinished one?)")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise InputError(f"{path}: unreadable .npy file ({type(e).__name__}: {e})") from None
+    if arr.ndim != ndim:
+        raise InputError(f"{path}: expected {ndim} dimensions, found shape {tuple(arr.shape)}")
+    return arr
+
+
+def _check_ids(path: Path, key: str, found: Sequence[str], expected: Sequence[str] | None) -> None:
+    if expected is None:
+        return
+    found, expected = list(found), list(expected)
+    if len(found) != len(expected):
+        raise InputError(f"{path}: {key} lists {len(found)} examples but the run has {len(expected)}")
+    for a, b in zip(found, expected):
+        if a != b:
+            raise InputError(f"{path}: {key} differ from the run's (first difference: {a!r} vs {b!r})")
+
+
+def patient_index(train_cases: Sequence[str], patients: Sequence[str]) -> np.ndarray:
+    """int[n_train]: position in ``patients`` of each training slice's case (-1 when unknown)."""
+    pos = {p: n for n, p in enumerate(patients)}
+    return np.array([pos.get(c, -1) for c in train_cases], dtype=np.int64)
+
+
+def load_influence(directory: str | os.PathLike, *, test_ids: Sequence[str] | None = None,
+                   train_ids: Sequence[str] | None = None,
+                   train_cases: Sequence[str] | None = None) -> Influence:
+    """Loads and checks an influence folder; ids given here must match the folder's exactly.
+
+    Raises InputError (one line naming the file) for a missing file, a shape that does not fit
+    the other files or the run, ids that differ, or non-finite scores.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise InputError(f"--influence {d}: not a folder")
+    meta_path = d / META_FILE
+    if not meta_path.exists():
+        raise InputError(f"{meta_path}: missing (not an influence folder, or an unfinished one?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{meta_path}: not valid JSON ({e})") from None
+    for key in ("test_ids", "train_ids", "train_cases", "patients"):
+        if not isinstance(meta.get(key), list):
+            raise InputError(f"{meta_path}: no list {key!r}")
+    m_test, m_train, m_cases, m_patients = (meta["test_ids"], meta["train_ids"],
+                                            meta["train_cases"], meta["patients"])
+    if len(m_cases) != len(m_train):
+        raise InputError(f"{meta_path}: train_cases has {len(m_cases)} entries, train_ids {len(m_train)}")
+    _check_ids(meta_path, "test_ids", m_test, test_ids)
+    _check_ids(meta_path, "train_ids", m_train, train_ids)
+    _check_ids(meta_path, "train_cases", m_cases, train_cases)
+    n_test, n_train, n_pat = len(m_test), len(m_train), len(m_patients)
+    train_patient = patient_index(m_cases, m_patients)
+    if (train_patient < 0).any():
+        bad = m_cases[int(np.argmax(train_patient < 0))]
+        raise InputError(f"{meta_path}: training case {bad!r} is not in 'patients'")
+
+    def expect(path: Path, arr: np.ndarray, shape: tuple[int, ...], what: str) -> None:
+        if tuple(arr.shape) != shape:
+            raise InputError(f"{path}: shape {tuple(arr.shape)} does not match {what} {shape}")
+
+    p_path = d / PATIENT_SCORES_FILE
+    patient_scores = np.asarray(_load_array(p_path, 4), dtype=np.float32)
+    expect(p_path, patient_scores, (n_test, N_CLASSES, n_pat, N_CLASSES),
+           "(n_test, 3, n_patients, 3) from meta.json")
+    if not np.isfinite(patient_scores).all():
+        raise InputError(f"{p_path}: contains non-finite values")
+
+    t_path = d / PRESENT_FILE
+    present = _load_array(t_path, 2)
+    expect(t_path, present, (n_test, N_CLASSES), "(n_test, 3) from meta.json")
+    present = present.astype(bool)
+
+    s_path = d / SCORES_FILE
+    scores = None
+    if s_path.exists():
+        scores = _load_array(s_path, 4, mmap=True)
+        expect(s_path, scores, (n_test, N_CLASSES, n_train, N_CLASSES),
+               "(n_test, 3, n_train, 3) from meta.json")
+
+    si_path = d / SELF_INFLUENCE_FILE
+    self_influence = None
+    if si_path.exists():
+        self_influence = np.asarray(_load_array(si_path, 2), dtype=np.float32)
+        expect(si_path, self_influence, (n_train, N_CLASSES), "(n_train, 3) from meta.json")
+
+    topk = None
+    names = [f"{side}_{what}" for side in ("proponents", "opponents") for what in ("indices", "scores")]
+    if all((d / f"topk_{n}.npy").exists() for n in names):
+        topk = {n: _load_array(d / f"topk_{n}.npy", 4) for n in names}
+        k = topk["proponents_indices"].shape[-1]
+        for n, arr in topk.items():
+            expect(d / f"topk_{n}.npy", arr, (n_test, N_CLASSES, N_CLASSES, k),
+                   "(n_test, 3, 3, K) from meta.json")
+            if n.endswith("indices") and (arr >= n_train).any():
+                raise InputError(f"{d / f'topk_{n}.npy'}: index beyond the {n_train} training slices")
+
+    return Influence(d, meta, patient_scores, present, scores, self_influence, topk, list(m_test),
+                     list(m_train), list(m_cases), list(m_patients), train_patient)

@@ -1,0 +1,92 @@
+"""Local explanations: for chosen test slices and classes, the top-k proponents and opponents.
+
+For test slice t and test class i (training class j, default j = i), training patients are
+ranked by ``patient_scores[t, i, :, j]`` (or training slices by ``scores[t, i, :, j]``); each
+patient is shown by its representative slice. One figure per (test slice, class).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tracin_jax.errors import InputError
+from tracin_jax.explain import figures as fig
+from tracin_jax.explain import ranking
+from tracin_jax.training.losses import CLASS_NAMES
+
+
+def _top_k_from_lists(tk: dict, t: int, i: int, j: int, k: int) -> ranking.TopK:
+    """Slice-level top-k from the influence stage's top-K files (same sign rule as top_k)."""
+    pi, ps = tk["proponents_indices"][t, i, j, :k], tk["proponents_scores"][t, i, j, :k]
+    oi, os_ = tk["opponents_indices"][t, i, j, :k], tk["opponents_scores"][t, i, j, :k]
+    keep_p = (pi >= 0) & (ps > 0)
+    keep_o = (oi >= 0) & (os_ < 0)
+    return ranking.TopK(pi[keep_p].astype(np.int64), ps[keep_p], oi[keep_o].astype(np.int64), os_[keep_o])
+
+
+def local_explanations(infl, query, train, reps, *, k, level, train_class, items_per_class,
+                       test_items, mod, modality, folder: Path, progress) -> dict:
+    """Top-k tables and one figure per chosen (test slice, class); returns the metrics part.
+
+    reps: per training class j, int[n_test, 3, n_patients] representative slices; mod: the
+    channel shown; test_items: test slice ids (default: per class, the ``items_per_class``
+    slices with the largest class region). Items whose class is absent are skipped and counted.
+    """
+    if level == "slice" and infl.scores is None and infl.topk is None:
+        raise InputError(f"{infl.dir}: level='slice' needs scores.npy or the topk_*.npy files, "
+                         "which this folder lacks (use level='patient')")
+    present = infl.test_present
+    if test_items:
+        pos = {t: n for n, t in enumerate(infl.test_ids)}
+        missing = [t for t in test_items if t not in pos]
+        if missing:
+            raise InputError(f"test item {missing[0]!r} is not a test slice of this run")
+        chosen = [[pos[t] for t in test_items] for _ in range(3)]
+    else:
+        chosen = ranking.largest_region_items(query.labels, items_per_class)
+    out = {"level": level, "k": k, "modality": modality, "items": [],
+           "skipped_absent": {}, "not_ranked_absent": {}}
+    jobs = []
+    for i in range(3):
+        keep = [t for t in chosen[i] if present[t, i]]
+        out["skipped_absent"][CLASS_NAMES[i]] = len(chosen[i]) - len(keep)
+        out["not_ranked_absent"][CLASS_NAMES[i]] = int((~present[:, i]).sum())
+        jobs += [(t, i) for t in keep]
+    for t, i in tqdm(jobs, desc="local explanations", disable=not progress, leave=False):
+        j = i if train_class is None else train_class
+        if level == "patient":
+            top = ranking.top_k(infl.patient_scores[t, i, :, j], k)
+        elif infl.scores is not None:
+            top = ranking.top_k(np.asarray(infl.scores[t, i, :, j]), k)
+        else:
+            top = _top_k_from_lists(infl.topk, t, i, j, k)
+
+        def entries(idx, scores):
+            rows = []
+            for r, (u, s) in enumerate(zip(idx, scores), start=1):
+                n = int(reps[j][t, i, u]) if level == "patient" else int(u)
+                patient = infl.patients[u] if level == "patient" else infl.train_cases[u]
+                rows.append({"rank": r, "patient": patient, "slice": infl.train_ids[n],
+                             "slice_index": n, "score": float(s)})
+            return rows
+
+        props = entries(top.proponents, top.proponent_scores)
+        opps = entries(top.opponents, top.opponent_scores)
+
+        def panels(rows):
+            return [fig.Panel(train.images[e["slice_index"], :, :, mod], train.labels[e["slice_index"]],
+                              e["patient"], e["slice"], e["score"], e["rank"]) for e in rows]
+
+        name = f"local_{CLASS_NAMES[i].replace('/', '-')}_{t:04d}.png"
+        fig.local_explanation(folder / name, test_image=query.images[t, :, :, mod],
+                              test_labels=query.labels[t], test_id=infl.test_ids[t], test_class=i,
+                              train_class=j, proponents=panels(props), opponents=panels(opps),
+                              level=level, modality=modality)
+        out["items"].append({"test_id": infl.test_ids[t], "test_index": int(t),
+                             "test_class": CLASS_NAMES[i], "train_class": CLASS_NAMES[j],
+                             "class_area": int((query.labels[t] == i + 1).sum()),
+                             "proponents": props, "opponents": opps, "figure": name})
+    return out

@@ -1,0 +1,258 @@
+"""``render(metrics) -> str``: the report's ``index.html`` from the metrics dict (no computation).
+
+Every number on the page is read from ``metrics`` (which is also written as ``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import zip_longest
+from typing import Any
+
+
+from tracin_jax.explain.figures import CLASS_COLORS
+from tracin_jax.explain.report import Raw, esc, figure, fmt, page, table
+from tracin_jax.training.losses import CLASS_NAMES
+
+
+def _cls(name: str) -> Raw:
+    return Raw(f'<span class="swatch" style="background:{CLASS_COLORS[name]}"></span>{esc(name)}')
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            rows += _flat(v, key + ".")
+        else:
+            rows.append((key, v))
+    return rows
+
+
+def _short_json(v: Any, limit: int = 160) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= limit else s[:limit - 1] + "…"
+
+
+def _subset(meta: dict) -> str:
+    p = meta.get("params")
+    if isinstance(p, dict):
+        size = p.get("size")
+        paths = p.get("paths")
+        where = f": {', '.join(paths[:4])}{' …' if len(paths) > 4 else ''}" if isinstance(paths, list) else ""
+        return f"{p.get('name', '?')} ({fmt(size)} numbers){where}"
+    return _short_json(p) if p is not None else "not recorded"
+
+
+def _header(m: dict) -> str:
+    run, infl, opt = m["run"], m["influence"], m["options"]
+    cfg_rows = [(k, _short_json(v)) for k, v in _flat(run.get("config", {}))]
+    meta_rows = [(k, _short_json(v)) for k, v in _flat(infl["meta"])]
+    ck = [(c["epoch"], c["lr"]) for c in infl["meta"].get("checkpoints", [])
+          if isinstance(c, dict) and "epoch" in c] or [(c["epoch"], c["lr"]) for c in run["checkpoints"]]
+    return "\n".join([
+        "<h1>Class-wise TracIn explanations</h1>",
+        table(["", ""], [
+            ("run", run["workdir"]), ("influence folder", infl["dir"]),
+            ("test items (rows of the score tensor)", f"{infl['n_test']} ({infl['query_split']} split)"),
+            ("training slices / patients", f"{infl['n_train']} / {infl['n_patients']}"),
+            ("parameter subset (influence gradients)", _subset(infl["meta"])),
+            ("projection", _short_json(infl["meta"].get("projection"))),
+            ("per-slice scores available", fmt(infl["has_scores"])),
+            ("patient shown by its slice with", infl["representative_slice"]),
+            ("feature maps from checkpoint (epoch, lr)",
+             f"{run['features_checkpoint']['epoch']}, {fmt(run['features_checkpoint']['lr'])}"),
+            ("report built in", f"{m['seconds']:.1f} s"),
+        ], left=2),
+        "<p>Classes: " + " ".join(str(_cls(n)) for n in CLASS_NAMES) + ". Scores T_ij: test class i, "
+        "training class j; positive = proponent (training on it lowered the test loss), negative = "
+        "opponent. Test classes absent from a slice's ground truth are never ranked.</p>",
+        "<h3>Checkpoints used by the influence scores</h3>",
+        table(["epoch", "learning rate"], ck, left=0),
+        "<details><summary>Influence settings (meta.json)</summary>",
+        table(["key", "value"], meta_rows, left=2), "</details>",
+        "<details><summary>Run configuration</summary>",
+        table(["key", "value"], cfg_rows, left=2), "</details>",
+        "<details><summary>Report options</summary>",
+        table(["option", "value"], [(k, _short_json(v)) for k, v in opt.items()], left=2), "</details>",
+    ])
+
+
+def _local(m: dict) -> str:
+    loc = m["local"]
+    parts = ["<h2>1. Local explanations</h2>",
+             f"<p>For each chosen test slice and class i: the top {loc['k']} proponent and opponent "
+             f"training {loc['level']}s by T_ij ({loc['modality']} shown; each training item shows "
+             "its class-j region at full brightness, the rest of its slice dimmed). "
+             + ("A patient's score is the sum over its slices; it is shown by its slice with the "
+                "largest |score|. " if loc["level"] == "patient" else "")
+             + "</p>",
+             table(["class", "chosen items skipped (class absent)", "test items never ranked (class absent)"],
+                   [(_cls(c), loc["skipped_absent"][c], loc["not_ranked_absent"][c]) for c in CLASS_NAMES])]
+    for c in CLASS_NAMES:
+        items = [it for it in loc["items"] if it["test_class"] == c]
+        if not items:
+            continue
+        parts.append(f"<h3>Test class {esc(c)}</h3>")
+        for it in items:
+            rows = []
+            for r, (p, o) in enumerate(zip_longest(it["proponents"], it["opponents"], fillvalue={}),
+                                       start=1):
+                rows.append((r, p.get("patient", "–"), p.get("slice", ""), p.get("score", ""),
+                             o.get("patient", "–"), o.get("slice", ""), o.get("score", "")))
+            parts.append(f"<p><b>{esc(it['test_id'])}</b>, class {esc(c)} ({it['class_area']} pixels), "
+                         f"training class {esc(it['train_class'])}</p>")
+            parts.append(figure(it["figure"], f"local explanation {it['test_id']} {c}"))
+            parts.append(table(["rank", "proponent", "slice", "score", "opponent", "slice", "score"],
+                               rows, left=3))
+    return "\n".join(parts)
+
+
+def _global(m: dict) -> str:
+    g = m["global"]
+    mat = g["class_matrix"]
+    rows = [(_cls(CLASS_NAMES[i]), g["n_items"][CLASS_NAMES[i]], *mat[i]) for i in range(3)]
+    dom = []
+    for c in CLASS_NAMES:
+        d = g["dominating_patients"][c]
+        fmt_list = lambda xs: ", ".join(f"{x['patient']} ({x['count']})" for x in xs) or "none"  # noqa: E731
+        dom.append((_cls(c), fmt_list(d["proponents"]), fmt_list(d["opponents"])))
+    dist = [(k.replace("<-", " ← "), v.get("n"), v.get("mean"), v.get("median"), v.get("std"),
+             v.get("fraction_positive")) for k, v in g["score_distribution"].items()]
+    parts = [
+        "<h2>2. Global explanations</h2>",
+        "<h3>Class × class matrix</h3>",
+        "<p>M[i, j] = mean over test items with class i present of the mean over training slices of "
+        "T_ij (computed from the patient scores: their sum over patients equals the sum over slices).</p>",
+        table(["test class i", "items", *[f"← {c}" for c in CLASS_NAMES]], rows, left=1),
+        figure(g["figures"]["class_matrix"], "class matrix"),
+        f"<h3>Patients that dominate the rankings (top {g['topk']}, j = i)</h3>",
+        table(["class", "most frequent proponents (count)", "most frequent opponents (count)"], dom, left=3),
+        figure(g["figures"]["topk_frequency"], "top-k frequency"),
+        "<h3>Score distributions (patient level)</h3>",
+        table(["test class ← training class", "n", "mean", "median", "std", "fraction > 0"], dist),
+        figure(g["figures"]["score_distributions"], "score distributions"),
+    ]
+    if "self_influence_top" in g:
+        top = g["self_influence_top"]
+        rows = [(_cls(c), ", ".join(f"{e['slice']} ({fmt(e['value'], 3)})" for e in top[c]))
+                for c in CLASS_NAMES]
+        parts += ["<h3>Highest self-influence (training slices)</h3>",
+                  table(["class", "slices (self-influence)"], rows, left=2)]
+    return "\n".join(parts)
+
+
+def _faithfulness(m: dict) -> str:
+    f = m["faithfulness"]
+    kind = f["similarity"]
+    rows = []
+    for k, v in f["metrics"].items():
+        for c in CLASS_NAMES:
+            e = v["per_class"][c]
+            gt, sp = e["gap_test"], e["spearman_abs_score_vs_S"]
+            rows.append((k + (" (figures)" if k == kind else ""), _cls(c), sp["rho"], sp["p_value"],
+                         sp["n_pairs"], gt.get("proponents"), gt.get("middle"), gt.get("opponents"),
+                         gt.get("gap"), gt.get("p_value")))
+        sp = v["spearman_pooled"]
+        rows.append((k, "all classes", sp["rho"], sp["p_value"], sp["n_pairs"], None, None, None, None, None))
+    n = m["selection"]["rule"]["n_window"]
+    return "\n".join([
+        "<h2>3. Faithfulness</h2>",
+        "<p>Last hidden layer feature maps (what the 1×1 head sees), masked by each item's "
+        "ground-truth region of the class. For test class i, training patients are ranked by "
+        "T_ii (rank 1 = strongest proponent) and represented by one slice. "
+        "S_k: <code>cosine</code> = cosine similarity of the two masked maps of filter k; "
+        "<code>max_ratio</code> = 1 − |a − b| / max(|a|, |b|) and <code>max_product</code> = "
+        "2ab / (a² + b²), with a, b the maxima of the masked maps. Undefined pairs (empty region, "
+        "silent filter) are left out. FI_k,i(r) = mean over test items of S_k with the r-th ranked "
+        "patient. The cosine compares the maps pixel by pixel on the common grid, so it is 0 when "
+        "the two regions do not overlap: it mixes the position of the regions with what the filters "
+        "respond to. The max variants do not depend on position.</p>",
+        "<p>Only patients with a class-i region in some slice are ranked (" +
+        ", ".join(f"{c}: {f['ranked_patients'][c]}" for c in CLASS_NAMES) + " patients); for the "
+        "others every class-i gradient is zero, so their score is exactly 0.</p>",
+        f"<p>Windows of N ranks (N = {', '.join(str(x) for x in n)} for "
+        f"{', '.join(CLASS_NAMES)}): proponents = ranks 1..N, opponents = the last N, middle = the N "
+        "central ranks. Gap = mean S over both extreme windows − mean S over the middle (S averaged "
+        "over filters). p: one-sided permutation test, each test item's ranking shuffled "
+        "independently. Spearman: |patient score| against S (mean over filters) over all "
+        "(test item, patient) pairs; its p-value treats pairs as independent, which they are not "
+        "(pairs share test items), so read it as indicative.</p>",
+        table(["similarity", "class", "Spearman rho", "p", "pairs", "S proponents", "S middle",
+               "S opponents", "gap", "permutation p"], rows, left=2),
+        figure(f["figures"]["fi_curves"], "FI curves"),
+        figure(f["figures"]["similarity_vs_score"], "similarity against score"),
+    ])
+
+
+def _selection(m: dict) -> str:
+    s = m["selection"]
+    r = s["rule"]
+    sel_rows = [(_cls(c), s["per_class"][c]["n_selected"], s["n_filters"],
+                 ", ".join(str(x) for x in s["per_class"][c]["selected"]) or "none")
+                for c in CLASS_NAMES]
+    base_rows = [(split, *[s["baseline_dice"][split]["baseline"][c] for c in CLASS_NAMES])
+                 for split in s["baseline_dice"]]
+    single_rows, group_rows, lines = [], [], []
+    for split in s["group_dice_drop"]:
+        for ci, c in enumerate(CLASS_NAMES):
+            cmp = s["single_filter_comparison"][split][c]
+            single_rows.append((split, _cls(c), cmp["selected_mean"], cmp["other_mean"],
+                                cmp["difference"], cmp["p_value"]))
+            v = s["verdict"][split][c]
+            if v["size"] == 0:
+                group_rows.append((split, _cls(c), 0, None, None, None, None, "no filters selected"))
+                continue
+            group_rows.append((split, _cls(c), v["size"], v["selected_drop"], v["random_mean"],
+                               v["random_std"], v["least_drop"],
+                               "yes" if v["selected_beats_random"] else "no"))
+            lines.append(f"{split}, {c}: zeroing the {v['size']} selected filters lowers Dice by "
+                         f"{fmt(v['selected_drop'], 3)} vs {fmt(v['random_mean'], 3)} ± "
+                         f"{fmt(v['random_std'], 3)} for random sets of the same size "
+                         f"({'more' if v['selected_beats_random'] else 'not more'}; "
+                         f"{fmt(100 * v['fraction_random_below_selected'], 3)}% of random sets "
+                         f"below) and {fmt(v['least_drop'], 3)} for the least important.")
+    verdicts = [s["verdict"][split][c] for split in s["verdict"] for c in CLASS_NAMES]
+    n_all = sum(1 for v in verdicts if v["size"])
+    n_yes = sum(1 for v in verdicts if v.get("selected_beats_random"))
+    n_every = sum(1 for v in verdicts if v.get("selected_beats_every_random"))
+    summary = (f"Zeroing the selected filters costs more Dice than the mean of random sets of the "
+               f"same size in {n_yes} of {n_all} (split, class) cases with a selection, and more than "
+               f"every random set in {n_every} of {n_all}." if n_all else
+               "No filter was selected for any class, so there is no group comparison.")
+    return "\n".join([
+        "<h2>4. Feature selection and ablation</h2>",
+        f"<p><b>Rule.</b> For class i and filter k, gap_k = mean FI_k,i over the 2N extreme ranks − "
+        f"mean over the N middle ranks. Its null distribution comes from {r['n_permutations']} "
+        f"shuffles of the rank positions of the FI curve (seed {r['seed']}). A filter is selected "
+        f"when z_k ≥ {fmt(r['z_min'])} and the one-sided permutation p_k ≤ {fmt(r['alpha'])}. "
+        "Filter importance in the histograms: |gap_k| (selected filters have larger gaps by "
+        "construction, so the histogram describes the selection rather than testing it; the "
+        "ablation below is the test). There is no correction for testing every filter: with no "
+        f"relation at all, about {fmt(r['expected_by_chance'], 2)} of the {s['n_filters']} "
+        "filters per class would pass by chance.</p>",
+        table(["class", "selected", "of", "filters"], sel_rows, left=1),
+        "<p><b>Ablation.</b> One filter (or a set) of the last hidden layer is zeroed and the head "
+        "re-applied (logits = features · W + b); hard Dice over the whole split, drop = full model − "
+        "ablated (positive = the filters mattered).</p>",
+        table(["split", *CLASS_NAMES], base_rows),
+        f'<p class="verdict">{esc(summary)}<br>' + "<br>".join(esc(x) for x in lines) + "</p>",
+        table(["split", "class", "filters", "drop: selected", "random mean", "random std",
+               "least important", "selected > random mean"], group_rows, left=2),
+        "<p>Single-filter ablation: mean Dice drop of selected vs other filters (one-sided "
+        "label-shuffle p).</p>",
+        table(["split", "class", "selected mean drop", "other mean drop", "difference", "p"],
+              single_rows, left=2),
+        figure(s["figures"]["ablation_per_filter"], "per-filter ablation"),
+        figure(s["figures"]["importance_histograms"], "log FI histograms"),
+        figure(s["figures"]["group_ablation"], "group ablation"),
+    ])
+
+
+def render(metrics: dict) -> str:
+    """index.html of the report."""
+    return page("Class-wise TracIn explanations",
+                [_header(metrics), _local(metrics), _global(metrics), _faithfulness(metrics),
+                 _selection(metrics),
+                 '<p class="note">All numbers: metrics.json in this folder.</p>'])
