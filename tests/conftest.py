@@ -51,3 +51,13 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("tiny_run") / "run"
     train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lambda s: None)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_influence(tiny_run, tmp_path_factory) -> Path:
+    """Influence folder (head subset, all 3 checkpoints) of `tiny_run`."""
+    from tracin_jax.influence import run_influence
+
+    out = tmp_path_factory.mktemp("tiny_influence") / "influence"
+    run_influence(tiny_run, out, params="head", progress=False)
+    return out

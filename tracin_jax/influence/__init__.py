@@ -1,0 +1,53 @@
+"""Class-wise TracIn: scores[z', i, z, j] = sum_t eta_t <grad D_j(z; theta_t), grad D_i(z'; theta_t)>.
+
+Five separable parts; swapping one never touches the others:
+
+1. :mod:`.subsets`: which parameters (``head``, ``decoder``, ``all`` or a regex over paths);
+2. :mod:`.grads`: the class-gradient function ``(variables, images, labels) -> f32[B, C, D]``
+   (pluggable loss; :func:`normalised` wraps one for cosine TracIn);
+3. :mod:`.projection`: optional JL projection to d numbers, generated on the fly;
+4. :mod:`.store`: sqrt(eta)-scaled training features on disk, chunked and resumable;
+5. :mod:`.scores`: blocked contraction, streaming top-K, patient sums, self-influence,
+   sharded over the devices (:mod:`.sharding`, which also documents multi-host runs).
+
+:func:`run_influence` runs them all for a training workdir; :func:`compute_influence` does the
+same for given checkpoints and examples; :func:`class_tracin` is the in-memory version.
+
+A notebook swapping the gradient (say, a region-restricted cross-entropy, normalised)::
+
+    from functools import partial
+    import tracin_jax
+    from tracin_jax import influence as inf
+    from tracin_jax.training.losses import classwise_cross_entropy
+
+    run = tracin_jax.load_run("runs/demo")
+    subset = inf.resolve_subset(run.checkpoints[-1].variables["params"], "head")
+    ce = lambda logits, labels: classwise_cross_entropy(logits, labels)[:, 1:]
+    fn = inf.normalised(inf.make_class_grad_fn(run.model, subset, loss_fn=ce, tag="ce-head"))
+    meta = inf.run_influence("runs/demo", "runs/demo/influence-ce-cos", grad_fn=fn)
+"""
+
+from tracin_jax.influence.engine import (DEFAULT_TOPK, class_present, class_tracin,
+                                         compute_influence, parse_checkpoints, run_influence)
+from tracin_jax.influence.grads import (ClassGradFn, ClassGradFunction, class_logit_grads,
+                                        is_head_subset, make_class_grad_fn, normalised)
+from tracin_jax.influence.projection import (DEFAULT_PROJ_DIM, EXACT_MAX_PARAMS, Projector,
+                                             make_projector)
+from tracin_jax.influence.scores import (aggregate_by_patient, contract, finalise_topk,
+                                         influence_scores, init_topk, merge_topk, patient_index,
+                                         score_blocks, squared_norms, topk_from_scores)
+from tracin_jax.influence.sharding import train_mesh
+from tracin_jax.influence.store import (FeatureStore, compute_features, featurise,
+                                        featurise_checkpoint, make_header, store_key)
+from tracin_jax.influence.subsets import NAMED_SUBSETS, ParamSubset, param_paths, resolve_subset
+
+__all__ = [
+    "DEFAULT_PROJ_DIM", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "NAMED_SUBSETS",
+    "ClassGradFn", "ClassGradFunction", "FeatureStore", "ParamSubset", "Projector",
+    "aggregate_by_patient", "class_logit_grads", "class_present", "class_tracin",
+    "compute_features", "compute_influence", "contract", "featurise", "featurise_checkpoint",
+    "finalise_topk", "influence_scores", "init_topk", "is_head_subset", "make_class_grad_fn",
+    "make_header", "make_projector", "merge_topk", "normalised", "param_paths",
+    "parse_checkpoints", "patient_index", "resolve_subset", "run_influence", "score_blocks",
+    "squared_norms", "store_key", "topk_from_scores", "train_mesh",
+]

@@ -1,0 +1,365 @@
+"""The training-feature store: sqrt(eta_t)-scaled class gradients on disk, chunked and resumable.
+
+Layout of one store (default ``<workdir>/features/<key>/``)::
+
+    manifest.json                  header + one entry per checkpoint and per finished chunk
+    epoch_0006/chunk_00000.npy     f32[rows, C, D]: examples [0, chunk_size) at epoch 6
+    epoch_0006/chunk_00001.npy     ...
+
+Row ``[b, c]`` of a chunk is ``sqrt(eta_t) * g`` with g the (projected) gradient of the class-c
+loss of training example b at checkpoint t, so a TracIn score is a plain inner product of
+features concatenated over checkpoints. Scaling by sqrt(eta_t) on both sides (rather than eta_t
+on one) keeps the train-vs-train matrix symmetric and self-influence a squared norm.
+
+``<key>`` is ``<subset>-<projection>-seed<seed>-<hash>``, e.g. ``head-exact-seed0-3f9c1a0b2d4e``
+or ``all-rademacher4096-seed0-...``; the hash covers the gradient function's tag (loss, method),
+the resolved parameter paths, the projection, the example ids and the chunk size. The store
+therefore belongs to a training set, not to a test set: any later test set reuses it. Each
+checkpoint's entry records its epoch, lr and a fingerprint of its variables; if the checkpoint
+on disk changes (a retrained workdir), that checkpoint's chunks are recomputed.
+
+Crash safety: a chunk is written to ``chunk_k.npy.tmp`` through a memory map, flushed and
+fsynced, then renamed to ``chunk_k.npy`` (atomic); only a renamed file counts as done. The
+manifest is rewritten (temp file + rename) after each chunk; a chunk file whose manifest entry
+was lost to a crash is re-recorded from the file. A run killed at any moment (SIGKILL included)
+recomputes only missing chunks on the next start and gives the same scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from tracin_jax.errors import InputError
+from tracin_jax.influence import sharding
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def ids_hash(ids: Sequence[Any]) -> str:
+    """Short stable hash of a list of example ids."""
+    return hashlib.sha1(json.dumps([str(i) for i in ids]).encode()).hexdigest()[:16]
+
+
+def variables_fingerprint(variables: Any) -> str:
+    """Hash of every array of a variables tree (detects a checkpoint that changed on disk)."""
+    h = hashlib.sha1()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(sharding.to_host(jnp.asarray(leaf)))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_")
+    return (s or "subset")[:limit]
+
+
+def store_key(header: dict) -> str:
+    """``<subset>-<projection>-seed<seed>-<hash of the header>``."""
+    proj = header.get("projection")
+    proj_s = "exact" if not proj else f"{proj['kind']}{proj['dim']}"
+    seed = proj["seed"] if proj else 0
+    digest = hashlib.sha1(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{_slug(header.get('subset_name') or 'custom')}-{proj_s}-seed{seed}-{digest}"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Writes ``array`` to ``path`` via a flushed, fsynced memory-mapped temp file + rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+    mm[...] = array
+    mm.flush()
+    del mm
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class FeatureStore:
+    """A folder of per-checkpoint feature chunks; see the module docstring.
+
+    ``header`` must describe everything the features depend on except the checkpoint
+    (gradient tag, subset, projection, ids hash, n, chunk size, C, D); ``ids`` (optional) lets
+    each chunk's manifest entry record the hash of its own ids.
+    """
+
+    def __init__(self, root: str | os.PathLike, header: dict, ids: Sequence[Any] | None = None):
+        self.root = Path(root)
+        self.header = dict(header)
+        self.ids = list(ids) if ids is not None else None
+        self.n = int(header["n_examples"])
+        self.chunk_size = int(header["chunk_size"])
+        self.num_classes = int(header["num_classes"])
+        self.dim = int(header["dim"])
+        self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
+        if sharding.is_writer():
+            self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / MANIFEST
+        if path.exists():
+            try:
+                self.manifest = json.loads(path.read_text())
+            except ValueError:
+                raise InputError(f"{path} is not valid JSON; delete {self.root} to recompute") from None
+            if self.manifest.get("header") != json.loads(json.dumps(self.header)):
+                raise InputError(f"{self.root} holds features of another setting; delete it or "
+                                 "choose another store folder")
+        else:
+            self.manifest = {"format": FORMAT, "header": self.header, "checkpoints": {},
+                             "chunks": {}}
+            self._save_manifest()
+        if sharding.is_writer():
+            for stale in self.root.glob("epoch_*/*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    # -- layout -------------------------------------------------------------------------
+    def chunk_rows(self, k: int) -> tuple[int, int]:
+        return k * self.chunk_size, min(self.n, (k + 1) * self.chunk_size)
+
+    def chunk_path(self, epoch: int, k: int) -> Path:
+        return self.root / f"epoch_{epoch:04d}" / f"chunk_{k:05d}.npy"
+
+    def _save_manifest(self) -> None:
+        if sharding.is_writer():
+            _write_json_atomic(self.root / MANIFEST, self.manifest)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def open_checkpoint(self, epoch: int, lr: float, fingerprint: str) -> None:
+        """Records checkpoint ``epoch``; drops its chunks if they came from other variables."""
+        entry = {"epoch": int(epoch), "lr": float(lr), "fingerprint": fingerprint,
+                 "scale": math.sqrt(float(lr))}
+        old = self.manifest["checkpoints"].get(str(epoch))
+        if old != entry:
+            if old is not None and sharding.is_writer():
+                for k in range(self.n_chunks):
+                    self.chunk_path(epoch, k).unlink(missing_ok=True)
+            self.manifest["chunks"] = {key: v for key, v in self.manifest["chunks"].items()
+                                       if v["epoch"] != int(epoch)}
+            self.manifest["checkpoints"][str(epoch)] = entry
+            self._save_manifest()
+
+    def has_chunk(self, epoch: int, k: int) -> bool:
+        """True when chunk k of ``epoch`` was completely written (its final file exists)."""
+        if str(epoch) not in self.manifest["checkpoints"]:
+            return False
+        path = self.chunk_path(epoch, k)
+        if not path.exists():
+            return False
+        start, stop = self.chunk_rows(k)
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            return False
+        return arr.shape == (stop - start, self.num_classes, self.dim) and arr.dtype == np.float32
+
+    def missing_chunks(self, epoch: int) -> list[int]:
+        missing = [k for k in range(self.n_chunks) if not self.has_chunk(epoch, k)]
+        # Re-record chunks that were renamed but whose manifest entry a crash lost.
+        changed = False
+        for k in range(self.n_chunks):
+            key = f"{epoch}/{k}"
+            if k not in missing and key not in self.manifest["chunks"]:
+                self.manifest["chunks"][key] = self._chunk_entry(epoch, k)
+                changed = True
+        if changed:
+            self._save_manifest()
+        return missing
+
+    def _chunk_entry(self, epoch: int, k: int) -> dict:
+        start, stop = self.chunk_rows(k)
+        ids = self.ids
+        return {
+            "epoch": int(epoch), "lr": self.manifest["checkpoints"][str(epoch)]["lr"],
+            "chunk": k, "start": start, "stop": stop,
+            "ids_hash": ids_hash(ids[start:stop]) if ids is not None else None,
+            "file": str(self.chunk_path(epoch, k).relative_to(self.root)),
+            "shape": [stop - start, self.num_classes, self.dim], "dtype": "float32",
+            "subset": self.header.get("subset_name"), "projection": self.header.get("projection"),
+        }
+
+    def write_chunk(self, epoch: int, k: int, features: np.ndarray) -> None:
+        """Writes chunk k of ``epoch`` (f32[rows, C, D]) atomically, then records it."""
+        start, stop = self.chunk_rows(k)
+        expect = (stop - start, self.num_classes, self.dim)
+        if features.shape != expect:
+            raise ValueError(f"chunk {k} has shape {features.shape}, expected {expect}")
+        if sharding.is_writer():
+            path = self.chunk_path(epoch, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_npy_atomic(path, np.asarray(features, np.float32))
+            self.manifest["chunks"][f"{epoch}/{k}"] = self._chunk_entry(epoch, k)
+            self._save_manifest()
+
+    def read_chunk(self, epoch: int, k: int) -> np.ndarray:
+        """f32[rows, C, D], memory-mapped."""
+        return np.load(self.chunk_path(epoch, k), mmap_mode="r")
+
+    def read_block(self, epochs: Sequence[int], k: int) -> np.ndarray:
+        """f32[rows, C, T*D]: chunk k of every checkpoint, concatenated along the feature axis."""
+        return np.concatenate([self.read_chunk(e, k) for e in epochs], axis=-1)
+
+
+def make_header(grad_fn: Any, ids: Sequence[Any], chunk_size: int, num_classes: int,
+                dim: int) -> dict:
+    """The store header for ``grad_fn`` on examples ``ids`` (everything but the checkpoint)."""
+    subset = getattr(grad_fn, "subset", None)
+    projector = getattr(grad_fn, "projector", None)
+    tag = getattr(grad_fn, "tag", None) or f"custom:{getattr(grad_fn, '__qualname__', 'fn')}"
+    return {
+        "format": FORMAT,
+        "tag": tag,
+        "subset_name": subset.name if subset is not None else None,
+        "subset_paths": list(subset.paths) if subset is not None else None,
+        "projection": projector.describe() if projector is not None else None,
+        "n_examples": len(ids),
+        "ids_hash": ids_hash(ids),
+        "chunk_size": int(chunk_size),
+        "num_classes": int(num_classes),
+        "dim": int(dim),
+    }
+
+
+def feature_shape(grad_fn: Callable, variables: Any, images: np.ndarray,
+                  labels: np.ndarray) -> tuple[int, int]:
+    """(C, D) of ``grad_fn``'s output, from shapes only (no computation)."""
+    out = jax.eval_shape(grad_fn, variables, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32),
+                         jax.ShapeDtypeStruct((1, *labels.shape[1:]), jnp.int32))
+    return int(out.shape[1]), int(out.shape[2])
+
+
+@jax.jit
+def _scale(x, s):
+    return x * s
+
+
+def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.ndarray,
+                     labels: np.ndarray, batch_size: int, mesh) -> jax.Array:
+    """sqrt(lr)-scaled class gradients of a set of examples, kept on device.
+
+    images f32[n,H,W,Cin], labels int[n,H,W] (host arrays) -> f32[n, C, D]. Batches are padded
+    to ``batch_size`` rounded up to the device count and split over the mesh; variables should
+    already be replicated on it.
+    """
+    n = len(images)
+    bs = sharding.padded_size(batch_size, mesh)
+    scale = jnp.float32(math.sqrt(float(lr)))
+    run = grad_fn
+    if mesh.devices.size > 1:
+        try:
+            run = sharding.per_device(grad_fn, mesh)
+        except TypeError:  # an unhashable callable: build it uncached
+            run = sharding.per_device.__wrapped__(grad_fn, mesh)
+    outs = []
+    for s in range(0, n, bs):
+        x = np.asarray(images[s:s + bs], np.float32)
+        y = np.asarray(labels[s:s + bs]).astype(np.int32)
+        pad = bs - len(x)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
+        g = run(variables, sharding.shard_rows(x, mesh), sharding.shard_rows(y, mesh))
+        outs.append(_scale(g, scale)[: bs - pad])
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+
+def featurise_checkpoint(store: FeatureStore, grad_fn: Callable, epoch: int, lr: float,
+                         variables: Any, images: np.ndarray, labels: np.ndarray, *,
+                         batch_size: int, mesh, bar=None) -> dict:
+    """Computes and writes the missing chunks of one checkpoint.
+
+    ``variables``: host (or device) variables of the checkpoint; they are replicated on the mesh.
+    Returns {"chunks_computed", "chunks_reused", "examples_computed", "seconds"}.
+    """
+    store.open_checkpoint(epoch, lr, variables_fingerprint(variables))
+    sharding.barrier(f"store-opened-{epoch}")  # stale chunks are gone before anyone looks
+    missing = set(store.missing_chunks(epoch))
+    sharding.barrier(f"store-checked-{epoch}")  # nothing is written before everyone looked
+    stats = {"chunks_computed": 0, "chunks_reused": 0, "examples_computed": 0, "seconds": 0.0}
+    if missing:
+        variables = sharding.replicate(variables, mesh)
+    for k in range(store.n_chunks):
+        start, stop = store.chunk_rows(k)
+        if k in missing:
+            t0 = time.perf_counter()
+            feats = compute_features(grad_fn, variables, lr, images[start:stop],
+                                     labels[start:stop], batch_size, mesh)
+            store.write_chunk(epoch, k, sharding.to_host(feats))
+            stats["seconds"] += time.perf_counter() - t0
+            stats["chunks_computed"] += 1
+            stats["examples_computed"] += stop - start
+        else:
+            stats["chunks_reused"] += 1
+        if bar is not None:
+            bar.update(stop - start)
+    sharding.barrier(f"store-done-{epoch}")
+    return stats
+
+
+def featurise(store: FeatureStore, grad_fn: Callable, checkpoints: Iterable[Any],
+              images: np.ndarray, labels: np.ndarray, *, batch_size: int, mesh,
+              progress: bool = True, desc: str = "train gradients") -> dict:
+    """Fills ``store`` for every checkpoint (loop over checkpoints outermost).
+
+    ``checkpoints``: objects with ``epoch``, ``lr`` and ``variables``. Only missing chunks are
+    computed. Returns {"chunks_computed", "chunks_reused", "examples_computed", "seconds",
+    "examples_per_s"} (the rate counts computed examples only, first compilation included).
+    """
+    checkpoints = list(checkpoints)
+    bar = tqdm(total=len(checkpoints) * store.n, desc=desc, unit="ex", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    total: dict = {}
+    for ckpt in checkpoints:
+        bar.set_postfix(epoch=ckpt.epoch)
+        stats = featurise_checkpoint(store, grad_fn, ckpt.epoch, ckpt.lr, ckpt.variables, images,
+                                     labels, batch_size=batch_size, mesh=mesh, bar=bar)
+        for key, v in stats.items():
+            total[key] = total.get(key, 0) + v
+    bar.close()
+    return finish_stats(total)
+
+
+def finish_stats(total: dict) -> dict:
+    out = dict(total)
+    out["seconds"] = round(out.get("seconds", 0.0), 3)
+    rows = out.get("examples_computed", 0)
+    out["examples_per_s"] = round(rows / out["seconds"], 2) if out["seconds"] > 0 else None
+    return out
