@@ -48,8 +48,18 @@ def _window(img: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
+def display_view(a: np.ndarray) -> np.ndarray:
+    """Arrays are [x, y] in RAS (canonical) order; show them with anterior up, as radiology does.
+
+    ``np.rot90`` puts +y (anterior) at the top and +x (patient's right) on the right
+    (neurological convention).
+    """
+    return np.rot90(a)
+
+
 def _overlay(ax, img: np.ndarray, labels: np.ndarray, highlight: int | None) -> None:
     """Grey slice, ground truth of every class translucent, the highlighted class outlined."""
+    img, labels = display_view(img), display_view(labels)
     lo, hi = _window(img)
     ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
     rgba = np.zeros(labels.shape + (4,))
@@ -66,6 +76,7 @@ def _overlay(ax, img: np.ndarray, labels: np.ndarray, highlight: int | None) -> 
 
 def _region(ax, img: np.ndarray, mask: np.ndarray, c: int) -> None:
     """Masked intensities: the region at full brightness, the rest of the slice dimmed to 15%."""
+    img, mask = display_view(img), display_view(mask)
     lo, hi = _window(img)
     shown = np.where(mask, img, lo + 0.15 * (img - lo))
     ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
