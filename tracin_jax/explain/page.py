@@ -58,7 +58,8 @@ def _header(m: dict) -> str:
             ("test items (rows of the score tensor)", f"{infl['n_test']} ({infl['query_split']} split)"),
             ("training slices / patients", f"{infl['n_train']} / {infl['n_patients']}"),
             ("parameter subset (influence gradients)", _subset(infl["meta"])),
-            ("projection", _short_json(infl["meta"].get("projection"))),
+            ("projection", _short_json(infl["meta"].get("projection")) if infl["meta"].get("projection")
+             else "none (exact gradients)"),
             ("per-slice scores available", fmt(infl["has_scores"])),
             ("patient shown by its slice with", infl["representative_slice"]),
             ("feature maps from checkpoint (epoch, lr)",
