@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; never open a window
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

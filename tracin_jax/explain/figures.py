@@ -1,4 +1,4 @@
-"""Figures of the explanation report (matplotlib, Agg backend; every function writes one PNG).
+"""Figures of the explanation report (matplotlib; every function writes one PNG and closes its figure).
 
 One colour per tumour class everywhere (``CLASS_COLORS``, from the Okabe-Ito palette, which
 stays distinguishable under the common colour-vision deficiencies): NCR/NET vermillion,
@@ -11,16 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import to_rgba
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from tracin_jax.training.losses import CLASS_NAMES  # noqa: E402
+from tracin_jax.training.losses import CLASS_NAMES
 
 CLASS_COLORS = {"NCR/NET": "#D55E00", "ED": "#009E73", "ET": "#56B4E9"}
 NEUTRAL = "#9A9A9A"
