@@ -25,7 +25,6 @@ lowers the test example's class loss), negative an opponent, as in TracIn.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import partial
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 from tracin_jax.influence.grads import make_class_grad_fn
@@ -173,15 +173,6 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     return meta
 
 
-def _save_atomic(out: Path, name: str, array: np.ndarray) -> None:
-    tmp = out / (name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / name)
-
-
 def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any,
                       out: str | os.PathLike, *, split: str = "test", topk: int | None = None,
                       batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
@@ -294,7 +285,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
             os.replace(scores_tmp, out / "scores.npy")
             written["scores.npy"] = [n_test, c, n_train, c]
         for name, arr in arrays.items():
-            _save_atomic(out, name, np.asarray(arr))
+            save_npy_atomic(out / name, np.asarray(arr))
             written[name] = list(np.shape(arr))
         for name in OUTPUT_FILES:
             if name not in written:
@@ -332,9 +323,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         "backend": jax.default_backend(),
     }
     if sharding.is_writer():
-        tmp = out / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, out / "meta.json")
+        write_json_atomic(out / "meta.json", meta, indent=1)
     sharding.barrier("influence-written")
     return meta
 

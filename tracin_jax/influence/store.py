@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 
@@ -77,42 +78,6 @@ def store_key(header: dict) -> str:
     seed = proj["seed"] if proj else 0
     digest = hashlib.sha1(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]
     return f"{_slug(header.get('subset_name') or 'custom')}-{proj_s}-seed{seed}-{digest}"
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Writes ``array`` to ``path`` via a flushed, fsynced memory-mapped temp file + rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
-    mm[...] = array
-    mm.flush()
-    del mm
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class FeatureStore:
@@ -160,7 +125,7 @@ class FeatureStore:
 
     def _save_manifest(self) -> None:
         if sharding.is_writer():
-            _write_json_atomic(self.root / MANIFEST, self.manifest)
+            write_json_atomic(self.root / MANIFEST, self.manifest)
 
     # -- checkpoints --------------------------------------------------------------------
     def open_checkpoint(self, epoch: int, lr: float, fingerprint: str) -> None:

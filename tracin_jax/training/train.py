@@ -28,6 +28,7 @@ import optax
 from tqdm.auto import tqdm
 
 from tracin_jax import checkpoints
+from tracin_jax.atomic import write_json_atomic
 from tracin_jax.config import Config, config_from_dict
 from tracin_jax.errors import InputError
 from tracin_jax.models import build_unet
@@ -124,15 +125,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.RandomState((seed * 100_003 + epoch) % (2**32)).permutation(n)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _rewrite_metrics(path: Path, last_epoch: int) -> None:
     """Keeps metric lines of epochs that have a checkpoint (drops those of a killed epoch)."""
     if not path.exists():
@@ -181,8 +173,8 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
 
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / CONFIG_FILE).exists():
-        _write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
-    _write_json_atomic(workdir / RUN_FILE, {
+        write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
+    write_json_atomic(workdir / RUN_FILE, {
         "data_dir": str(Path(data_dir).resolve()),
         "dataset": dataset.info,
         "train_ids": train.ids,
