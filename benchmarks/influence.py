@@ -47,6 +47,7 @@ import numpy as np
 
 from tracin_jax import checkpoints as ckpt_io
 from tracin_jax import influence as inf
+from tracin_jax.flops import compiled_flops
 from tracin_jax.models import UNet
 from tracin_jax.training.losses import tumour_dice_loss
 from tracin_jax.training.train import init_variables
@@ -271,18 +272,6 @@ def save_orbax_checkpoints(workdir: Path, variables: list[dict], lrs: list[float
 # -- (a) FLOP rate: batched training step vs per-example class gradients -------------------------
 
 
-def _flops(compiled) -> float | None:
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - a backend without cost analysis
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return None
-    return float(ca["flops"])
-
-
 def _time_min(fn, reps: int) -> float:
     best = math.inf
     for _ in range(reps):
@@ -355,7 +344,7 @@ def rate_section(ctx, grad_fn, method: str, reps: int, step_s: float) -> dict:
     t = time.perf_counter()
     compiled = grad_fn.fn.lower(v, xb, yb).compile()
     compile_s = time.perf_counter() - t
-    xla_flops = _flops(compiled)
+    xla_flops = compiled_flops(compiled)
     jax.block_until_ready(grad_fn(v, xb, yb))  # warm (the jit cache, not only the AOT one)
     # Interleaved with the training step, minimum of each: both see the same machine load.
     s = math.inf
@@ -646,7 +635,7 @@ def measure_step(ctx, reps: int) -> dict:
     step_c = ctx.step.lower(v, ctx.xb, ctx.yb).compile()
     fwd_c = ctx.forward.lower(v, ctx.xb).compile()
     compile_s = time.perf_counter() - t
-    ctx.step_flops, ctx.fwd_flops = _flops(step_c), _flops(fwd_c)
+    ctx.step_flops, ctx.fwd_flops = compiled_flops(step_c), compiled_flops(fwd_c)
     jax.block_until_ready(ctx.step(v, ctx.xb, ctx.yb))
     ctx.step_s = _time_min(lambda: ctx.step(v, ctx.xb, ctx.yb), reps)
     return {"compile_s": _r(compile_s, 2)}

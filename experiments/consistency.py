@@ -672,15 +672,9 @@ def summary_text(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from tracin_jax.errors import InputError
+    from experiments._cli import run_main
 
-    try:
-        run(args)
-    except InputError as e:
-        print(f"experiments.consistency: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("experiments.consistency", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -89,15 +89,13 @@ def paper_checkpoints(epochs: list[int]) -> list[int]:
 
 def xla_flops(jitted, *args) -> float | None:
     """FLOPs of one call of a jitted function, from XLA's cost analysis (None if unavailable)."""
+    from tracin_jax.flops import compiled_flops
+
     try:
-        ca = jitted.lower(*args).compile().cost_analysis()
-    except Exception:  # noqa: BLE001 - a backend without cost analysis
+        compiled = jitted.lower(*args).compile()
+    except Exception:  # noqa: BLE001 - cost analysis is best effort
         return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
-        return None
-    return float(ca["flops"])
+    return compiled_flops(compiled)
 
 
 def steady_rate(fn, args, reps: int = 3) -> float:
@@ -331,15 +329,9 @@ def summary_text(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from tracin_jax.errors import InputError
+    from experiments._cli import run_main
 
-    try:
-        run(args)
-    except InputError as e:
-        print(f"experiments.paper_scale: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("experiments.paper_scale", run, parse_args(argv))
 
 
 if __name__ == "__main__":
