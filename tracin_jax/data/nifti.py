@@ -77,6 +77,15 @@ def _canonical_array(path: Path, img: nib.Nifti1Image) -> np.ndarray:
         raise _unreadable(path, err) from None
 
 
+def _volume(path: Path, img: nib.Nifti1Image | None) -> np.ndarray:
+    """Canonical (RAS) array of the file; a trailing channel axis of size 1 is dropped."""
+    img = open_nifti(path) if img is None else img
+    data = _canonical_array(path, img)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    return data
+
+
 def read_image(path: Path, img: nib.Nifti1Image | None = None) -> np.ndarray:
     """Image data in canonical RAS orientation: [X, Y, Z] (or [X, Y, Z, C] for 4D files).
 
@@ -84,10 +93,7 @@ def read_image(path: Path, img: nib.Nifti1Image | None = None) -> np.ndarray:
     dtype (BraTS stores int16; converting only the slices used saves time and memory); anything
     else is returned as float32. InputError if the file is unreadable or holds NaN/Inf voxels.
     """
-    img = open_nifti(path) if img is None else img
-    data = _canonical_array(path, img)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
+    data = _volume(path, img)
     if np.issubdtype(data.dtype, np.integer):
         return data
     data = data.astype(np.float32, copy=False)
@@ -104,10 +110,7 @@ def read_labels(path: Path, img: nib.Nifti1Image | None = None) -> np.ndarray:
     Integer-stored labels keep their dtype; float-stored labels are rounded to int32. InputError
     if any value is not (within 1e-3) an integer, NaN/Inf, or the file is unreadable.
     """
-    img = open_nifti(path) if img is None else img
-    raw = _canonical_array(path, img)
-    if raw.ndim == 4 and raw.shape[3] == 1:
-        raw = raw[..., 0]
+    raw = _volume(path, img)
     if np.issubdtype(raw.dtype, np.integer):
         return raw
     if not np.isfinite(raw).all():
