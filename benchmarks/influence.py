@@ -707,6 +707,11 @@ def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
                 step_gf / torch_rate["s"] if step_gf else None, 2))
         if args.rate_only and method == "vjp" and projector is None:
             line["classgrad_per_example_loop"] = per_example_loop_rate(ctx, subset, args.reps)
+            other = "vmap" if inf.default_examples_mode() == "unroll" else "unroll"
+            alt = inf.make_class_grad_fn(ctx.model, subset, tumour_dice_loss, projector,
+                                         examples=other)
+            line[f"classgrad_examples_{other}"] = rate_section(ctx, alt, method, args.reps,
+                                                               ctx.step_s)
         if args.rate_only:
             emit(line)
             continue
@@ -764,8 +769,9 @@ def _cached(ctx, key, fn):
 
 
 def per_example_loop_rate(ctx, subset, reps: int) -> dict:
-    """For comparison with the engine's vmapped per-example VJP: a Python loop over the
-    examples, each one jitted call of 1 forward + 3 backward passes (VJP vmapped over classes)."""
+    """For comparison with the engine's per-example VJP (unrolled in one program on CPU): a
+    Python loop over the examples, each one jitted call of 1 forward + 3 backward passes (VJP
+    vmapped over classes)."""
     model = ctx.model
 
     @jax.jit

@@ -29,7 +29,8 @@ What it does:
    last, like the paper's 6, 8, ..., 14) with the method's soft-Dice class gradients for the
    ``head`` subset (exact; also from the last checkpoint alone) and for ``all`` parameters
    (countsketch projection to 4096, the cheapest projection on CPU), and with region
-   cross-entropy class gradients (``CE``, :func:`tumour_cross_entropy`, plugged into the engine
+   cross-entropy class gradients (``CE``,
+   :func:`tracin_jax.training.losses.tumour_cross_entropy`, plugged into the engine
    as a ``grad_fn``) for ``head``;
 4. ranks training slices and patients (patient = sum, or max, over its slices) and reports, per
    corruption type and overall, the fraction of corrupted items found vs the fraction
@@ -189,18 +190,6 @@ def checkpoint_losses(run, variables, batch_size: int = 32, progress: bool = Tru
     return np.concatenate(out)
 
 
-def tumour_cross_entropy(logits, labels):
-    """f32[B, 3]: region cross-entropy of the tumour classes, -sum_{pixels of class c} log p_c / #pixels.
-
-    Not the training loss: TracIn's original mislabel test used cross-entropy, whose gradient
-    w.r.t. the logits, p - y, stays large where the model confidently predicts another class;
-    the soft Dice gradient passes through p_c (1 - p_c) there and nearly vanishes.
-    """
-    from tracin_jax.training.losses import classwise_cross_entropy
-
-    return classwise_cross_entropy(logits, labels)[:, 1:]
-
-
 def label_confidence(run, variables, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Per training slice: the mean softmax probability of the *labelled* class over its tumour
     pixels, and the fraction of those pixels where it is below 0.1 (NaN without tumour).
@@ -244,7 +233,7 @@ def _build_class_grad_fn(run, subset_name, loss, proj_dim, proj_kind):
     from functools import partial
 
     from tracin_jax.influence import make_class_grad_fn, make_projector, resolve_subset
-    from tracin_jax.training.losses import tumour_dice_loss
+    from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 
     subset = resolve_subset(run.checkpoints[-1].variables["params"], subset_name)
     projector = make_projector(subset, proj_dim, 0, proj_kind)
@@ -258,7 +247,7 @@ def per_checkpoint_auc(run, positive: np.ndarray, progress: bool = True) -> dict
     gradients (summed over classes), and the summed Dice loss."""
     from tracin_jax.influence import class_tracin
 
-    fns = {loss: class_grad_fn(run, "head", loss, None, "rademacher") for loss in ("Dice", "CE")}
+    fns = {loss: class_grad_fn(run, "head", loss, None, "countsketch") for loss in ("Dice", "CE")}
     out = {"epochs": [], "Dice head classwise sum": [], "CE head classwise sum": [], "loss sum": []}
     images, labels = run.train.images, run.train.labels
     for ckpt in tqdm(run.checkpoints, desc="per-checkpoint AUC", disable=not progress, leave=False):
@@ -661,7 +650,7 @@ def run(args) -> dict:
     for name, subset, loss, eps in variants:
         t = time.perf_counter()
         folder = out / f"influence-{name.replace(' ', '-')}"
-        proj = (args.proj_dim, args.proj_kind) if subset == "all" else (None, "rademacher")
+        proj = (args.proj_dim, args.proj_kind) if subset == "all" else (None, "countsketch")
         grad_fn = class_grad_fn(run_, subset, loss, *proj)
         meta = run_influence(workdir, folder, checkpoints=eps, split="train", grad_fn=grad_fn,
                              batch_size=args.batch_size, progress=progress)

@@ -204,7 +204,7 @@ def parse_args(argv=None):
     p.add_argument("--subsets", default="head,all")
     p.add_argument("--proj-dim", type=int, default=4096)
     p.add_argument("--proj-seed", type=int, default=0)
-    p.add_argument("--proj-kind", default="rademacher")
+    p.add_argument("--proj-kind", default="countsketch")
     p.add_argument("--batch-size", type=int, default=16, help="influence gradient batch")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s")
     p.add_argument("--keep-store", action="store_true", help="reuse stored features (timings then skip them)")

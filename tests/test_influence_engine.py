@@ -1,5 +1,6 @@
 """``run_influence`` on a trained tiny run: files, values, the default store, and bad input."""
 
+import json
 import shutil
 
 import numpy as np
@@ -63,8 +64,8 @@ def test_default_store_under_the_workdir_and_a_swapped_gradient(tiny_run, tmp_pa
     shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("features"))
     meta = run_influence(workdir, tmp_path / "a", checkpoints=[2], proj_dim=8, progress=False)
     stores = sorted(p.name for p in (workdir / "features").iterdir())
-    assert len(stores) == 1 and stores[0].startswith("head-rademacher8-seed0-")
-    assert meta["projection"] == {"dim": 8, "seed": 0, "kind": "rademacher"}
+    assert len(stores) == 1 and stores[0].startswith("head-countsketch8-seed0-")
+    assert meta["projection"] == {"dim": 8, "seed": 0, "kind": "countsketch"}
     assert meta["gradient"]["feature_dim"] == 8
     # Same setting again: every training chunk comes from the store.
     again = run_influence(workdir, tmp_path / "b", checkpoints=[2], proj_dim=8, progress=False)
@@ -82,6 +83,29 @@ def test_default_store_under_the_workdir_and_a_swapped_gradient(tiny_run, tmp_pa
     si = np.load(tmp_path / "c" / "self_influence.npy")
     present = np.load(tmp_path / "c" / "train_present.npy")
     np.testing.assert_allclose(si[present], run.checkpoint(2).lr, rtol=1e-4)  # eta * |unit|^2
+
+
+def test_cross_entropy_and_normalised_gradients_from_the_command_line(tiny_run, tmp_path):
+    """`--loss ce --normalised`: cosine TracIn of region cross-entropy gradients, own store."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("features"))
+    cmd = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(workdir),
+           "--checkpoints", "3", "--split", "train", "--loss", "ce", "--normalised"]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path / "ce")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "ce" / "meta.json").read_text())
+    assert meta["gradient"]["tag"].startswith("normalised(tumour_cross_entropy|head|exact")
+    si = np.load(tmp_path / "ce" / "self_influence.npy")
+    present = np.load(tmp_path / "ce" / "train_present.npy")
+    lr = tracin_jax.load_run(workdir).checkpoint(3).lr
+    np.testing.assert_allclose(si[present], lr, rtol=1e-4)  # eta * |unit vector|^2
+    bad = subprocess.run(cmd[:-3] + ["--loss", "hinge", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--loss 'hinge'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def _no_checkpoints(tiny_run, tmp_path):
@@ -102,6 +126,8 @@ BAD = [
     ("bad batch", lambda w, t: (w, {"batch_size": 0}), "--batch-size"),
     ("bad budget", lambda w, t: (w, {"memory_budget_gb": -1}), "--memory-budget-gb"),
     ("bad proj", lambda w, t: (w, {"proj_dim": -4}), "--proj-dim"),
+    ("bad proj kind", lambda w, t: (w, {"proj_dim": 8, "proj_kind": "fjlt"}), "kind 'fjlt'"),
+    ("bad loss", lambda w, t: (w, {"loss": "focal"}), "--loss 'focal'.*dice, ce"),
 ]
 
 

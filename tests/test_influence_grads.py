@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tracin_jax.errors import InputError
-from tracin_jax.influence import (class_tracin, is_head_subset, make_class_grad_fn, normalised,
-                                  resolve_subset)
+from tracin_jax.influence import (class_tracin, default_examples_mode, is_head_subset,
+                                  make_class_grad_fn, make_projector, normalised, resolve_subset)
 from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
                                             single_class_grad_fn, toy_problem, total_loss_tracin)
 from tracin_jax.training.losses import classwise_cross_entropy, tumour_dice_loss
@@ -139,6 +139,37 @@ def test_self_influence_is_train_vs_train_diagonal_and_linear_in_eta(toy, fns):
     g = np.asarray(fn(one.variables, tr.images[:2], tr.labels[:2]), np.float64)
     _close(class_tracin(fn, [one], tr.images[:2], tr.labels[:2], tr.images[:2], tr.labels[:2],
                         batch_size=2)[0], np.einsum("aif,bjf->aibj", g, g))
+
+
+@pytest.mark.parametrize("kind", [None, "countsketch", "rademacher"])
+def test_unrolled_and_vmapped_examples_agree(toy, kind):
+    """The CPU default (one batch-1 program per example, unrolled; CountSketch applied per
+    example) and the accelerator default (vmap over the batch) compute the same features."""
+    ckpt = toy.checkpoints[1]
+    subset = resolve_subset(ckpt.variables["params"], "all")
+    proj = make_projector(subset, 64, 3, kind) if kind else None
+    x, y = toy.train.images[:3], toy.train.labels[:3]
+    got = {mode: np.asarray(make_class_grad_fn(toy.model, subset, projector=proj,
+                                               examples=mode)(ckpt.variables, x, y))
+           for mode in ("unroll", "vmap")}
+    assert got["unroll"].shape == (3, 3, 64 if kind else subset.size)
+    _close(got["unroll"], got["vmap"])
+    if proj is not None:  # the per-example sketch is the projector applied to exact gradients
+        exact = make_class_grad_fn(toy.model, subset, examples="unroll")(ckpt.variables, x, y)
+        _close(got["unroll"], proj(_split_leaves(exact, subset)))
+    assert default_examples_mode() == ("unroll" if jax.default_backend() == "cpu" else "vmap")
+    with pytest.raises(ValueError, match="examples mode"):
+        make_class_grad_fn(toy.model, subset, examples="loop")
+
+
+def _split_leaves(flat, subset):
+    """f32[B, C, D] (subset order) -> leaves [B, C, *shape]."""
+    out, start = [], 0
+    for shape in subset.shapes:
+        n = int(np.prod(shape))
+        out.append(jnp.asarray(flat)[..., start:start + n].reshape(*flat.shape[:2], *shape))
+        start += n
+    return out
 
 
 def test_batch_size_does_not_change_results(toy, fns):

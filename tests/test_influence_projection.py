@@ -75,7 +75,7 @@ def test_projection_error_shrinks_as_d_grows():
 
 def test_projection_is_deterministic_and_matches_a_dense_matrix():
     g, _ = _vectors()
-    proj = jax.jit(lambda v: Projector(SUBSET, dim=24, seed=3)(_leaves(v)))
+    proj = jax.jit(lambda v: Projector(SUBSET, dim=24, seed=3, kind="rademacher")(_leaves(v)))
     # Same seed, same features; the batch axes do not matter.
     a = proj(jnp.asarray(g))
     b = proj(jnp.stack([g, g, g]).reshape(3, 1, 96))
@@ -85,7 +85,7 @@ def test_projection_is_deterministic_and_matches_a_dense_matrix():
     basis = proj(jnp.eye(96))  # [96, 24]
     np.testing.assert_allclose(g @ np.asarray(basis), a, rtol=1e-5, atol=1e-5)
     assert set(np.unique(np.round(np.abs(np.asarray(basis)) * np.sqrt(24), 5))) == {1.0}
-    other = Projector(SUBSET, dim=24, seed=4).project(_leaves(jnp.asarray(g)), jax.random.key(4))
+    other = Projector(SUBSET, dim=24, seed=4, kind="rademacher").project(_leaves(jnp.asarray(g)), jax.random.key(4))
     assert not np.allclose(other, a)
 
 
@@ -94,9 +94,9 @@ def test_default_dimension_choice():
     assert make_projector(small, None) is None  # 256 parameters: exact
     big = ParamSubset("b", ("x",), ((EXACT_MAX_PARAMS + 1,),))
     p = make_projector(big, None)
-    assert p.dim == DEFAULT_PROJ_DIM and p.kind == "rademacher"
+    assert p.dim == DEFAULT_PROJ_DIM and p.kind == "countsketch"  # O(D): see the module doc
     assert make_projector(big, 0) is None  # forced exact
-    assert make_projector(small, 32, seed=5).describe() == {"dim": 32, "seed": 5, "kind": "rademacher"}
+    assert make_projector(small, 32, seed=5).describe() == {"dim": 32, "seed": 5, "kind": "countsketch"}
     for bad in (-3, 2.5):
         with pytest.raises(InputError, match="--proj-dim"):
             make_projector(small, bad)

@@ -55,7 +55,8 @@ def _cmd_influence(args) -> dict:
     meta = run_influence(
         args.workdir, args.out,
         checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
-        proj_dim=args.proj_dim, proj_seed=args.proj_seed, split=args.split, topk=args.topk,
+        proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
+        loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
     )
     print(f"influence written to {args.out}")
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--params", default="head", help="head | decoder | all | REGEX over param paths")
     i.add_argument("--proj-dim", type=int, default=None)
     i.add_argument("--proj-seed", type=int, default=0)
+    i.add_argument("--proj-kind", default="countsketch",
+                   help="countsketch (O(D), default) | rademacher | gaussian (dense JL)")
+    i.add_argument("--loss", default="dice",
+                   help="dice (the training loss, the paper) | ce (region cross-entropy)")
+    i.add_argument("--normalised", action="store_true",
+                   help="unit-norm class gradients (cosine TracIn)")
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)

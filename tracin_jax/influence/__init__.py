@@ -30,9 +30,10 @@ A notebook swapping the gradient (say, a region-restricted cross-entropy, normal
 from tracin_jax.influence.engine import (DEFAULT_TOPK, class_present, class_tracin,
                                          compute_influence, parse_checkpoints, run_influence)
 from tracin_jax.influence.grads import (ClassGradFn, ClassGradFunction, class_logit_grads,
-                                        is_head_subset, make_class_grad_fn, normalised)
-from tracin_jax.influence.projection import (DEFAULT_PROJ_DIM, EXACT_MAX_PARAMS, Projector,
-                                             make_projector)
+                                        default_examples_mode, is_head_subset,
+                                        make_class_grad_fn, normalised)
+from tracin_jax.influence.projection import (DEFAULT_PROJ_DIM, DEFAULT_PROJ_KIND, EXACT_MAX_PARAMS,
+                                             Projector, make_projector)
 from tracin_jax.influence.scores import (aggregate_by_patient, contract, finalise_topk,
                                          influence_scores, init_topk, merge_topk, patient_index,
                                          score_blocks, squared_norms, topk_from_scores)
@@ -42,10 +43,10 @@ from tracin_jax.influence.store import (FeatureStore, compute_features, featuris
 from tracin_jax.influence.subsets import NAMED_SUBSETS, ParamSubset, param_paths, resolve_subset
 
 __all__ = [
-    "DEFAULT_PROJ_DIM", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "NAMED_SUBSETS",
+    "DEFAULT_PROJ_DIM", "DEFAULT_PROJ_KIND", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "NAMED_SUBSETS",
     "ClassGradFn", "ClassGradFunction", "FeatureStore", "ParamSubset", "Projector",
     "aggregate_by_patient", "class_logit_grads", "class_present", "class_tracin",
-    "compute_features", "compute_influence", "contract", "featurise", "featurise_checkpoint",
+    "compute_features", "compute_influence", "contract", "default_examples_mode", "featurise", "featurise_checkpoint",
     "finalise_topk", "influence_scores", "init_topk", "is_head_subset", "make_class_grad_fn",
     "make_header", "make_projector", "merge_topk", "normalised", "param_paths",
     "parse_checkpoints", "patient_index", "resolve_subset", "run_influence", "score_blocks",

@@ -39,18 +39,19 @@ from tqdm.auto import tqdm
 from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
-from tracin_jax.influence.grads import make_class_grad_fn
-from tracin_jax.influence.projection import make_projector
+from tracin_jax.influence.grads import make_class_grad_fn, normalised
+from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
 from tracin_jax.influence.scores import (contract, finalise_topk, patient_index, score_blocks,
                                          squared_norms, topk_from_scores)
 from tracin_jax.influence.store import (FeatureStore, compute_features, feature_shape,
                                         featurise_checkpoint, finish_stats, make_header,
                                         store_key)
 from tracin_jax.influence.subsets import resolve_subset
-from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
+from tracin_jax.training.losses import CLASS_NAMES, tumour_cross_entropy, tumour_dice_loss
 
 DEFAULT_TOPK = 10
 SPLITS = ("test", "train")
+LOSSES = ("dice", "ce")
 OUTPUT_FILES = (
     "scores.npy", "self_influence.npy", "test_present.npy", "train_present.npy",
     "patient_scores.npy",
@@ -116,8 +117,8 @@ def _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed
 
 def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=None, proj_seed=0,
                   split="test", topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
-                  data_dir=None, progress=True, grad_fn=None, proj_kind="rademacher",
-                  store_dir=None) -> dict:
+                  data_dir=None, progress=True, grad_fn=None, proj_kind=DEFAULT_PROJ_KIND,
+                  loss="dice", normalise=False, store_dir=None) -> dict:
     """Class-wise TracIn of the run in ``workdir``; writes the files listed above into ``out``.
 
     Args:
@@ -127,7 +128,7 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       params: parameter subset: ``head`` | ``decoder`` | ``all`` | a regular expression.
       proj_dim: projection dimension; None = exact up to 65536 parameters, else 4096 (see
         :mod:`tracin_jax.influence.projection`); 0 = exact whatever the size.
-      proj_seed, proj_kind: projection seed and kind (rademacher | gaussian | countsketch).
+      proj_seed, proj_kind: projection seed and kind (countsketch | rademacher | gaussian).
       split: the examples to explain: ``test`` or ``train`` (train-vs-train).
       topk: K of the streamed top-K proponents/opponents (default: only when the full tensor
         does not fit, then DEFAULT_TOPK).
@@ -136,8 +137,11 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       memory_budget_gb: largest score tensor (slices or patients) materialised on the host.
       data_dir: overrides the data folder recorded in the workdir.
       progress: show tqdm bars.
-      grad_fn: a ClassGradFn to use instead of the one built from ``params``/``proj_dim``
-        (e.g. ``normalised(...)`` or another loss); give it a ``tag`` so its store is its own.
+      loss: the class-wise loss differentiated: ``dice`` (the training loss, the paper) or
+        ``ce`` (region cross-entropy, :func:`~tracin_jax.training.losses.tumour_cross_entropy`).
+      normalise: unit-norm class gradients (cosine TracIn, :func:`normalised`).
+      grad_fn: a ClassGradFn to use instead of the one built from ``params``/``proj_dim``/
+        ``loss``/``normalise``; give it a ``tag`` so its store is its own.
       store_dir: feature store folder (default ``<workdir>/features/<key>``).
     Returns:
       the meta dict written to ``out/meta.json``.
@@ -147,6 +151,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
 
     t0 = time.perf_counter()
     _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
+    if loss not in LOSSES:
+        raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
     run = load_run(workdir, data_dir)
     available = [c.epoch for c in run.checkpoints]
     epochs = parse_checkpoints(checkpoints, available, workdir)
@@ -155,8 +161,11 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
         shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
         subset = resolve_subset(shapes["params"], params)
         projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
-        loss_fn = partial(tumour_dice_loss, eps=run.config.train.dice_eps)
+        loss_fn = (partial(tumour_dice_loss, eps=run.config.train.dice_eps) if loss == "dice"
+                   else tumour_cross_entropy)
         grad_fn = make_class_grad_fn(run.model, subset, loss_fn, projector)
+        if normalise:
+            grad_fn = normalised(grad_fn)
     train = run.train
     test = run.test if split == "test" else run.train
     for name, ex in (("training", train), (split, test)):

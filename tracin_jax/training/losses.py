@@ -52,6 +52,17 @@ def classwise_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.sum(y * logp, axis=(1, 2)) / n_pix
 
 
+def tumour_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """f32[B, 3]: region cross-entropy of the tumour classes NCR/NET, ED, ET.
+
+    Not the training loss: an alternative class-wise TracIn loss (``--loss ce``). Its gradient
+    w.r.t. the logits, p - y, stays large where the model confidently predicts another class,
+    whereas the soft Dice gradient passes through p_c (1 - p_c) there and nearly vanishes, so
+    CE self-influence flags label errors that Dice self-influence misses (experiments/mislabel).
+    """
+    return classwise_cross_entropy(logits, labels)[:, 1:]
+
+
 def class_weights(num_classes: int, background_weight: float) -> jax.Array:
     """f32[C]: weights of the per-class losses, normalised to sum 1."""
     w = jnp.ones((num_classes,), jnp.float32).at[0].set(background_weight)
