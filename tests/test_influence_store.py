@@ -193,3 +193,28 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(toy, tmp_path):
     for name in ("scores.npy", "self_influence.npy", "patient_scores.npy"):
         np.testing.assert_allclose(np.load(tmp_path / "resumed" / name),
                                    np.load(tmp_path / "clean" / name), rtol=1e-6, atol=0)
+
+
+def test_a_set_smaller_than_a_batch_is_not_padded_to_a_whole_batch():
+    """Padded rows are computed in full, so 3 examples with batch 16 run as a batch of 3."""
+    import jax
+    import jax.numpy as jnp
+
+    from tracin_jax.influence import compute_features, train_mesh
+
+    seen = []
+
+    def grad_fn(variables, images, labels):
+        seen.append(images.shape[0])
+        return jnp.broadcast_to(images[:, :1, 0, :1], (images.shape[0], 3, 1)) * variables
+
+    mesh = train_mesh(jax.devices()[:1])
+    x = np.arange(3 * 2 * 2 * 1, dtype=np.float32).reshape(3, 2, 2, 1)
+    y = np.zeros((3, 2, 2), np.int32)
+    out = compute_features(grad_fn, jnp.float32(2.0), 4.0, x, y, 16, mesh)
+    assert seen == [3] and out.shape == (3, 3, 1)
+    np.testing.assert_allclose(np.asarray(out)[:, 0, 0], 2.0 * 2.0 * x[:, 0, 0, 0])  # sqrt(lr)
+    seen.clear()
+    compute_features(grad_fn, jnp.float32(1.0), 1.0, np.concatenate([x] * 7),
+                     np.concatenate([y] * 7), 16, mesh)
+    assert seen == [16, 16]  # 21 examples: a full batch, then the last one padded to 16

@@ -242,10 +242,12 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
 
     images f32[n,H,W,Cin], labels int[n,H,W] (host arrays) -> f32[n, C, D]. Batches are padded
     to ``batch_size`` rounded up to the device count and split over the mesh; variables should
-    already be replicated on it.
+    already be replicated on it. A set smaller than one batch runs as one batch of its own size
+    (rounded up to the device count): padded rows are computed in full, so a handful of test
+    examples would otherwise cost a whole batch.
     """
     n = len(images)
-    bs = sharding.padded_size(batch_size, mesh)
+    bs = sharding.padded_size(max(1, min(batch_size, n)), mesh)
     scale = jnp.float32(math.sqrt(float(lr)))
     run = grad_fn
     if mesh.devices.size > 1:
