@@ -22,7 +22,7 @@ Two ways to get the gradients, same numbers:
   examples of a batch, ``examples`` chooses:
 
   * ``unroll`` (default on CPU): one batch-1 program per example, unrolled inside the one jitted
-    function (compilation grows with the batch: about 2x ``vmap``'s at batch 4-8). Measured on
+    function (compilation grows with the batch: 1.4-2.8x ``vmap``'s at batch 4-16). Measured on
     a 2-core CPU (``benchmarks/README.md``; U-Net width 16 and 64, 96x96, batch 8 and 4):
     0.86-1.10x the FLOP rate of a plain batched training step, against 0.50-0.70x for ``vmap``;
     a ``lax.map``/``lax.scan`` loop over the examples (an XLA while loop) ran at 0.07-0.09x and
