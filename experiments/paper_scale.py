@@ -32,9 +32,10 @@ Time: not measured here (this machine has no GPU). Expected on one H100 or H200:
 data a few minutes to write, training seconds to tens of seconds per epoch (the paper reports
 30-45 s per epoch on a V100), ``head`` influence under a minute, ``all`` with projection a few
 minutes: XLA counts 52.7 GFLOP per example and checkpoint for the ``head`` class gradients and
-368 GFLOP for ``all``, and the dense projection to 4096 adds 763 GFLOP (more than the gradients
-themselves; ``--proj-kind countsketch`` removes most of it), about 15 PFLOP for the 2590 slices
-x 5 checkpoints. On 2 CPU cores the full setting would take days; ``--small`` (6 tiny synthetic
+368 GFLOP for ``all``; the default CountSketch projection adds 2 x 3 x 31.0M FLOP (0.19 GFLOP),
+a dense one to 4096 (``--proj-kind rademacher``) 763 GFLOP, more than the gradients themselves:
+about 4.8 PFLOP for ``all`` over the 2590 slices x 5 checkpoints (14.6 PFLOP with the dense
+projection). On 2 CPU cores the full setting would take days; ``--small`` (6 tiny synthetic
 cases, the ``tiny`` config, 2 epochs) runs the same code path in about a minute and is what the
 test uses.
 """
@@ -47,7 +48,6 @@ import math
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -122,14 +122,11 @@ def gradient_cost(run, subset_name: str, proj_dim: int | None, proj_seed: int, p
     import jax
     import jax.numpy as jnp
 
-    from tracin_jax.influence import make_class_grad_fn, make_projector, resolve_subset
-    from tracin_jax.training.losses import tumour_dice_loss
+    from tracin_jax.influence import run_grad_fn
 
     variables = run.checkpoints[-1].variables
-    subset = resolve_subset(variables["params"], subset_name)
-    projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
-    loss_fn = partial(tumour_dice_loss, eps=run.config.train.dice_eps)
-    fn = make_class_grad_fn(run.model, subset, loss_fn, projector)
+    fn = run_grad_fn(run, subset_name, proj_dim=proj_dim, proj_seed=proj_seed, proj_kind=proj_kind)
+    subset, projector = fn.subset, fn.projector
     b = min(batch_size, len(run.train.images))
     xb = jnp.asarray(run.train.images[:b])
     yb = jnp.asarray(run.train.labels[:b], jnp.int32)
@@ -138,7 +135,7 @@ def gradient_cost(run, subset_name: str, proj_dim: int | None, proj_seed: int, p
         grad_flops = xla_flops(fn.fn, variables, xb, yb)
         proj_flops = 0.0
     else:
-        exact = make_class_grad_fn(run.model, subset, loss_fn, None)
+        exact = run_grad_fn(run, subset_name, proj_dim=0)
         nb = min(b, 2)  # compile only; a small batch keeps compilation cheap (FLOPs are per example)
         g = xla_flops(exact.fn, variables, xb[:nb], yb[:nb])
         grad_flops = g * b / nb if g is not None else None

@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--params", default="head", help="head | decoder | all | REGEX over param paths")
     i.add_argument("--proj-dim", type=int, default=None)
     i.add_argument("--proj-seed", type=int, default=0)
-    i.add_argument("--proj-kind", default="countsketch",
-                   help="countsketch (O(D), default) | rademacher | gaussian (dense JL)")
+    i.add_argument("--proj-kind", default=None,
+                   help="countsketch (O(D), the default) | rademacher | gaussian (dense JL)")
     i.add_argument("--loss", default="dice",
                    help="dice (the training loss, the paper) | ce (region cross-entropy)")
     i.add_argument("--normalised", action="store_true",

@@ -28,7 +28,8 @@ A notebook swapping the gradient (say, a region-restricted cross-entropy, normal
 """
 
 from tracin_jax.influence.engine import (DEFAULT_TOPK, class_present, class_tracin,
-                                         compute_influence, parse_checkpoints, run_influence)
+                                         compute_influence, parse_checkpoints, run_grad_fn,
+                                         run_influence)
 from tracin_jax.influence.grads import (ClassGradFn, ClassGradFunction, class_logit_grads,
                                         default_examples_mode, is_head_subset,
                                         make_class_grad_fn, normalised)
@@ -46,9 +47,10 @@ __all__ = [
     "DEFAULT_PROJ_DIM", "DEFAULT_PROJ_KIND", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "NAMED_SUBSETS",
     "ClassGradFn", "ClassGradFunction", "FeatureStore", "ParamSubset", "Projector",
     "aggregate_by_patient", "class_logit_grads", "class_present", "class_tracin",
-    "compute_features", "compute_influence", "contract", "default_examples_mode", "featurise", "featurise_checkpoint",
-    "finalise_topk", "influence_scores", "init_topk", "is_head_subset", "make_class_grad_fn",
-    "make_header", "make_projector", "merge_topk", "normalised", "param_paths",
-    "parse_checkpoints", "patient_index", "resolve_subset", "run_influence", "score_blocks",
-    "squared_norms", "store_key", "topk_from_scores", "train_mesh",
+    "compute_features", "compute_influence", "contract", "default_examples_mode", "featurise",
+    "featurise_checkpoint", "finalise_topk", "influence_scores", "init_topk", "is_head_subset",
+    "make_class_grad_fn", "make_header", "make_projector", "merge_topk", "normalised",
+    "param_paths", "parse_checkpoints", "patient_index", "resolve_subset", "run_grad_fn",
+    "run_influence", "score_blocks", "squared_norms", "store_key", "topk_from_scores",
+    "train_mesh",
 ]

@@ -115,6 +115,31 @@ def _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed
         raise InputError(f"projection seed {proj_seed!r} must be an integer")
 
 
+def _check_loss(loss) -> None:
+    if loss not in LOSSES:
+        raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
+
+
+def run_grad_fn(run, params="head", *, proj_dim=None, proj_seed=0, proj_kind=DEFAULT_PROJ_KIND,
+                loss="dice", normalise=False):
+    """The class-gradient function :func:`run_influence` uses for a loaded run.
+
+    ``run``: a :class:`~tracin_jax.run.Run`; the other arguments as in :func:`run_influence`
+    (the Dice loss uses the run's training ``dice_eps``). Returns a ClassGradFunction
+    ``(variables, images, labels) -> f32[B, 3, D]`` with its ``subset`` and ``projector``.
+    """
+    from tracin_jax.training.train import init_variables
+
+    _check_loss(loss)
+    shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
+    subset = resolve_subset(shapes["params"], params)
+    projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
+    loss_fn = (partial(tumour_dice_loss, eps=run.config.train.dice_eps) if loss == "dice"
+               else tumour_cross_entropy)
+    grad_fn = make_class_grad_fn(run.model, subset, loss_fn, projector)
+    return normalised(grad_fn) if normalise else grad_fn
+
+
 def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=None, proj_seed=0,
                   split="test", topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
                   data_dir=None, progress=True, grad_fn=None, proj_kind=DEFAULT_PROJ_KIND,
@@ -147,25 +172,17 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       the meta dict written to ``out/meta.json``.
     """
     from tracin_jax import load_run
-    from tracin_jax.training.train import init_variables
 
     t0 = time.perf_counter()
     _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
-    if loss not in LOSSES:
-        raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
+    _check_loss(loss)
     run = load_run(workdir, data_dir)
     available = [c.epoch for c in run.checkpoints]
     epochs = parse_checkpoints(checkpoints, available, workdir)
     chosen = [run.checkpoint(e) for e in epochs]
     if grad_fn is None:
-        shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
-        subset = resolve_subset(shapes["params"], params)
-        projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
-        loss_fn = (partial(tumour_dice_loss, eps=run.config.train.dice_eps) if loss == "dice"
-                   else tumour_cross_entropy)
-        grad_fn = make_class_grad_fn(run.model, subset, loss_fn, projector)
-        if normalise:
-            grad_fn = normalised(grad_fn)
+        grad_fn = run_grad_fn(run, params, proj_dim=proj_dim, proj_seed=proj_seed,
+                              proj_kind=proj_kind, loss=loss, normalise=normalise)
     train = run.train
     test = run.test if split == "test" else run.train
     for name, ex in (("training", train), (split, test)):

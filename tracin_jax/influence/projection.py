@@ -148,12 +148,14 @@ class Projector:
 
 
 def make_projector(subset: ParamSubset, dim: int | None, seed: int = 0,
-                   kind: str = DEFAULT_PROJ_KIND) -> Projector | None:
+                   kind: str | None = DEFAULT_PROJ_KIND) -> Projector | None:
     """The projector for ``subset``, or None for exact gradients.
 
     ``dim=None`` chooses: exact when the subset has at most EXACT_MAX_PARAMS parameters, else
-    ``DEFAULT_PROJ_DIM``. ``dim=0`` forces exact gradients whatever the size.
+    ``DEFAULT_PROJ_DIM``. ``dim=0`` forces exact gradients whatever the size. ``kind=None`` is
+    ``DEFAULT_PROJ_KIND``.
     """
+    kind = DEFAULT_PROJ_KIND if kind is None else kind
     if kind not in KINDS:
         raise InputError(f"projection kind {kind!r} is not one of {', '.join(KINDS)}")
     if dim is None:
