@@ -249,12 +249,9 @@ def rel_err(a, b) -> float:
 # -- figure ---------------------------------------------------------------------------------
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+    from experiments._plots import legend_below, pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 9, "axes.titlesize": 9.5, "legend.fontsize": 7.5})
+    plt = pyplot(legend_fontsize=7.5)
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.6))
     colours = {"rademacher": "#0072B2", "countsketch": "#E69F00"}
     proj = summary["projection"]
@@ -381,12 +378,8 @@ def plot(summary: dict, path: Path) -> None:
             rows.append(f"engine: {key.replace('_', ' ')}  {v:.1e}")
     ax.text(0.0, 1.0, "\n".join(rows), va="top", ha="left", fontsize=7.5, family="monospace",
             transform=ax.transAxes)
-    handles, labels = axes[1][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False,
-               bbox_to_anchor=(0.3, 0.0))
-    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_below(fig, axes[1][0], bbox_to_anchor=(0.3, 0.0))
+    save(fig, path, rect=(0, 0.04, 1, 0.96))
 
 
 # -- the experiment ------------------------------------------------------------------------

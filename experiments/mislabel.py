@@ -76,6 +76,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import ranking
+from experiments._plots import legend_below, pyplot, save
 from experiments.corruptions import (CORRUPTIONS, DESCRIPTIONS, Corruption, changed_classes,
                                      label_codes, write_corrupted_dataset)
 
@@ -219,7 +220,7 @@ _GRAD_FNS: dict = {}
 _LOSS_FNS: dict = {}
 
 
-def class_grad_fn(run, subset_name: str, loss: str, proj_dim: int | None, proj_kind: str):
+def class_grad_fn(run, subset_name: str, loss: str, proj_dim: int | None, proj_kind: str | None):
     """The engine's class-gradient function for a subset, with the Dice (training) loss or the
     region cross-entropy, optionally projected (one per run and setting, so it compiles once)."""
     key = (id(run), subset_name, loss, proj_dim, proj_kind)
@@ -230,16 +231,10 @@ def class_grad_fn(run, subset_name: str, loss: str, proj_dim: int | None, proj_k
 
 
 def _build_class_grad_fn(run, subset_name, loss, proj_dim, proj_kind):
-    from functools import partial
+    from tracin_jax.influence import run_grad_fn
 
-    from tracin_jax.influence import make_class_grad_fn, make_projector, resolve_subset
-    from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
-
-    subset = resolve_subset(run.checkpoints[-1].variables["params"], subset_name)
-    projector = make_projector(subset, proj_dim, 0, proj_kind)
-    loss_fn = (partial(tumour_dice_loss, eps=run.config.train.dice_eps) if loss == "Dice"
-               else tumour_cross_entropy)
-    return make_class_grad_fn(run.model, subset, loss_fn, projector)
+    return run_grad_fn(run, subset_name, proj_dim=proj_dim, proj_kind=proj_kind,
+                       loss={"Dice": "dice", "CE": "ce"}[loss])
 
 
 def per_checkpoint_auc(run, positive: np.ndarray, progress: bool = True) -> dict:
@@ -247,7 +242,7 @@ def per_checkpoint_auc(run, positive: np.ndarray, progress: bool = True) -> dict
     gradients (summed over classes), and the summed Dice loss."""
     from tracin_jax.influence import class_tracin
 
-    fns = {loss: class_grad_fn(run, "head", loss, None, "countsketch") for loss in ("Dice", "CE")}
+    fns = {loss: class_grad_fn(run, "head", loss, None, None) for loss in ("Dice", "CE")}
     out = {"epochs": [], "Dice head classwise sum": [], "CE head classwise sum": [], "loss sum": []}
     images, labels = run.train.images, run.train.labels
     for ckpt in tqdm(run.checkpoints, desc="per-checkpoint AUC", disable=not progress, leave=False):
@@ -371,18 +366,9 @@ def random_attribution(changed: np.ndarray, present: np.ndarray, kind_of: np.nda
 
 # -- figures -------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 9, "axes.titlesize": 9.5, "legend.fontsize": 8})
-    return plt
-
 
 def plot_detection_curves(results: dict, kinds, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     levels = [("slices", "slices"), ("patients (sum)", "patients_sum")]
     cols = ["all", *kinds]
     fig, axes = plt.subplots(len(levels), len(cols), figsize=(3.0 * len(cols), 3.0 * len(levels)),
@@ -407,17 +393,14 @@ def plot_detection_curves(results: dict, kinds, path: Path) -> None:
                 ax.set_xlabel("fraction inspected")
             if c == 0:
                 ax.set_ylabel("fraction of corrupted found")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    legend_below(fig, axes[0][0])
     fig.suptitle("Mislabel detection: training items ranked by self-influence (Dice: the class-wise "
                  "Dice gradients of the method; CE: region cross-entropy gradients) vs the loss")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, rect=(0, 0.06, 1, 0.96))
 
 
 def plot_auc(results: dict, kinds, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     methods = [m for m in FIGURE_METHODS if m in results["slices"]["methods"]]
     groups = ["all", *kinds]
     levels = [("slices", "slices"), ("patients (sum over slices)", "patients_sum"),
@@ -439,17 +422,14 @@ def plot_auc(results: dict, kinds, path: Path) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("ROC-AUC")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    legend_below(fig, axes[0])
     fig.suptitle("ROC-AUC of corrupted vs clean training items, per corruption type "
                  "(swap: ED<->NCR, rim: ET->NCR, shift, foreign mask)")
-    fig.tight_layout(rect=(0, 0.1, 1, 0.93))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, rect=(0, 0.1, 1, 0.93))
 
 
 def plot_class_attribution(attr: dict, kinds, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     sources = [s for s in SOURCE_COLOURS if s in attr]
     colours = SOURCE_COLOURS
     groups = ["all", *kinds]
@@ -467,15 +447,13 @@ def plot_class_attribution(attr: dict, kinds, path: Path) -> None:
     ax.set_ylabel("fraction of corrupted slices")
     ax.set_title("Is the top class of a corrupted slice one that the corruption changed?")
     ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, frameon=False)
-    fig.tight_layout(rect=(0, 0.15, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_below(fig, ax, ncol=3)
+    save(fig, path, rect=(0, 0.15, 1, 1))
 
 
 def plot_auc_by_checkpoint(by_epoch: dict, used: list[int], path: Path) -> None:
     """Slice AUC of single-checkpoint scores at every saved epoch."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for name in ("Dice head classwise sum", "CE head classwise sum", "loss sum"):
         colour, ls = FIGURE_METHODS[name]
@@ -490,14 +468,12 @@ def plot_auc_by_checkpoint(by_epoch: dict, used: list[int], path: Path) -> None:
     ax.set_title("Mislabel detection from one checkpoint at a time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_examples(clean, corrupted, changed: np.ndarray, kind_of: np.ndarray, kinds, path: Path) -> None:
     """One corrupted slice per kind (the most changed): FLAIR, clean labels, corrupted labels."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
 
@@ -525,9 +501,7 @@ def plot_examples(clean, corrupted, changed: np.ndarray, kind_of: np.ndarray, ki
     axes[1][0].set_ylabel("corrupted label")
     fig.legend(handles=[Patch(color=CLASS_COLORS[n], label=n) for n in CLASS_NAMES],
                loc="lower center", ncol=3, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, rect=(0, 0.05, 1, 1))
 
 
 # -- the experiment ------------------------------------------------------------------------
@@ -650,7 +624,7 @@ def run(args) -> dict:
     for name, subset, loss, eps in variants:
         t = time.perf_counter()
         folder = out / f"influence-{name.replace(' ', '-')}"
-        proj = (args.proj_dim, args.proj_kind) if subset == "all" else (None, "countsketch")
+        proj = (args.proj_dim, args.proj_kind) if subset == "all" else (None, None)
         grad_fn = class_grad_fn(run_, subset, loss, *proj)
         meta = run_influence(workdir, folder, checkpoints=eps, split="train", grad_fn=grad_fn,
                              batch_size=args.batch_size, progress=progress)
