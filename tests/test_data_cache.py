@@ -56,6 +56,36 @@ def test_empty_split_round_trips_through_the_cache(tmp_path, monkeypatch):
     assert second.test.labels.shape == (0, 4, 4) and second.test.ids == []
 
 
+def test_cache_of_an_older_format_is_not_served(tmp_path, monkeypatch):
+    """Format 1 cropped the canonical array; its files must not be read for today's configs."""
+    write_tree(tmp_path / "data", "brats2021", cases=2, lps=True)
+    current = cache_lib.CACHE_VERSION
+    monkeypatch.setattr(cache_lib, "CACHE_VERSION", 1)
+    old = load_dataset(tmp_path / "data", CFG, cache_dir=tmp_path / "cache", progress=False)
+    assert os.path.isfile(old.info["cache_file"])
+    monkeypatch.setattr(cache_lib, "CACHE_VERSION", current)
+    new = load_dataset(tmp_path / "data", CFG, cache_dir=tmp_path / "cache", progress=False)
+    assert not new.info["cache_hit"] and new.info["cache_file"] != old.info["cache_file"]
+    assert new.info["format_version"] == current and "class_slices" in new.info
+
+
+def test_cached_load_repeats_the_negative_voxel_warning(tmp_path, monkeypatch):
+    from tracin_jax.data.loader import NegativeVoxelsWarning
+    from tracin_jax.data.testing import write_nifti
+
+    truth = write_tree(tmp_path / "data", "brats2021", cases=2)
+    path = truth["BraTS2021_00000"].files[0]
+    data = np.asarray(nibabel.load(str(path)).dataobj).astype(np.int16)
+    data[0, 0, 0] = -4
+    write_nifti(path, data)
+    with pytest.warns(NegativeVoxelsWarning, match="BraTS2021_00000: .*flair.nii.gz \\(min -4\\)"):
+        load_dataset(tmp_path / "data", CFG, cache_dir=tmp_path / "cache", progress=False)
+    _no_decoding(monkeypatch)
+    with pytest.warns(NegativeVoxelsWarning, match="BraTS2021_00000: .*flair.nii.gz \\(min -4\\)"):
+        again = load_dataset(tmp_path / "data", CFG, cache_dir=tmp_path / "cache", progress=False)
+    assert again.info["cache_hit"]
+
+
 def test_corrupt_cache_is_rebuilt(tmp_path):
     write_tree(tmp_path / "data", "brats2021", cases=2)
     first = load_dataset(tmp_path / "data", CFG, cache_dir=tmp_path / "cache", progress=False)

@@ -1,5 +1,6 @@
 import gzip
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from tracin_jax.config import DataConfig
 from tracin_jax.data import Examples, load_dataset
+from tracin_jax.data.loader import NegativeVoxelsWarning
 from tracin_jax.data.testing import LPS_AFFINE, write_nifti, write_tree
 from tracin_jax.errors import InputError
 
@@ -85,16 +87,114 @@ def test_grades_and_max_cases(tmp_path):
 
 
 def test_canonical_orientation_before_cropping(tmp_path):
-    """LPS-stored files (like real BraTS) give the same arrays as RAS-stored ones."""
+    """crop_space=canonical: LPS-stored files (like real BraTS) give the same arrays as RAS-stored ones."""
     truth = write_tree(tmp_path / "lps", "brats2021", cases=2, lps=True, seed=3)
     write_tree(tmp_path / "ras", "brats2021", cases=2, lps=False, seed=3)
-    cfg = replace(DataConfig(crop=(0, 10, 3, 21), slices="0:12", test_fraction=0.5), split_seed=0)
+    cfg = replace(DataConfig(crop=(0, 10, 3, 21), slices="0:12", test_fraction=0.5, crop_space="canonical"),
+                  split_seed=0)
     a, b = load(tmp_path / "lps", cfg), load(tmp_path / "ras", cfg)
     np.testing.assert_array_equal(a.train.images, b.train.images)
     np.testing.assert_array_equal(a.train.labels, b.train.labels)
     cid = a.train.cases[0]
     # crop=(y0, y1, x0, x1) indexes canonical axes 0 and 1: volume[0:10, 3:21, z]
     np.testing.assert_array_equal(a.train.labels[:12], np.moveaxis(truth[cid].classes[0:10, 3:21, :], 2, 0))
+
+
+@pytest.mark.parametrize("lps", [True, False])
+def test_stored_crop_selects_the_stored_window_in_canonical_orientation(tmp_path, lps):
+    """crop_space=stored (default): the pixels of stored[y0:y1, x0:x1, z], reoriented to RAS."""
+    truth = write_tree(tmp_path, "brats2021", cases=2, lps=lps, seed=3)
+    cfg = DataConfig(crop=(0, 10, 3, 21), slices="0:12", test_fraction=0.5, split_seed=0)
+    assert cfg.crop_space == "stored"
+    ds = load(tmp_path, cfg)
+    cid = ds.train.cases[0]
+    classes = truth[cid].classes  # canonical RAS [X, Y, Z]
+    stored = classes[::-1, ::-1] if lps else classes  # as on disk
+    window = stored[0:10, 3:21, :]
+    want = window[::-1, ::-1] if lps else window  # back to RAS
+    np.testing.assert_array_equal(ds.train.labels, np.moveaxis(want, 2, 0))
+    # for LPS the canonical window is [24-10:24-0, 24-21:24-3]
+    if lps:
+        np.testing.assert_array_equal(ds.train.labels, np.moveaxis(classes[14:24, 3:21, :], 2, 0))
+
+
+def test_stored_slices_follow_a_flipped_axial_axis(tmp_path):
+    """A file stored inferior-first (axis 2 flipped) selects stored slices a:b, ids in canonical z."""
+    rng = np.random.default_rng(0)
+    classes = np.zeros((8, 8, 10), np.uint8)
+    classes[2:6, 2:6, :] = 2
+    images = rng.integers(1, 100, (8, 8, 10)).astype(np.int16)
+    affine = np.diag([1.0, 1.0, -1.0, 1.0])  # R, A, I
+    for cid in ("BraTS2021_00000", "BraTS2021_00001"):
+        folder = tmp_path / cid
+        for m in ("flair", "t1", "t1ce", "t2"):
+            write_nifti(folder / f"{cid}_{m}.nii.gz", images, affine)
+        write_nifti(folder / f"{cid}_seg.nii.gz", classes, affine)
+    ds = load(tmp_path, DataConfig(crop=(0, 8, 0, 8), slices="0:3", test_fraction=0.5, split_seed=0))
+    assert [i.split("/z")[1] for i in ds.train.ids] == ["7", "8", "9"]  # stored 0..2 = canonical 9..7
+    top = images[:, :, 0].astype(np.float32) * (2.0 / images.max()) - 1.0  # stored slice 0
+    np.testing.assert_allclose(ds.train.images[2, :, :, 0], top, atol=1e-6)
+
+
+def test_stored_crop_rejects_permuted_axes_with_a_hint(tmp_path):
+    truth = write_tree(tmp_path, "brats2021", cases=2)
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)  # stored A, R, S
+    for path in truth["BraTS2021_00001"].files:
+        img = nib.load(str(path))
+        write_nifti(path, np.asarray(img.dataobj), swap)
+    with pytest.raises(InputError, match=r"BraTS2021_00001_flair.nii.gz: stored axes are ARS.*data.crop_space=canonical"):
+        load(tmp_path, CFG)
+    ds = load(tmp_path, replace(CFG, crop_space="canonical"))
+    assert ds.info["n_cases"] == 2
+
+
+def test_class_slices_count_examples_per_class_and_split(tmp_path):
+    write_tree(tmp_path, "brats2021", cases=3)
+    ds = load(tmp_path, replace(CFG, slices="0:12"))
+    for split, ex in (("train", ds.train), ("test", ds.test)):
+        counts = ds.info["class_slices"][split]
+        assert list(counts) == ["NCR/NET", "ED", "ET"]
+        for c, name in ((1, "NCR/NET"), (2, "ED"), (3, "ET")):
+            assert counts[name] == sum(bool((lab == c).any()) for lab in ex.labels)
+    assert ds.info["class_slices"]["train"]["ED"] > 0
+    assert len(ds.train) > ds.info["class_slices"]["train"]["ED"]  # slices 0..3 hold no tumour
+
+
+def test_negative_voxels_warn_once_per_case_naming_file_and_minimum(tmp_path):
+    truth = write_tree(tmp_path, "brats2021", cases=2)
+    path = truth["BraTS2021_00001"].files[1]  # t1
+    data = np.asarray(nib.load(str(path)).dataobj).astype(np.int16)
+    data[0, 0, 0], data[1, 0, 0] = -37, -5
+    write_nifti(path, data)
+    with pytest.warns(UserWarning) as caught:
+        ds = load(tmp_path, CFG)
+    lines = [str(w.message) for w in caught if "negative voxels" in str(w.message)]
+    assert lines == ["case BraTS2021_00001: negative voxels in BraTS2021_00001_t1.nii.gz (min -37); "
+                     "paper normalisation 2x/max(x)-1 maps them below -1 (kept as they are)"]
+    assert ds.info["negative_minima"] == {"BraTS2021_00001": {"BraTS2021_00001_t1.nii.gz": -37.0}}
+    # the values really are below -1 where they fall inside the examples
+    with pytest.warns(NegativeVoxelsWarning):
+        ds = load(tmp_path, replace(CFG, crop=(0, 16, 0, 16), slices="0:1", crop_space="canonical"))
+    ex = ds.train if "BraTS2021_00001" in ds.info["train_cases"] else ds.test
+    i = ex.cases.index("BraTS2021_00001")
+    top = float(data.max())
+    assert ex.images[i, 0, 0, 1] == pytest.approx(2 * -37 / top - 1) and ex.images[i, 0, 0, 1] < -1
+
+
+def test_crop_space_config_values():
+    from tracin_jax.config import apply_overrides, config_from_dict, get_config
+
+    assert get_config("paper").data.crop_space == "stored"
+    c = apply_overrides(get_config("tiny"), ["data.crop_space=canonical"])
+    assert c.data.crop_space == "canonical" and config_from_dict(c.to_dict()) == c
+    with pytest.raises(InputError, match="data.crop_space='raw' is not one of stored, canonical"):
+        apply_overrides(get_config("tiny"), ["data.crop_space=raw"])
+    with pytest.raises(InputError, match="data.crop_space='raw'"):
+        load(Path("."), replace(CFG, crop_space="raw"))
+    # a run config written before crop_space existed cropped the canonical array
+    old = get_config("paper").to_dict()
+    del old["data"]["crop_space"]
+    assert config_from_dict(old).data.crop_space == "canonical"
 
 
 def test_tumour_slices_and_empty_examples_keep_ranks(tmp_path):

@@ -28,8 +28,11 @@ from tracin_jax.errors import InputError
 class DataConfig:
     layout: str = "auto"  # auto | brats2019 | brats2020 | brats2021 | brats2023 | msd
     modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")  # channel order
-    crop: tuple[int, int, int, int] = (27, 219, 27, 219)  # y0, y1, x0, x1 (in-plane, canonical)
-    slices: str = "90:100"  # "a:b" (half-open) or "tumour" (every slice with tumour)
+    crop: tuple[int, int, int, int] = (27, 219, 27, 219)  # y0, y1, x0, x1 (in-plane, crop_space)
+    slices: str = "90:100"  # "a:b" (half-open, in crop_space) or "tumour" (every slice with tumour)
+    # Indices of crop and slices: "stored" = of the array as stored in the file (the paper's
+    # raw[27:219, 27:219, z]), "canonical" = of the RAS-reoriented array. Arrays are RAS either way.
+    crop_space: str = "stored"
     normalise: str = "paper"  # paper: 2x/max(x)-1 per case and channel | zscore: inside brain
     downsample: int = 1  # integer in-plane factor after cropping (mean-pool images, strided labels)
     test_fraction: float = 0.2
@@ -165,6 +168,7 @@ def validate(config: Config) -> None:
     choices = {
         "data.layout": (d.layout, ("auto", "brats2019", "brats2020", "brats2021", "brats2023", "msd")),
         "data.normalise": (d.normalise, ("paper", "zscore")),
+        "data.crop_space": (d.crop_space, ("stored", "canonical")),
         "model.norm": (m.norm, ("batch", "group", "none")),
         "train.optimizer": (t.optimizer, ("adam", "sgd")),
         "train.loss": (t.loss, ("dice", "ce")),
@@ -200,7 +204,12 @@ def validate(config: Config) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Inverse of ``Config.to_dict`` (lists become tuples)."""
+    """Inverse of ``Config.to_dict`` (lists become tuples).
+
+    A ``data`` section without ``crop_space`` was written before that key existed, when the crop
+    indexed the canonical array: it is read as ``crop_space="canonical"`` so the run's data stay
+    what it was trained on.
+    """
     def build(cls, values):
         kwargs = {}
         for f in dataclasses.fields(cls):
@@ -209,9 +218,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 kwargs[f.name] = tuple(v) if isinstance(v, list) else v
         return cls(**kwargs)
 
+    data = dict(raw.get("data", {}))
+    if data and "crop_space" not in data:
+        data["crop_space"] = "canonical"
     return Config(
         name=raw.get("name", "custom"),
-        data=build(DataConfig, raw.get("data", {})),
+        data=build(DataConfig, data),
         model=build(ModelConfig, raw.get("model", {})),
         train=build(TrainConfig, raw.get("train", {})),
     )

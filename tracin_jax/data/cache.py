@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+# 2: crop and slices in stored indices by default (data.crop_space), info gains class_slices and
+# negative_minima; files of version 1 are never read.
+CACHE_VERSION = 2
 CACHE_ENV = "TRACIN_JAX_CACHE"
 
 

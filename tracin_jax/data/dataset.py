@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tracin_jax.data.labels import CLASS_NAMES
+
 
 @dataclass
 class Examples:
@@ -55,6 +57,12 @@ class Dataset:
     train: Examples
     test: Examples
     info: dict = field(default_factory=dict)
+
+
+def class_slice_counts(labels: np.ndarray) -> dict[str, int]:
+    """Number of examples holding each tumour class: u8[N, H, W] -> {"NCR/NET": n, "ED": n, "ET": n}."""
+    present = [labels == c for c in range(1, len(CLASS_NAMES))]
+    return {name: int(np.count_nonzero(p.any(axis=(1, 2)))) for name, p in zip(CLASS_NAMES[1:], present)}
 
 
 def _str_array(values: list[str]) -> np.ndarray:

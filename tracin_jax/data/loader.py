@@ -12,23 +12,59 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from tracin_jax.config import DataConfig
 from tracin_jax.data import cache as cache_lib
-from tracin_jax.data.dataset import Dataset, Examples, from_arrays, to_arrays
+from tracin_jax.data.dataset import Dataset, Examples, class_slice_counts, from_arrays, to_arrays
 from tracin_jax.data.discover import GRADES, LAYOUTS, MODALITY_TOKENS, MSD_CHANNELS, Case, discover_cases
 from tracin_jax.data.labels import LAYOUT_CONVENTION, map_labels
-from tracin_jax.data.nifti import check_ndim, check_same_grid, open_nifti, read_image, read_labels
-from tracin_jax.data.preprocess import case_examples, parse_slices
+from tracin_jax.data.nifti import (check_ndim, check_same_grid, open_nifti, read_image, read_labels,
+                                   stored_orientation)
+from tracin_jax.data.preprocess import case_examples, negative_minima, parse_slices, stored_window_to_canonical
 from tracin_jax.data.split import first_cases, split_cases
 from tracin_jax.errors import InputError
 
 log = logging.getLogger(__name__)
+CROP_SPACES = ("stored", "canonical")
+
+
+class NegativeVoxelsWarning(UserWarning):
+    """A case's image holds negative voxels, which paper normalisation maps below -1."""
+
+
+class CaseVolumes(NamedTuple):
+    """One decoded case.
+
+    Attributes:
+      channels: C canonical channel volumes [X, Y, Z] in ``modalities`` order (stored dtype, see
+        :func:`~tracin_jax.data.nifti.read_image`).
+      labels: u8[X, Y, Z] canonical project classes.
+      names: C file names used in messages, one per channel.
+      orientation: int[3, 2] stored axis -> (canonical axis, direction) of the case's files.
+      stored_shape: (X, Y, Z) spatial shape as stored.
+      reference: the file the orientation was read from (named in errors).
+    """
+
+    channels: list[np.ndarray]
+    labels: np.ndarray
+    names: list[str]
+    orientation: np.ndarray
+    stored_shape: tuple[int, int, int]
+    reference: Path
+
+
+class CaseResult(NamedTuple):
+    """A case's examples and {channel file: minimum} of its channels with negative voxels."""
+
+    examples: Examples
+    negative: dict[str, float]
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -39,6 +75,8 @@ def check_data_config(cfg: DataConfig) -> None:
         raise InputError(f"config value data.grades={cfg.grades!r} is not one of {', '.join(GRADES)}")
     if cfg.normalise not in ("paper", "zscore"):
         raise InputError(f"config value data.normalise={cfg.normalise!r} is not one of paper, zscore")
+    if cfg.crop_space not in CROP_SPACES:
+        raise InputError(f"config value data.crop_space={cfg.crop_space!r} is not one of {', '.join(CROP_SPACES)}")
     crop = tuple(cfg.crop)
     if len(crop) != 4 or not (0 <= crop[0] < crop[1] and 0 <= crop[2] < crop[3]):
         raise InputError(f"config value data.crop={tuple(cfg.crop)} must be y0,y1,x0,x1 with 0<=y0<y1, 0<=x0<x1")
@@ -78,14 +116,9 @@ def require_complete(case: Case, modalities: tuple[str, ...]) -> None:
     raise InputError(f"case folder {case.folder} has no {', '.join(missing)} file")
 
 
-def read_case(case: Case, modalities: tuple[str, ...], convention: str
-              ) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """Decodes one case.
+def read_case(case: Case, modalities: tuple[str, ...], convention: str) -> CaseVolumes:
+    """Decodes one case (see :class:`CaseVolumes`).
 
-    Returns:
-      C canonical channel volumes [X, Y, Z] in ``modalities`` order (stored dtype, see
-      :func:`~tracin_jax.data.nifti.read_image`), labels u8[X, Y, Z] (project classes), and the
-      C file names used in error messages.
     Raises:
       InputError: unreadable files, shape/affine mismatches, NaN/Inf, bad label values.
     """
@@ -98,7 +131,8 @@ def read_case(case: Case, modalities: tuple[str, ...], convention: str
         labels = map_labels(read_labels(case.seg, seg_img), convention, case.case_id, case.seg)
         data = read_image(case.image4d, img4)  # [X, Y, Z, 4]
         channels = [data[..., MSD_CHANNELS.index(m)] for m in modalities]
-        return channels, labels, [f"{case.image4d} (channel {m})" for m in modalities]
+        return CaseVolumes(channels, labels, [f"{case.image4d} (channel {m})" for m in modalities],
+                           stored_orientation(case.image4d, img4), tuple(img4.shape[:3]), case.image4d)
     opened = []
     for m in modalities:
         path = case.modalities[m]
@@ -109,16 +143,37 @@ def read_case(case: Case, modalities: tuple[str, ...], convention: str
         check_same_grid(opened[0], other)
     labels = map_labels(read_labels(case.seg, seg_img), convention, case.case_id, case.seg)
     channels = [read_image(path, img) for path, img in opened]
-    return channels, labels, [str(path) for path, _ in opened]
+    ref_path, ref_img = opened[0]
+    return CaseVolumes(channels, labels, [str(path) for path, _ in opened],
+                       stored_orientation(ref_path, ref_img), tuple(ref_img.shape[:3]), ref_path)
 
 
-def case_to_examples(case: Case, cfg: DataConfig, modalities: tuple[str, ...], convention: str) -> Examples:
-    """Decodes and preprocesses one case into its examples (ids ``"<case>/z<index>"``)."""
-    channels, labels, names = read_case(case, modalities, convention)
-    images, labs, z = case_examples(channels, labels, names, tuple(cfg.crop), cfg.slices, cfg.normalise,
+def canonical_window(vol: CaseVolumes, cfg: DataConfig, case_id: str) -> tuple[tuple[int, int, int, int], str]:
+    """(crop, slices) of ``cfg`` in canonical indices for this case (see ``data.crop_space``)."""
+    if cfg.crop_space == "canonical":
+        return tuple(cfg.crop), cfg.slices
+    return stored_window_to_canonical(tuple(cfg.crop), cfg.slices, vol.stored_shape, vol.orientation,
+                                      str(vol.reference), case_id)
+
+
+def case_to_examples(case: Case, cfg: DataConfig, modalities: tuple[str, ...], convention: str) -> CaseResult:
+    """Decodes and preprocesses one case into its examples (ids ``"<case>/z<index>"``, z canonical)."""
+    vol = read_case(case, modalities, convention)
+    crop, slices = canonical_window(vol, cfg, case.case_id)
+    images, labs, z = case_examples(vol.channels, vol.labels, vol.names, crop, slices, cfg.normalise,
                                     cfg.downsample, case.case_id)
     ids = [f"{case.case_id}/z{int(i)}" for i in z]
-    return Examples(images, labs, ids, [case.case_id] * len(ids))
+    negative = negative_minima(vol.channels, vol.names) if cfg.normalise == "paper" else {}
+    return CaseResult(Examples(images, labs, ids, [case.case_id] * len(ids)), negative)
+
+
+def warn_negative(case_id: str, negative: dict[str, float]) -> None:
+    """One :class:`NegativeVoxelsWarning` line naming the case, its channel files and minima."""
+    if not negative:
+        return
+    files = ", ".join(f"{Path(name).name} (min {low:g})" for name, low in negative.items())
+    warnings.warn(f"case {case_id}: negative voxels in {files}; paper normalisation 2x/max(x)-1 maps "
+                  f"them below -1 (kept as they are)", NegativeVoxelsWarning, stacklevel=2)
 
 
 def decode_workers() -> int:
@@ -181,7 +236,11 @@ def load_dataset(data_dir, cfg: DataConfig, cache_dir=None, progress: bool = Tru
     Returns:
       Dataset with train/test Examples (images f32[N, H, W, C], H = (y1 - y0) / downsample,
       W = (x1 - x0) / downsample, C = len(modalities)) and ``info``: layout, dataset root, cases,
-      split, non-standard seg files, cache file and whether it was a cache hit, the config.
+      split, non-standard seg files, cache file and whether it was a cache hit, the config,
+      ``class_slices`` ({"train"|"test": {"NCR/NET": n, "ED": n, "ET": n}}, the number of
+      examples of the split whose labels contain the class) and ``negative_minima`` ({case:
+      {channel file name: minimum}} for paper normalisation, whose channels hold voxels < 0;
+      each such case is also reported by one :class:`NegativeVoxelsWarning` when decoded).
     Raises:
       InputError: any problem with the folder, its files or the config, in one line.
     """
@@ -203,6 +262,8 @@ def load_dataset(data_dir, cfg: DataConfig, cache_dir=None, progress: bool = Tru
         cached = _read_cache(path)
         if cached is not None:
             cached.info.update(cache_file=str(path), cache_hit=True)
+            for case_id, negative in cached.info.get("negative_minima", {}).items():
+                warn_negative(case_id, negative)
             return cached
 
     convention = LAYOUT_CONVENTION[layout]
@@ -211,12 +272,16 @@ def load_dataset(data_dir, cfg: DataConfig, cache_dir=None, progress: bool = Tru
     with tqdm(total=len(cases), desc="decoding BraTS cases", unit="case", disable=not progress) as bar:
         results = map_ordered(lambda c: case_to_examples(c, cfg, modalities, convention), cases,
                               decode_workers(), on_done=lambda: bar.update(1))
-    per_case = {case.case_id: ex for case, ex in zip(cases, results)}
+    for case, res in zip(cases, results):
+        warn_negative(case.case_id, res.negative)
+    per_case = {case.case_id: res.examples for case, res in zip(cases, results)}
+    negative = {case.case_id: res.negative for case, res in zip(cases, results) if res.negative}
     train = Examples.concat([per_case[i] for i in train_ids], height, width, len(modalities))
     test = Examples.concat([per_case[i] for i in test_ids], height, width, len(modalities))
 
     info = _info(data_dir, layout, convention, found, cases, cfg, modalities, train_ids, test_ids,
                  train, test, per_case)
+    info["negative_minima"] = {cid: {Path(n).name: v for n, v in neg.items()} for cid, neg in negative.items()}
     info.update(cache_file=None, cache_hit=False)
     dataset = Dataset(train, test, info)
     if path is not None:
@@ -257,6 +322,7 @@ def _info(data_dir: Path, layout: str, convention: str, found: list[Case], cases
         "n_test_examples": len(test),
         "image_shape": list(train.images.shape[1:]),
         "cases_without_examples": sorted(i for i, ex in per_case.items() if len(ex) == 0),
+        "class_slices": {"train": class_slice_counts(train.labels), "test": class_slice_counts(test.labels)},
         "seg_nonstandard": nonstandard,
         "config": dataclasses.asdict(cfg),
     }

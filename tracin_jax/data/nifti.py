@@ -2,7 +2,10 @@
 
 Volumes are reoriented with ``nibabel.as_closest_canonical`` (RAS+) before any slicing, so array
 axis 0 runs left -> right, axis 1 posterior -> anterior and axis 2 inferior -> superior (axial
-slice index z), whatever the on-disk orientation. Images keep their stored values (header
+slice index z), whatever the on-disk orientation. :func:`stored_orientation` gives the mapping
+from the stored axes to these canonical ones (nibabel's ``io_orientation``, the one
+``as_closest_canonical`` applies), so a window given in stored indices can be placed on the
+canonical array. Images keep their stored values (header
 scaling applied); labels are read from the raw data object, rounded and checked to be integers.
 Every failure is an InputError naming the file.
 """
@@ -65,6 +68,19 @@ def check_same_grid(ref: tuple[Path, nib.Nifti1Image], other: tuple[Path, nib.Ni
         )
     if not np.allclose(img.affine, ref_img.affine, rtol=0.0, atol=AFFINE_ATOL):
         raise InputError(f"{path}: affine differs from that of {ref_path.name} (files are not co-registered)")
+
+
+def stored_orientation(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """int[3, 2]: row i = (canonical axis, +1 / -1 direction) of stored spatial axis i.
+
+    The orientation ``nibabel.as_closest_canonical`` applies; BraTS files (LPS) give
+    ``[[0, -1], [1, -1], [2, 1]]``, RAS files ``[[0, 1], [1, 1], [2, 1]]``. InputError naming
+    ``path`` if the affine is degenerate (an axis with no direction).
+    """
+    ornt = nib.io_orientation(img.affine)
+    if not np.isfinite(ornt).all():
+        raise InputError(f"{path}: the header affine is degenerate (no orientation for every axis)")
+    return ornt.astype(np.int64)
 
 
 def _canonical_array(path: Path, img: nib.Nifti1Image) -> np.ndarray:

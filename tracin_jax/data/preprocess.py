@@ -1,10 +1,19 @@
 """Turning one case's canonical volumes into 2D axial training examples.
 
 Geometry (canonical RAS arrays, see :mod:`tracin_jax.data.nifti`): ``crop = (y0, y1, x0, x1)``
-selects ``volume[y0:y1, x0:x1, z]``: the first in-plane range applies to array axis 0
-(left -> right), the second to axis 1 (posterior -> anterior). An example image is
-``[H, W] = [axis 0, axis 1]`` of one axial slice z (axis 2). The paper's crop (27, 219, 27, 219)
-gives 192 x 192.
+selects ``volume[y0:y1, x0:x1, z]`` of the canonical array: the first in-plane range applies to
+array axis 0 (left -> right), the second to axis 1 (posterior -> anterior). An example image is
+``[H, W] = [axis 0, axis 1]`` of one axial slice z (axis 2).
+
+The config's crop and slice range are given in ``data.crop_space``:
+
+- ``stored`` (default): indices of the array as stored in the file, as the paper's code cropped
+  it (``raw[27:219, 27:219, z]``, 192 x 192). :func:`stored_window_to_canonical` maps the window
+  through the file's orientation onto the canonical array, so for a BraTS file stored LPS the
+  canonical window is ``[21:213, 21:213]`` (each in-plane axis flipped), for a RAS file it is
+  ``[27:219, 27:219]``; either way the pixels are exactly those of ``raw[27:219, 27:219, z]``.
+  Files whose stored axes are permuted relative to RAS (not stored axial) are an error.
+- ``canonical``: indices of the canonical RAS array directly.
 
 Order of operations per case: normalisation statistics on the whole volume -> crop -> choose
 slices -> normalise -> downsample.
@@ -14,6 +23,8 @@ Normalisation:
 - ``paper``: per case and channel, x -> 2 x / max(x) - 1, with max(x) over that channel's whole
   (uncropped, all-slices) volume, as the authors' code normalised each loaded volume. Background
   (0) becomes -1 and the brightest voxel of the volume 1. A channel with max <= 0 is an error.
+  Negative voxels (resampled int16 files have a few) map below -1; they are kept as they are and
+  reported by :func:`negative_minima` (the loader warns once per case).
 - ``zscore``: per case and channel, (x - mean) / std with mean and std over the brain mask of the
   whole volume (voxels where any modality is non-zero); voxels outside the mask are set to 0.
 
@@ -52,6 +63,60 @@ def check_crop(shape: tuple[int, ...], crop: tuple[int, int, int, int], case_id:
         )
 
 
+def flip_range(a: int, b: int, n: int) -> tuple[int, int]:
+    """The half-open range [a, b) of an axis of length n, counted from the other end: [n-b, n-a)."""
+    return n - b, n - a
+
+
+def stored_window_to_canonical(crop: tuple[int, int, int, int], slices: str, shape: tuple[int, ...],
+                               ornt: np.ndarray, name: str, case_id: str
+                               ) -> tuple[tuple[int, int, int, int], str]:
+    """Places a crop and slice range given in stored-array indices on the canonical (RAS) array.
+
+    Args:
+      crop: (y0, y1, x0, x1) on stored axes 0 and 1.
+      slices: ``"a:b"`` on stored axis 2, or ``"tumour"`` (orientation-free, returned as is).
+      shape: the stored spatial shape (X, Y, Z).
+      ornt: int[3, 2] from :func:`~tracin_jax.data.nifti.stored_orientation`.
+      name: the file named when its axes are permuted.
+      case_id: named when the window does not fit.
+    Returns:
+      (canonical crop, canonical slice spec): ``canonical[cy0:cy1, cx0:cx1, ca:cb]`` holds the
+      voxels of ``stored[y0:y1, x0:x1, a:b]`` (reoriented).
+    Raises:
+      InputError: the window does not fit ``shape``, or the stored axes are permuted relative to
+        RAS (the in-plane axes of the file are not the canonical ones).
+    """
+    if tuple(int(a) for a in ornt[:, 0]) != (0, 1, 2):
+        codes = "".join("RAS"[int(a)] if d > 0 else "LPI"[int(a)] for a, d in ornt)
+        raise InputError(
+            f"{name}: stored axes are {codes}, not axial (x, y in-plane first), so a crop in stored "
+            f"indices has no in-plane meaning; use --set data.crop_space=canonical"
+        )
+    check_crop(shape, crop, case_id)
+    y0, y1, x0, x1 = crop
+    if ornt[0, 1] < 0:
+        y0, y1 = flip_range(y0, y1, shape[0])
+    if ornt[1, 1] < 0:
+        x0, x1 = flip_range(x0, x1, shape[1])
+    rng = parse_slices(slices)
+    if rng is None:
+        return (y0, y1, x0, x1), slices
+    a, b = rng
+    check_slice_range(a, b, shape[2], case_id)
+    if ornt[2, 1] < 0:
+        a, b = flip_range(a, b, shape[2])
+    return (y0, y1, x0, x1), f"{a}:{b}"
+
+
+def check_slice_range(a: int, b: int, depth: int, case_id: str) -> None:
+    """InputError naming the case if the slice range a:b does not fit ``depth`` axial slices."""
+    if b > depth:
+        raise InputError(
+            f"case {case_id}: slice range {a}:{b} lies outside the volume's {depth} axial slices"
+        )
+
+
 def crop_inplane(volume: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
     """``volume[y0:y1, x0:x1, ...]``: [X, Y, Z, ...] -> [y1-y0, x1-x0, Z, ...] (a view)."""
     y0, y1, x0, x1 = crop
@@ -75,10 +140,7 @@ def select_slices(labels: np.ndarray, spec: str, case_id: str) -> np.ndarray:
     if rng is None:
         return np.flatnonzero(labels.any(axis=(0, 1)))
     a, b = rng
-    if b > depth:
-        raise InputError(
-            f"case {case_id}: slice range {a}:{b} lies outside the volume's {depth} axial slices"
-        )
+    check_slice_range(a, b, depth, case_id)
     return np.arange(a, b)
 
 
@@ -94,8 +156,21 @@ def paper_scale(channels: list[np.ndarray], names: list[str]) -> np.ndarray:
     return top
 
 
+def negative_minima(channels: list[np.ndarray], names: list[str]) -> dict[str, float]:
+    """{name: minimum} of every channel volume [X, Y, Z] whose minimum is below 0 (else {})."""
+    out = {}
+    for name, v in zip(names, channels):
+        low = float(v.min())
+        if low < 0:
+            out[name] = low
+    return out
+
+
 def paper_normalise(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``2 x / scale - 1`` per channel: f32[..., C], f32[C] -> f32[..., C] in [-1, 1] for x >= 0."""
+    """``2 x / scale - 1`` per channel: f32[..., C], f32[C] -> f32[..., C] in [-1, 1] for x >= 0.
+
+    Negative x give values below -1 (kept, not clipped; see :func:`negative_minima`).
+    """
     return (x.astype(np.float32) * (2.0 / scale) - 1.0).astype(np.float32)
 
 
@@ -161,7 +236,9 @@ def case_examples(channels: list[np.ndarray], labels: np.ndarray, names: list[st
       channels: C canonical image volumes [X, Y, Z] (any real dtype), in output channel order.
       labels: u8[X, Y, Z] canonical classes (0..3).
       names: C file names (for errors), one per channel.
-      crop, slices, normalise, downsample: the DataConfig fields.
+      crop, slices: the window in canonical indices (the DataConfig values for
+        ``crop_space=canonical``, else :func:`stored_window_to_canonical` of them).
+      normalise, downsample: the DataConfig fields.
       case_id: named in errors.
     Returns:
       images f32[n, H, W, C], labels u8[n, H, W], z int64[n]; H = (y1-y0)/k, W = (x1-x0)/k.
