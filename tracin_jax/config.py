@@ -2,7 +2,8 @@
 
 Named configs (``get_config(name)``):
 
-- ``paper``: the setting of Torda et al. (2024): 192x192 crops at [27:219], slices z 90..99,
+- ``paper``: the setting of Torda et al. (2024): 192x192 crops ``raw[27:219, 27:219, z]`` of the
+  array as stored in the file (``data.crop_space=stored``, every config's default), slices z 90..99,
   width-64 U-Net (about 31.0M parameters), Adam lr 2e-4 b1 0.5, batch 10, 30 epochs,
   flip + resize-crop augmentation.
 - ``demo``: small and fast on a laptop CPU: the same slices downsampled 2x to 96x96, a width-8

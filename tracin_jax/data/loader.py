@@ -173,7 +173,7 @@ def warn_negative(case_id: str, negative: dict[str, float]) -> None:
         return
     files = ", ".join(f"{Path(name).name} (min {low:g})" for name, low in negative.items())
     warnings.warn(f"case {case_id}: negative voxels in {files}; paper normalisation 2x/max(x)-1 maps "
-                  f"them below -1 (kept as they are)", NegativeVoxelsWarning, stacklevel=2)
+                  f"them below -1 (kept as they are)", NegativeVoxelsWarning, stacklevel=3)
 
 
 def decode_workers() -> int:
