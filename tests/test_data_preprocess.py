@@ -116,3 +116,22 @@ def test_label_maps():
         map_labels(np.array([0, -1, 300]), "brats2018", "c7", "/x/s.nii")
     with pytest.raises(InputError, match=r"\[3\].*set data.layout"):
         map_labels(np.array([0, 3, 4]), "brats2018", "c")
+
+
+def test_stored_window_maps_through_the_orientation():
+    from tracin_jax.data.preprocess import stored_window_to_canonical
+
+    lps = np.array([[0, -1], [1, -1], [2, 1]])
+    ras = np.array([[0, 1], [1, 1], [2, 1]])
+    shape = (240, 240, 155)
+    assert stored_window_to_canonical((27, 219, 27, 219), "90:100", shape, lps, "f", "c") == ((21, 213, 21, 213), "90:100")
+    assert stored_window_to_canonical((27, 219, 27, 219), "90:100", shape, ras, "f", "c") == ((27, 219, 27, 219), "90:100")
+    lpi = np.array([[0, -1], [1, -1], [2, -1]])
+    assert stored_window_to_canonical((0, 10, 5, 240), "0:5", shape, lpi, "f", "c") == ((230, 240, 0, 235), "150:155")
+    assert stored_window_to_canonical((0, 10, 5, 240), "tumour", shape, lpi, "f", "c")[1] == "tumour"
+    with pytest.raises(InputError, match=r"case c: slice range 150:160 lies outside"):
+        stored_window_to_canonical((27, 219, 27, 219), "150:160", shape, lps, "f", "c")
+    with pytest.raises(InputError, match=r"case c: crop \(27, 250, 27, 219\)"):
+        stored_window_to_canonical((27, 250, 27, 219), "90:100", shape, lps, "f", "c")
+    with pytest.raises(InputError, match=r"^f: stored axes are PLS, .*data.crop_space=canonical$"):
+        stored_window_to_canonical((27, 219, 27, 219), "90:100", shape, np.array([[1, -1], [0, -1], [2, 1]]), "f", "c")
