@@ -248,7 +248,7 @@ def class_matrix(path: Path, matrix: np.ndarray, n_items: Sequence[int],
     ax.set_xlabel("training class j")
     ax.set_ylabel("test class i (test items with class i)")
     fig.colorbar(im, ax=ax, shrink=0.85, label="mean score per training slice")
-    _title(ax, "Mean class-wise influence T_ij over the test set", fig.get_figwidth() - 1.6)
+    _title(ax, "Mean class-wise influence T_ij over the test set", fig.get_figwidth() - 0.6)
     return _save(fig, path)
 
 
