@@ -87,25 +87,35 @@ class FakeRun:
 
 
 def write_influence(folder: Path, run, *, seed: int = 0, scores: np.ndarray | None = None,
-                    with_scores: bool = True) -> np.ndarray:
-    """Writes an influence folder for ``run`` with random (or given) slice scores; returns them."""
+                    with_scores: bool = True, class_names=("NCR/NET", "ED", "ET"),
+                    class_labels=None, workdir=None) -> np.ndarray:
+    """Writes an influence folder for ``run`` with random (or given) slice scores; returns them.
+
+    ``class_labels`` None writes no ``class_labels`` key (as older folders), meaning 1, 2, 3.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_test, n_train = len(run.test.ids), len(run.train.ids)
     patients = sorted(set(run.train.cases))
     train_patient = np.array([patients.index(c) for c in run.train.cases])
+    n_cls = len(class_names)
     if scores is None:
-        scores = np.random.default_rng(seed).normal(size=(n_test, 3, n_train, 3)).astype(np.float32)
-    present = np.stack([(run.test.labels == c).any(axis=(1, 2)) for c in (1, 2, 3)], axis=1)
+        scores = np.random.default_rng(seed).normal(size=(n_test, n_cls, n_train, n_cls)).astype(np.float32)
+    values = (1, 2, 3) if class_labels is None else class_labels
+    present = np.stack([(run.test.labels == c).any(axis=(1, 2)) for c in values], axis=1)
     if with_scores:
         np.save(folder / "scores.npy", scores)
     np.save(folder / "patient_scores.npy", aggregate_patients(scores, train_patient, len(patients)))
     np.save(folder / "test_present.npy", present)
     np.save(folder / "self_influence.npy", np.abs(scores[0, 0]).astype(np.float32))
-    meta = {"class_names": ["NCR/NET", "ED", "ET"], "test_ids": list(run.test.ids),
+    meta = {"class_names": list(class_names), "test_ids": list(run.test.ids),
             "train_ids": list(run.train.ids), "train_cases": list(run.train.cases),
             "patients": patients, "checkpoints": [{"epoch": 1, "lr": 3e-3}],
             "params": {"name": "head", "size": 16}, "proj_dim": None, "proj_seed": 0}
+    if class_labels is not None:
+        meta["class_labels"] = list(class_labels)
+    if workdir is not None:
+        meta["workdir"] = str(workdir)
     (folder / "meta.json").write_text(json.dumps(meta))
     return scores
 

@@ -95,9 +95,11 @@ def test_replacement_without_scores_and_safe_failure(report, monkeypatch):
     infl = d / "infl_noscores"
     write_influence(infl, run, seed=1, with_scores=False)
     out = d / "report2"
-    out.mkdir()
-    (out / "index.html").write_text("old report")
+    out.mkdir()  # a report written before report manifests existed, and a file of the user's
+    (out / "index.html").write_text('old report <img src="stale.png">')
+    (out / "metrics.json").write_text(json.dumps({"local": {}, "global": {}, "influence": {}}))
     (out / "stale.png").write_bytes(b"")
+    (out / "notes.txt").write_text("mine")
 
     def boom(*a, **k):
         raise RuntimeError("figure failed")
@@ -105,21 +107,23 @@ def test_replacement_without_scores_and_safe_failure(report, monkeypatch):
     monkeypatch.setattr(figures, "class_matrix", boom)
     with pytest.raises(RuntimeError):
         explain_run(run, infl, out, **FAST)
-    assert (out / "index.html").read_text() == "old report"  # the previous report is untouched
+    assert (out / "index.html").read_text().startswith("old report")  # the previous report is untouched
     assert not list(d.glob(".report2.tmp-*"))
     monkeypatch.undo()
     with pytest.raises(InputError, match="level='slice' needs scores.npy"):
         explain_run(run, infl, out, level="slice", **FAST)
     m = explain_run(run, infl, out, **FAST)
     assert not (out / "stale.png").exists()
+    assert (out / "notes.txt").read_text() == "mine"
     assert "largest class region" in m["influence"]["representative_slice"]
 
 
-def test_refuses_unrelated_out_folder(report, tmp_path):
+def test_refuses_to_overwrite_a_users_page(report, tmp_path):
     run, d, _, _ = report
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="holds no previous report"):
+    (tmp_path / "index.html").write_text("mine")
+    with pytest.raises(InputError, match="'index.html', which is not from an earlier report"):
         explain_run(run, d / "infl", tmp_path, **FAST)
+    assert (tmp_path / "index.html").read_text() == "mine"
     with pytest.raises(InputError, match="modality='pet'"):
         explain_run(run, d / "infl", tmp_path / "r", modality="pet", **FAST)
 

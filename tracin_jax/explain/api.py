@@ -11,6 +11,7 @@ similarity (``features``, ``faithfulness``), filter selection validated by ablat
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -26,21 +27,22 @@ from tracin_jax.explain import figures as fig
 from tracin_jax.explain import ranking, report, selection
 from tracin_jax.explain.features import SIMILARITIES, FeatureStore
 from tracin_jax.explain.global_view import global_explanations
-from tracin_jax.explain.inputs import PRESENT_FILE, Influence, load_influence
+from tracin_jax.explain.inputs import PRESENT_FILE, Influence, classes_of, load_influence
 from tracin_jax.explain.local import local_explanations
-from tracin_jax.training.losses import CLASS_NAMES
 
 LEVELS = ("patient", "slice")
 
 
-def _class_arg(value: Any, what: str) -> int | None:
+def _class_arg(value: Any, what: str, names: Sequence[str]) -> int | None:
+    """A class given by name or by index into ``names`` -> its index (None stays None)."""
     if value is None:
         return None
-    if isinstance(value, str) and value in CLASS_NAMES:
-        return CLASS_NAMES.index(value)
-    if isinstance(value, (int, np.integer)) and 0 <= int(value) < 3:
+    if isinstance(value, str) and value in names:
+        return list(names).index(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) < len(names):
         return int(value)
-    raise InputError(f"{what}={value!r}: choose one of {', '.join(CLASS_NAMES)} (or 0, 1, 2)")
+    raise InputError(f"{what}={value!r}: choose one of {', '.join(names)} "
+                     f"(or 0..{len(names) - 1})")
 
 
 def _pick_checkpoint(run, epoch: int | None):
@@ -53,29 +55,36 @@ def _pick_checkpoint(run, epoch: int | None):
     raise InputError(f"epoch={epoch}: the run has no checkpoint for it (have {have})")
 
 
+def present_classes(labels: np.ndarray, class_labels: Sequence[int]) -> np.ndarray:
+    """bool[N, C]: class c (label value class_labels[c]) occurs in slice n of labels u8[N, H, W]."""
+    labels = np.asarray(labels)
+    return np.stack([(labels == v).any(axis=(1, 2)) for v in class_labels], axis=1)
+
+
 def _check_present(infl: Influence, labels: np.ndarray) -> None:
-    truth = np.stack([(labels == c).any(axis=(1, 2)) for c in (1, 2, 3)], axis=1)
+    truth = present_classes(labels, infl.class_labels)
     bad = np.argwhere(truth != infl.test_present)
     if bad.size:
         t, c = bad[0]
-        raise InputError(f"{infl.dir / PRESENT_FILE}: says {CLASS_NAMES[c]} is "
+        raise InputError(f"{infl.dir / PRESENT_FILE}: says {infl.class_names[c]} is "
                          f"{'present' if infl.test_present[t, c] else 'absent'} in {infl.test_ids[t]}, "
                          "the run's ground truth disagrees (influence computed on other data?)")
 
 
 def _representatives(infl: Influence, train_labels: np.ndarray) -> tuple[list[np.ndarray], str]:
-    """Per training class j: int[n_test, 3, n_patients] representative slice of each patient."""
-    n_pat = len(infl.patients)
+    """Per training class j: int[n_test, C, n_patients] representative slice of each patient."""
+    n_pat, n_cls = len(infl.patients), infl.n_classes
     if infl.scores is not None:
         reps = [ranking.representatives(np.asarray(infl.scores[:, :, :, j]), infl.train_patient, n_pat)
-                for j in range(3)]
+                for j in range(n_cls)]
         return reps, "largest |score|"
-    fallback = ranking.largest_region_representatives(train_labels, infl.train_patient, n_pat)
-    reps = [np.broadcast_to(fallback[j], (infl.n_test, 3, n_pat)) for j in range(3)]
+    fallback = ranking.largest_region_representatives(train_labels, infl.train_patient, n_pat,
+                                                      infl.class_labels)
+    reps = [np.broadcast_to(fallback[j], (infl.n_test, n_cls, n_pat)) for j in range(n_cls)]
     if infl.topk is None:
         return reps, "largest class region (scores.npy absent)"
     tk = infl.topk
-    for j in range(3):
+    for j in range(n_cls):
         idx = np.concatenate([tk["proponents_indices"][:, :, j], tk["opponents_indices"][:, :, j]], -1)
         val = np.concatenate([tk["proponents_scores"][:, :, j], tk["opponents_scores"][:, :, j]], -1)
         reps[j] = ranking.representatives_from_topk(reps[j], idx, val, infl.train_patient)
@@ -90,16 +99,17 @@ def _faithfulness(infl, store, query, train, reps, *, similarity, n_extremes, n_
     Returns (metrics part, FI curves of the chosen similarity: per class f32[R_c, F]); the
     metrics part carries the chosen similarity's scatter data under '_scatter' for the figures.
     """
+    names, labels = infl.class_names, infl.class_labels
     rs = fa.region_stats(store, query.images, query.labels, train.images, train.labels,
-                         test_name=infl.query_split)
+                         test_name=infl.query_split, class_labels=labels)
     present = infl.test_present
-    eligible = fa.eligible_patients(train.labels, infl.train_patient, len(infl.patients))
+    eligible = fa.eligible_patients(train.labels, infl.train_patient, len(infl.patients), labels)
     out: dict = {"similarity": similarity, "metrics": {},
-                 "ranked_patients": {CLASS_NAMES[c]: int(eligible[c].sum()) for c in range(3)}}
+                 "ranked_patients": {names[c]: int(eligible[c].sum()) for c in range(len(names))}}
     chosen_curves = []
     for kind in SIMILARITIES:
         per_class, curves, abs_s, mean_s = {}, [], [], []
-        for c in range(3):
+        for c in range(len(names)):
             rows = present[:, c]
             sim = fa.similarity(rs, c, kind)  # [n_test, n_train, F]
             order = fa.patient_order(infl.patient_scores, c, eligible[c])
@@ -119,27 +129,28 @@ def _faithfulness(infl, store, query, train, reps, *, similarity, n_extremes, n_
                                                              n_permutations, seed)
             else:
                 entry["gap_test"] = {}
-            per_class[CLASS_NAMES[c]] = entry
+            per_class[names[c]] = entry
         pooled = fa.spearman(np.concatenate([a.ravel() for a in abs_s]),
                              np.concatenate([m.ravel() for m in mean_s]))
         out["metrics"][kind] = {"per_class": per_class, "spearman_pooled": pooled}
         if kind == similarity:
             chosen_curves = curves
             chosen_scatter = (abs_s, mean_s)
-    out["fi_curves"] = chosen_curves  # [3][R, F]
+    out["fi_curves"] = chosen_curves  # [C][R, F]
     out["_scatter"] = chosen_scatter
     return out, chosen_curves
 
 
-def _selection(curves, store, test, train, variables, *, n_extremes, n_permutations, seed, z_min,
-               alpha, random_seeds) -> dict:
+def _selection(curves, store, test, train, variables, *, names, labels, n_extremes, n_permutations,
+               seed, z_min, alpha, random_seeds) -> dict:
     n_f = curves[0].shape[1]
+    n_cls = len(names)
     sel = [selection.select_filters(curves[c], n_extremes, n_permutations, seed, z_min, alpha)
-           for c in range(3)]
-    selected = np.stack([s["selected"] for s in sel])  # [3, F]
+           for c in range(n_cls)]
+    selected = np.stack([s["selected"] for s in sel])  # [C, F]
     zero = [np.zeros(n_f, bool)] + [selection.group_mask(n_f, [f]) for f in range(n_f)]
     groups_idx = []
-    for c in range(3):
+    for c in range(n_cls):
         size = int(selected[c].sum())
         g = {"size": size, "selected": np.flatnonzero(selected[c]),
              "least": selection.least_important(sel[c]["z"], size),
@@ -160,27 +171,27 @@ def _selection(curves, store, test, train, variables, *, n_extremes, n_permutati
     per_filter, groups, dice, comparisons = {}, {}, {}, {}
     for split, ex in (("train", train), ("test", test)):
         d = selection.dice_table(selection.ablation_counts(store, split, ex.images, ex.labels,
-                                                           kernel, bias, zero))
-        drop = d[0][None] - d  # [G, 3]
-        dice[split] = {"baseline": dict(zip(CLASS_NAMES, d[0]))}
-        per_filter[split] = drop[1:1 + n_f].T  # [3, F]
+                                                           kernel, bias, zero), labels)
+        drop = d[0][None] - d  # [G, C]
+        dice[split] = {"baseline": dict(zip(names, d[0]))}
+        per_filter[split] = drop[1:1 + n_f].T  # [C, F]
         groups[split], comparisons[split] = [], {}
         for c, (g, rows) in enumerate(groups_idx):
             rnd = [drop[r, c] for r in rows["random"]]
             groups[split].append({"size": g["size"], "selected": drop[rows["selected"], c],
                                   "least": drop[rows["least"], c], "random": rnd})
-            comparisons[split][CLASS_NAMES[c]] = selection.mean_difference_test(
+            comparisons[split][names[c]] = selection.mean_difference_test(
                 per_filter[split][c], selected[c], n_permutations, seed)
     return {
         "rule": {"n_extremes": n_extremes, "n_window": [s["n"] for s in sel], "z_min": z_min,
                  "alpha": alpha, "n_permutations": n_permutations, "seed": seed,
                  # filters per class passing by chance: min(alpha, P(Z >= z_min)) * F (normal null)
                  "expected_by_chance": min(alpha, float(stats.norm.sf(z_min))) * n_f},
-        "per_class": {CLASS_NAMES[c]: {
+        "per_class": {names[c]: {
             "selected": np.flatnonzero(selected[c]), "n_selected": int(selected[c].sum()),
             "gap": sel[c]["gap"], "z": sel[c]["z"], "p": sel[c]["p"],
             "least_important": groups_idx[c][0]["least"],
-            "random_sets": groups_idx[c][0]["random"]} for c in range(3)},
+            "random_sets": groups_idx[c][0]["random"]} for c in range(n_cls)},
         "n_filters": n_f, "random_seeds": list(range(random_seeds)),
         "baseline_dice": dice, "per_filter_dice_drop": per_filter,
         "group_dice_drop": groups, "single_filter_comparison": comparisons,
@@ -206,13 +217,15 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
     if modality not in modalities:
         raise InputError(f"modality={modality!r}: the run's channels are {', '.join(modalities)}")
     mod = modalities.index(modality)
-    j_fixed = _class_arg(train_class, "train_class")
+    meta0 = _peek_meta(influence_dir)
+    check_same_run(run, influence_dir, meta0)
+    j_fixed = _class_arg(train_class, "train_class", classes_of(meta0, Path(influence_dir) / "meta.json")[0])
     train = run.train
-    infl0_split = _peek_split(influence_dir)
-    query = run.train if infl0_split == "train" else run.test
+    query = run.train if str(meta0.get("split", "test")) == "train" else run.test
     infl = load_influence(influence_dir, test_ids=list(query.ids), train_ids=list(train.ids),
                           train_cases=list(train.cases))
     _check_present(infl, np.asarray(query.labels))
+    names = infl.class_names
     ckpt = _pick_checkpoint(run, epoch)
     tmp = report.start(out)
     try:
@@ -231,12 +244,12 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
         steps.update()
         sel = _selection(curves, store, run.test, train, ckpt.variables, n_extremes=n_extremes,
                          n_permutations=n_permutations, seed=seed, z_min=z_min, alpha=alpha,
-                         random_seeds=random_seeds)
+                         random_seeds=random_seeds, names=names, labels=infl.class_labels)
         steps.update()
         steps.close()
         metrics = _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, tmp, t0,
                             options=dict(k=int(k), modality=modality, level=level,
-                                         train_class=None if j_fixed is None else CLASS_NAMES[j_fixed],
+                                         train_class=None if j_fixed is None else names[j_fixed],
                                          items_per_class=items_per_class, similarity=similarity,
                                          n_extremes=n_extremes, n_permutations=n_permutations,
                                          z_min=z_min, alpha=alpha, random_seeds=random_seeds,
@@ -253,13 +266,69 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
     return metrics
 
 
-def _peek_split(influence_dir) -> str:
-    import json
-
+def _peek_meta(influence_dir) -> dict:
+    """The influence folder's meta.json, or {} when unreadable (load_influence reports that)."""
     try:
-        return str(json.loads((Path(influence_dir) / "meta.json").read_text()).get("split", "test"))
+        meta = json.loads((Path(influence_dir) / "meta.json").read_text())
     except (OSError, ValueError):
-        return "test"  # load_influence reports the problem with the file
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _case_of(slice_id: str) -> str:
+    return str(slice_id).rsplit("/", 1)[0]
+
+
+def check_same_run(run, influence_dir: str | os.PathLike, meta: dict) -> None:
+    """Refuses (InputError, one line naming both folders) an influence folder of another run.
+
+    Compared with the run's own record (``run.json``: the split's slice ids) and folder: the
+    meta.json ``workdir`` (when it names an existing folder, it must be the run's, paths
+    resolved), ``train_ids`` and ``test_ids`` (the training ids when the influence queries were
+    training slices), ``patients`` (the cases of the training ids) and the checkpoints' epochs
+    and learning rates.
+    """
+    d = Path(influence_dir)
+    wd = Path(getattr(run, "workdir", ""))
+    other = meta.get("workdir")
+    if isinstance(other, str) and other and Path(other).is_dir() and wd.is_dir() \
+            and not _same_folder(other, wd):
+        raise InputError(f"--influence {d} was computed from the run {Path(other).resolve()}, "
+                         f"not from --workdir {wd.resolve()}")
+    info = getattr(run, "info", None) or {}
+    own_train, own_test = info.get("train_ids"), info.get("test_ids")
+    query_own = own_train if str(meta.get("split", "test")) == "train" else own_test
+    for key, own in (("train_ids", own_train), ("test_ids", query_own)):
+        theirs = meta.get(key)
+        if not isinstance(own, list) or not isinstance(theirs, list) or theirs == own:
+            continue
+        diff = next((f"{a!r} vs {b!r}" for a, b in zip(theirs, own) if a != b),
+                    f"{len(theirs)} vs {len(own)} slices")
+        raise InputError(f"--influence {d} does not belong to --workdir {wd}: its {key} differ from "
+                         f"the run's run.json (first difference: {diff})")
+    patients = meta.get("patients")
+    if isinstance(own_train, list) and isinstance(patients, list):
+        own_cases = {_case_of(i) for i in own_train}
+        if set(map(str, patients)) != own_cases:
+            odd = sorted(set(map(str, patients)) ^ own_cases)[0]
+            raise InputError(f"--influence {d} does not belong to --workdir {wd}: patient {odd!r} is "
+                             "in one of them only")
+    have = {(int(c.epoch), float(c.lr)) for c in getattr(run, "checkpoints", [])}
+    for c in meta.get("checkpoints") or []:
+        try:
+            key = (int(c["epoch"]), float(c["lr"]))
+        except (TypeError, KeyError, ValueError):
+            continue
+        if have and not any(e == key[0] and np.isclose(lr, key[1], rtol=1e-6, atol=0) for e, lr in have):
+            raise InputError(f"--influence {d} does not belong to --workdir {wd}: it used checkpoint "
+                             f"epoch {key[0]} (lr {key[1]:g}), which the run does not have")
 
 
 def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, options) -> dict:
@@ -268,26 +337,28 @@ def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, op
     selected = sel.pop("_selected")
     kind = faith["similarity"]
     per_class = faith["metrics"][kind]["per_class"]
+    names = infl.class_names
     highlight = []
-    for c in range(3):
-        z = np.asarray(sel["per_class"][CLASS_NAMES[c]]["z"], float)
+    for c in range(len(names)):
+        z = np.asarray(sel["per_class"][names[c]]["z"], float)
         highlight.append([int(f) for f in np.argsort(-np.where(np.isfinite(z), z, -np.inf))[:3]
                           if np.isfinite(z[f])])
     faith["figures"] = {
         "fi_curves": fig.fi_curves(folder / "fi_curves.png", curves,
                                    sel["rule"]["n_window"], highlight,
-                                   [per_class[n]["gap_test"] for n in CLASS_NAMES], kind),
+                                   [per_class[n]["gap_test"] for n in names], kind, names=names),
         "similarity_vs_score": fig.similarity_vs_score(
             folder / "similarity_vs_score.png", scatter[0], scatter[1],
-            [per_class[n]["spearman_abs_score_vs_S"] for n in CLASS_NAMES], kind)}
+            [per_class[n]["spearman_abs_score_vs_S"] for n in names], kind, names=names)}
     sel["figures"] = {
         "ablation_per_filter": fig.ablation_per_filter(folder / "ablation_per_filter.png",
-                                                       sel["per_filter_dice_drop"], selected),
+                                                       sel["per_filter_dice_drop"], selected, names),
         "importance_histograms": fig.importance_histograms(
             folder / "importance_histograms.png",
-            np.stack([sel["per_class"][n]["gap"] for n in CLASS_NAMES]), selected),
-        "group_ablation": fig.group_ablation(folder / "group_ablation.png", sel["group_dice_drop"])}
-    sel["verdict"] = _verdict(sel)
+            np.stack([sel["per_class"][n]["gap"] for n in names]), selected, names),
+        "group_ablation": fig.group_ablation(folder / "group_ablation.png", sel["group_dice_drop"],
+                                             names)}
+    sel["verdict"] = _verdict(sel, names)
     meta = {k: v for k, v in infl.meta.items()
             if k not in ("test_ids", "train_ids", "train_cases", "test_cases", "patients")}
     return {
@@ -295,7 +366,8 @@ def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, op
                 "config": run.config.to_dict() if hasattr(run.config, "to_dict") else {},
                 "checkpoints": [{"epoch": c.epoch, "lr": c.lr} for c in run.checkpoints],
                 "features_checkpoint": {"epoch": ckpt.epoch, "lr": ckpt.lr}},
-        "influence": {"dir": str(infl.dir), "meta": meta, "n_test": infl.n_test,
+        "influence": {"dir": str(infl.dir), "meta": meta, "class_names": list(names),
+                      "class_labels": list(infl.class_labels), "n_test": infl.n_test,
                       "n_train": infl.n_train, "n_patients": len(infl.patients),
                       "query_split": infl.query_split, "has_scores": infl.scores is not None,
                       "representative_slice": rep_rule},
@@ -305,18 +377,18 @@ def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, op
     }
 
 
-def _verdict(sel: dict) -> dict:
+def _verdict(sel: dict, names: Sequence[str]) -> dict:
     """Per split and class: does zeroing the selected set cost more Dice than random sets?"""
     out = {}
     for split, rows in sel["group_dice_drop"].items():
         out[split] = {}
         for c, g in enumerate(rows):
             if g["size"] == 0:
-                out[split][CLASS_NAMES[c]] = {"size": 0, "selected_beats_random": None,
+                out[split][names[c]] = {"size": 0, "selected_beats_random": None,
                                               "selected_beats_every_random": None}
                 continue
             rnd = np.asarray(g["random"], float)
-            out[split][CLASS_NAMES[c]] = {
+            out[split][names[c]] = {
                 "size": g["size"], "selected_drop": g["selected"], "random_mean": float(np.nanmean(rnd)),
                 "random_std": float(np.nanstd(rnd)), "least_drop": g["least"],
                 "selected_beats_random": bool(g["selected"] > np.nanmean(rnd)),

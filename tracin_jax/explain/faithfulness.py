@@ -36,25 +36,25 @@ from tracin_jax.explain.ranking import rank_desc
 
 @dataclass
 class RegionStats:
-    """What every similarity needs, per tumour class c (axis 0), for test and training regions."""
+    """What every similarity needs, per class c (axis 0, C classes), for test and training regions."""
 
-    dots: np.ndarray  # f32[3, n_test, n_train, F]: <masked test map, masked train map> per filter
-    test_norm: np.ndarray  # f32[3, n_test, F]   (NaN: empty region)
-    train_norm: np.ndarray  # f32[3, n_train, F]
-    test_max: np.ndarray  # f32[3, n_test, F]    (NaN: empty region)
-    train_max: np.ndarray  # f32[3, n_train, F]
+    dots: np.ndarray  # f32[C, n_test, n_train, F]: <masked test map, masked train map> per filter
+    test_norm: np.ndarray  # f32[C, n_test, F]   (NaN: empty region)
+    train_norm: np.ndarray  # f32[C, n_train, F]
+    test_max: np.ndarray  # f32[C, n_test, F]    (NaN: empty region)
+    train_max: np.ndarray  # f32[C, n_train, F]
 
 
-def _onehot(labels: np.ndarray) -> np.ndarray:
-    """u8[N, H, W] -> f32[N, H, W, 3] masks of the tumour classes 1, 2, 3."""
-    return np.stack([(labels == c) for c in (1, 2, 3)], axis=-1).astype(np.float32)
+def _onehot(labels: np.ndarray, class_labels=(1, 2, 3)) -> np.ndarray:
+    """u8[N, H, W] -> f32[N, H, W, C] masks of the classes with label values ``class_labels``."""
+    return np.stack([(labels == c) for c in class_labels], axis=-1).astype(np.float32)
 
 
 @jax.jit
 def _block_dots(test_feats, test_masks, feats, masks):
-    """f32[3, T, B, F]: per-class, per-filter dot products of masked maps (full f32 precision)."""
+    """f32[C, T, B, F]: per-class, per-filter dot products of masked maps (full f32 precision)."""
     out = []
-    for c in range(3):
+    for c in range(masks.shape[-1]):
         a = test_feats * test_masks[..., c:c + 1]
         b = feats * masks[..., c:c + 1]
         out.append(jnp.einsum("thwk,nhwk->tnk", a, b, precision=jax.lax.Precision.HIGHEST))
@@ -62,7 +62,7 @@ def _block_dots(test_feats, test_masks, feats, masks):
 
 
 def _norms_and_max(feats: np.ndarray, masks: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(norms f32[3, N, F], maxima f32[3, N, F]) of the class-masked maps, in chunks of items."""
+    """(norms f32[C, N, F], maxima f32[C, N, F]) of the class-masked maps, in chunks of items."""
     norms, maxes = [], []
     for s in range(0, len(feats), chunk):
         f, mk = feats[s:s + chunk], masks[s:s + chunk] > 0
@@ -70,28 +70,28 @@ def _norms_and_max(feats: np.ndarray, masks: np.ndarray, chunk: int = 16) -> tup
         nrm = np.sqrt(np.einsum("nhwk,nhwc->cnk", sq, mk))
         nrm[~mk.any(axis=(1, 2)).T] = np.nan
         norms.append(nrm.astype(np.float32))
-        maxes.append(np.stack([region_max(f, mk[..., c]) for c in range(3)]))
+        maxes.append(np.stack([region_max(f, mk[..., c]) for c in range(mk.shape[-1])]))
     return np.concatenate(norms, 1), np.concatenate(maxes, 1)
 
 
 def region_stats(store: FeatureStore, test_images: np.ndarray, test_labels: np.ndarray,
                  train_images: np.ndarray, train_labels: np.ndarray,
-                 test_name: str = "test") -> RegionStats:
+                 test_name: str = "test", class_labels=(1, 2, 3)) -> RegionStats:
     """One pass over the training features against all test features (kept on the device).
 
     ``test_name`` is the store's name for the test images ("train" when the influence queries
     were training slices). Memory: the test features f32[n_test, H, W, F] plus one training
-    block, and the dot products f32[3, n_test, n_train, F].
+    block, and the dot products f32[C, n_test, n_train, F] (C = len(class_labels)).
     """
     test_feats = np.concatenate([f for _, f in store.blocks(test_name, test_images, "test features")])
-    test_masks = _onehot(np.asarray(test_labels))
+    test_masks = _onehot(np.asarray(test_labels), class_labels)
     t_norm, t_max = _norms_and_max(test_feats, test_masks)
     tf_dev, tm_dev = jnp.asarray(test_feats), jnp.asarray(test_masks)
     n_train = len(train_images)
-    dots = np.zeros((3, len(test_feats), n_train, test_feats.shape[-1]), np.float32)
+    dots = np.zeros((len(class_labels), len(test_feats), n_train, test_feats.shape[-1]), np.float32)
     norms, maxes = [], []
     for s, f in store.blocks("train", train_images, "similarity (train features)"):
-        m = _onehot(np.asarray(train_labels[s:s + len(f)]))
+        m = _onehot(np.asarray(train_labels[s:s + len(f)]), class_labels)
         dots[:, :, s:s + len(f)] = np.asarray(_block_dots(tf_dev, tm_dev, jnp.asarray(f), jnp.asarray(m)))
         nrm, mx = _norms_and_max(f, m)
         norms.append(nrm)
@@ -100,7 +100,7 @@ def region_stats(store: FeatureStore, test_images: np.ndarray, test_labels: np.n
 
 
 def similarity(rs: RegionStats, c: int, kind: str = "cosine") -> np.ndarray:
-    """f32[n_test, n_train, F]: S_k between class-c test and training regions (c in 0..2)."""
+    """f32[n_test, n_train, F]: S_k between class-c test and training regions (c in 0..C-1)."""
     if kind == "cosine":
         return cosine_from_dots(rs.dots[c], rs.test_norm[c], rs.train_norm[c])
     return max_similarity(rs.test_max[c][:, None], rs.train_max[c][None], kind)
@@ -131,11 +131,12 @@ def patient_order(patient_scores: np.ndarray, c: int, eligible: np.ndarray | Non
     return keep[rank_desc(ps[:, keep])]
 
 
-def eligible_patients(train_labels: np.ndarray, train_patient: np.ndarray, n_patients: int) -> np.ndarray:
-    """bool[3, n_patients]: patient has a class-c region (c = NCR/NET, ED, ET) in some slice."""
-    out = np.zeros((3, n_patients), bool)
-    for c in range(3):
-        has = (np.asarray(train_labels) == c + 1).any(axis=(1, 2))
+def eligible_patients(train_labels: np.ndarray, train_patient: np.ndarray, n_patients: int,
+                      class_labels=(1, 2, 3)) -> np.ndarray:
+    """bool[C, n_patients]: patient has a class-c region (label ``class_labels[c]``) in some slice."""
+    out = np.zeros((len(class_labels), n_patients), bool)
+    for c, v in enumerate(class_labels):
+        has = (np.asarray(train_labels) == v).any(axis=(1, 2))
         out[c, np.unique(train_patient[has])] = True
     return out
 

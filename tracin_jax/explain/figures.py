@@ -1,18 +1,26 @@
 """Figures of the explanation report (matplotlib; every function writes one PNG and closes its figure).
 
-One colour per tumour class everywhere (``CLASS_COLORS``, from the Okabe-Ito palette, which
+One colour per class everywhere (``CLASS_COLORS``, from the Okabe-Ito palette, which
 stays distinguishable under the common colour-vision deficiencies): NCR/NET vermillion,
-ED bluish green, ET sky blue. Neutral / "not selected" items are grey.
+ED bluish green, ET sky blue; other classes of an influence folder (e.g. background) take the
+remaining Okabe-Ito colours in order. Neutral / "not selected" items are grey. Functions take
+the class names (and, for images, the label value of each class) of the influence folder.
+
+Brain slices are shown in the neurological convention: the patient's left on the left of the
+image, anterior at the top (``display_view``); every image carries L/R and A/P markers.
+Titles are wrapped to the width they have, and ids are shown whole (wrapped when long).
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
@@ -20,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from tracin_jax.training.losses import CLASS_NAMES
 
 CLASS_COLORS = {"NCR/NET": "#D55E00", "ED": "#009E73", "ET": "#56B4E9"}
+OTHER_COLORS = ("#E69F00", "#0072B2", "#CC79A7", "#F0E442", "#000000")
 NEUTRAL = "#9A9A9A"
 OPPONENT = "#505050"
 DPI = 110
@@ -28,13 +37,63 @@ plt.rcParams.update({"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9,
                      "figure.titlesize": 11, "legend.fontsize": 8})
 
 
-def color(c: int) -> str:
-    """Colour of tumour class c (0 NCR/NET, 1 ED, 2 ET)."""
-    return CLASS_COLORS[CLASS_NAMES[c]]
+def class_colors(names: Sequence[str] = CLASS_NAMES) -> list[str]:
+    """One colour per class name: the fixed tumour-class colours, then the other Okabe-Ito ones."""
+    others = iter(OTHER_COLORS * (1 + len(names) // len(OTHER_COLORS)))
+    return [CLASS_COLORS[n] if n in CLASS_COLORS else next(others) for n in names]
+
+
+def color(c: int, names: Sequence[str] = CLASS_NAMES) -> str:
+    """Colour of class c of ``names`` (default: 0 NCR/NET, 1 ED, 2 ET)."""
+    return class_colors(names)[c]
+
+
+CHAR_EM = 0.62  # width of an average character of the default font, in font sizes (measured upper bound)
+
+
+def wrap(text: str, width_in: float, fontsize: float) -> str:
+    """Wraps each line of ``text`` to fit ``width_in`` inches at ``fontsize`` points.
+
+    Breaks at spaces first, then inside long words after '/', '-' or '_' (ids), so an id is
+    shown whole over several lines rather than cut.
+    """
+    chars = max(8, int(width_in * 72 / (CHAR_EM * fontsize)))
+    out = []
+    for line in text.split("\n"):
+        for piece in textwrap.wrap(line, chars, break_on_hyphens=False, break_long_words=False) or [""]:
+            while len(piece) > chars:
+                cut = max(piece.rfind(ch, 0, chars) for ch in "/-_")
+                cut = cut + 1 if cut > 0 else chars
+                out.append(piece[:cut])
+                piece = piece[cut:]
+            out.append(piece)
+    return "\n".join(out)
+
+
+def _suptitle(fig, text: str, size: float | None = None) -> None:
+    size = size or plt.rcParams["figure.titlesize"]
+    fig.suptitle(wrap(text, fig.get_figwidth() - 0.3, size), fontsize=size)
+
+
+def _title(ax, text: str, width_in: float, size: float | None = None, **kw) -> None:
+    size = size or plt.rcParams["axes.titlesize"]
+    ax.set_title(wrap(text, width_in, size), fontsize=size, **kw)
+
+
+def _orient(ax) -> None:
+    """L/R and A/P markers on a brain slice shown by ``display_view`` (neurological convention)."""
+    fx = [patheffects.withStroke(linewidth=1.6, foreground="black")]
+    kw = dict(transform=ax.transAxes, color="white", fontsize=6.5, fontweight="bold",
+              path_effects=fx, clip_on=True)
+    ax.text(0.02, 0.5, "L", ha="left", va="center", gid="orient-L", **kw)
+    ax.text(0.98, 0.5, "R", ha="right", va="center", gid="orient-R", **kw)
+    ax.text(0.5, 0.98, "A", ha="center", va="top", gid="orient-A", **kw)
+    ax.text(0.5, 0.02, "P", ha="center", va="bottom", gid="orient-P", **kw)
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=DPI)
+    """Writes the PNG; the saved area grows to any text the layout left outside the figure."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.06)
     plt.close(fig)
     return Path(path).name
 
@@ -46,44 +105,57 @@ def _window(img: np.ndarray) -> tuple[float, float]:
 
 
 def display_view(a: np.ndarray) -> np.ndarray:
-    """Arrays are [x, y] in RAS (canonical) order; show them with anterior up, as radiology does.
+    """[x, y] in canonical RAS order (x: patient's left -> right, y: posterior -> anterior) ->
+    the displayed [row, column] array.
 
-    ``np.rot90`` puts +y (anterior) at the top and +x (patient's right) on the right
-    (neurological convention).
+    ``np.rot90`` puts +y (anterior) at the top and +x (towards the patient's right) on the
+    right of the image: the neurological convention (patient's left on the viewer's left),
+    not the radiological one.
     """
     return np.rot90(a)
 
 
-def _overlay(ax, img: np.ndarray, labels: np.ndarray, highlight: int | None) -> None:
-    """Grey slice, ground truth of every class translucent, the highlighted class outlined."""
+def _overlay(ax, img: np.ndarray, labels: np.ndarray, highlight: int | None,
+             class_labels: Sequence[int], colors: Sequence[str]) -> None:
+    """Grey slice, ground truth of every class translucent, the highlighted class outlined.
+
+    img f32[H, W], labels u8[H, W] in RAS order; class c has label value class_labels[c]. A
+    class with label 0 (background) is only outlined when highlighted, never tinted.
+    """
     img, labels = display_view(img), display_view(labels)
     lo, hi = _window(img)
     ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
     rgba = np.zeros(labels.shape + (4,))
-    for c in range(3):
-        m = labels == c + 1
+    for c, v in enumerate(class_labels):
+        if v == 0:
+            continue
+        m = labels == v
         alpha = 0.6 if c == highlight else 0.3
-        rgba[m] = to_rgba(color(c), alpha)
+        rgba[m] = to_rgba(colors[c], alpha)
     ax.imshow(rgba, interpolation="nearest")
-    if highlight is not None and (labels == highlight + 1).any():
-        ax.contour(labels == highlight + 1, levels=[0.5], colors=[color(highlight)], linewidths=1.4)
+    if highlight is not None:
+        m = labels == class_labels[highlight]
+        if m.any() and not m.all():
+            ax.contour(m, levels=[0.5], colors=[colors[highlight]], linewidths=1.4)
     ax.set_xticks([])
     ax.set_yticks([])
+    _orient(ax)
 
 
-def _region(ax, img: np.ndarray, mask: np.ndarray, c: int) -> None:
+def _region(ax, img: np.ndarray, mask: np.ndarray, colour: str, name: str) -> None:
     """Masked intensities: the region at full brightness, the rest of the slice dimmed to 15%."""
     img, mask = display_view(img), display_view(mask)
     lo, hi = _window(img)
     shown = np.where(mask, img, lo + 0.15 * (img - lo))
     ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-    if mask.any():
-        ax.contour(mask, levels=[0.5], colors=[color(c)], linewidths=1.0)
-    else:
-        ax.text(0.5, 0.5, f"no {CLASS_NAMES[c]}\nregion", color="white", ha="center", va="center",
+    if mask.any() and not mask.all():
+        ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0)
+    elif not mask.any():
+        ax.text(0.5, 0.5, f"no {name}\nregion", color="white", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
+    _orient(ax)
 
 
 def _score(v: float) -> str:
@@ -92,10 +164,6 @@ def _score(v: float) -> str:
     if a == 0 or 0.01 <= a < 1000:
         return f"{v:+.3g}" if a >= 100 else f"{v:+.{max(0, 2 - int(np.floor(np.log10(a))) if a else 2)}f}"
     return f"{v:+.2e}"
-
-
-def _short(name: str, width: int = 22) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 @dataclass
@@ -112,18 +180,26 @@ class Panel:
 
 def local_explanation(path: Path, *, test_image: np.ndarray, test_labels: np.ndarray, test_id: str,
                       test_class: int, train_class: int, proponents: Sequence[Panel],
-                      opponents: Sequence[Panel], level: str, modality: str) -> str:
-    """Test slice (ground truth, class-i region) beside k proponents (top row) and k opponents."""
+                      opponents: Sequence[Panel], level: str, modality: str,
+                      class_names: Sequence[str] = CLASS_NAMES,
+                      class_labels: Sequence[int] = (1, 2, 3)) -> str:
+    """Test slice (ground truth, class-i region) beside k proponents (top row) and k opponents.
+
+    test_image f32[H, W], test_labels u8[H, W]; test_class / train_class index ``class_names``,
+    whose label values are ``class_labels``.
+    """
     k = max(len(proponents), len(opponents), 1)
-    fig = plt.figure(figsize=(2.0 * (k + 1) + 0.4, 5.0), layout="constrained")
+    fig = plt.figure(figsize=(2.0 * (k + 1) + 0.4, 5.4), layout="constrained")
     gs = fig.add_gridspec(2, k + 2, width_ratios=[1.0, 0.08] + [1.0] * k)
-    ci, cj = CLASS_NAMES[test_class], CLASS_NAMES[train_class]
+    colors = class_colors(class_names)
+    ci, cj = class_names[test_class], class_names[train_class]
+    panel_w = 1.85  # inches of title width above one image
     ax = fig.add_subplot(gs[0, 0])
-    _overlay(ax, test_image, test_labels, test_class)
-    ax.set_title(f"test {_short(test_id)}\nground truth", fontsize=8.5)
+    _overlay(ax, test_image, test_labels, test_class, class_labels, colors)
+    _title(ax, f"test {test_id}\nground truth", panel_w, 8.5)
     ax = fig.add_subplot(gs[1, 0])
-    _region(ax, test_image, test_labels == test_class + 1, test_class)
-    ax.set_title(f"test region {ci}", fontsize=8.5, color="black")
+    _region(ax, test_image, test_labels == class_labels[test_class], colors[test_class], ci)
+    _title(ax, f"test region {ci}", panel_w, 8.5, color="black")
     for row, (panels, kind) in enumerate(((proponents, "proponent"), (opponents, "opponent"))):
         for n in range(k):
             ax = fig.add_subplot(gs[row, n + 2])
@@ -133,64 +209,73 @@ def local_explanation(path: Path, *, test_image: np.ndarray, test_labels: np.nda
                     sign = "positive" if kind == "proponent" else "negative"
                     msg = (f"no {kind}s\n(no {sign} scores)" if n == 0 else
                            f"no more {kind}s\n(no other {sign} scores)")
-                    ax.text(0.5, 0.5, msg, ha="center",
+                    ax.text(0.5, 0.5, wrap(msg, panel_w, 8), ha="center",
                             va="center", transform=ax.transAxes, fontsize=8, color=NEUTRAL)
                 continue
             p = panels[n]
-            _region(ax, p.image, p.labels == train_class + 1, train_class)
+            _region(ax, p.image, p.labels == class_labels[train_class], colors[train_class], cj)
             where = p.slice_id.rsplit("/", 1)[-1]
-            ax.set_title(f"{kind} {p.rank}\n{_short(p.patient)} {where}\nscore {_score(p.score)}",
-                         fontsize=8)
+            _title(ax, f"{kind} {p.rank}\n{p.patient}\n{where}, score {_score(p.score)}", panel_w, 8)
     unit = "patients" if level == "patient" else "slices"
-    fig.suptitle(f"Test class {ci} explained by training class {cj} regions: top {k} proponent "
-                 f"(top row) and opponent (bottom row) {unit} ({modality})")
+    _suptitle(fig, f"Test class {ci} explained by training class {cj} regions: top {k} proponent "
+                   f"(top row) and opponent (bottom row) {unit} ({modality}; neurological view: "
+                   "patient's left on the left, anterior up)")
     return _save(fig, path)
 
 
-def class_matrix(path: Path, matrix: np.ndarray, n_items: Sequence[int]) -> str:
-    """Heatmap of the 3 x 3 mean influence matrix (rows test class i, columns training class j)."""
-    fig, ax = plt.subplots(figsize=(5.4, 4.4), layout="constrained")
+def class_matrix(path: Path, matrix: np.ndarray, n_items: Sequence[int],
+                 names: Sequence[str] = CLASS_NAMES) -> str:
+    """Heatmap of the C x C mean influence matrix f32[C, C] (rows test class i, columns training class j)."""
+    extra = len(names) - 3
+    fig, ax = plt.subplots(figsize=(5.4 + 1.0 * max(extra, 0), 4.4 + 0.8 * max(extra, 0)),
+                           layout="constrained")
     m = np.asarray(matrix, float)
     vmax = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0
     vmax = vmax if vmax > 0 else 1.0
     im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-    for i in range(3):
-        for j in range(3):
+    for i in range(len(names)):
+        for j in range(len(names)):
             v = m[i, j]
             txt = "n/a" if not np.isfinite(v) else f"{v:.3g}"
             dark = np.isfinite(v) and abs(v) > 0.6 * vmax
             ax.text(j, i, txt, ha="center", va="center", color="white" if dark else "black")
-    ax.set_xticks(range(3), CLASS_NAMES)
-    ax.set_yticks(range(3), [f"{c}\n(n={n})" for c, n in zip(CLASS_NAMES, n_items)])
-    for t, c in zip(ax.get_xticklabels(), range(3)):
-        t.set_color(color(c))
-    for t, c in zip(ax.get_yticklabels(), range(3)):
-        t.set_color(color(c))
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), [f"{c}\n(n={n})" for c, n in zip(names, n_items)])
+    for t, c in zip(ax.get_xticklabels(), range(len(names))):
+        t.set_color(color(c, names))
+    for t, c in zip(ax.get_yticklabels(), range(len(names))):
+        t.set_color(color(c, names))
     ax.set_xlabel("training class j")
     ax.set_ylabel("test class i (test items with class i)")
-    ax.set_title("Mean class-wise influence T_ij over the test set")
     fig.colorbar(im, ax=ax, shrink=0.85, label="mean score per training slice")
+    _title(ax, "Mean class-wise influence T_ij over the test set", fig.get_figwidth() - 0.6)
     return _save(fig, path)
 
 
 def topk_frequency(path: Path, prop: np.ndarray, opp: np.ndarray, patients: Sequence[str], k: int,
-                   n_items: Sequence[int], max_patients: int = 20) -> str:
-    """Per class: how often each patient is a top-k proponent (up) / opponent (down)."""
-    fig, axes = plt.subplots(3, 1, figsize=(10.5, 9.6), layout="constrained")
+                   n_items: Sequence[int], max_patients: int = 20,
+                   names: Sequence[str] = CLASS_NAMES) -> str:
+    """Per class: how often each patient is a top-k proponent (up) / opponent (down).
+
+    prop, opp: int[C, n_patients]; patient names are shown whole (rotated).
+    """
+    fig, axes = plt.subplots(len(names), 1, figsize=(10.5, 3.2 * len(names)), layout="constrained",
+                             squeeze=False)
+    axes = axes[:, 0]
     for c, ax in enumerate(axes):
         total = prop[c] + opp[c]
         order = np.argsort(-total, kind="stable")[:max_patients]
         order = order[total[order] > 0]
         x = np.arange(len(order))
-        ax.bar(x, prop[c][order], color=color(c), label=f"top-{k} proponent")
+        ax.bar(x, prop[c][order], color=color(c, names), label=f"top-{k} proponent")
         ax.bar(x, -opp[c][order], color=OPPONENT, label=f"top-{k} opponent")
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_xticks(x, [_short(patients[p], 20) for p in order], rotation=35, ha="right",
-                      fontsize=7.5)
+        ax.set_xticks(x, [patients[p] for p in order], rotation=35, ha="right",
+                      rotation_mode="anchor", fontsize=7.5)
         ax.set_xlim(-0.7, max(len(order), 1) - 0.3)
         ax.set_ylabel("test items")
-        ax.set_title(f"{CLASS_NAMES[c]}: patients most often among the top-{k} "
-                     f"(of {n_items[c]} test items with {CLASS_NAMES[c]})", color="black")
+        _title(ax, f"{names[c]}: patients most often among the top-{k} "
+                   f"(of {n_items[c]} test items with {names[c]})", 8.5, color="black")
         lim = max(1, int(max(prop[c].max(initial=0), opp[c].max(initial=0))))
         ax.set_ylim(-lim * 1.15, lim * 1.15)
         ticks = ax.get_yticks()
@@ -201,13 +286,21 @@ def topk_frequency(path: Path, prop: np.ndarray, opp: np.ndarray, patients: Sequ
 
 
 def score_distributions(path: Path, patient_scores: np.ndarray, present: np.ndarray,
-                        max_points: int = 20000, seed: int = 0) -> str:
-    """Violins of patient-level scores per class pair; one panel per test class i."""
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), layout="constrained")
+                        max_points: int = 20000, seed: int = 0,
+                        names: Sequence[str] = CLASS_NAMES) -> str:
+    """Violins of patient-level scores per class pair; one panel per test class i.
+
+    patient_scores f32[n_test, C, n_patients, C], present bool[n_test, C].
+    """
+    n_cls = len(names)
+    fig, axes = plt.subplots(1, n_cls, figsize=(11 / 3 * n_cls, 3.8), layout="constrained",
+                             squeeze=False)
+    axes = axes[0]
+    panel_w = fig.get_figwidth() / n_cls - 0.35
     rng = np.random.default_rng(seed)
     for i, ax in enumerate(axes):
         rows = patient_scores[np.asarray(present)[:, i], i]  # [m, P, 3]
-        for j in range(3):
+        for j in range(len(names)):
             v = rows[..., j].ravel().astype(np.float64)
             if v.size > max_points:
                 v = rng.choice(v, max_points, replace=False)
@@ -216,43 +309,48 @@ def score_distributions(path: Path, patient_scores: np.ndarray, present: np.ndar
             if np.ptp(v) > 0:
                 parts = ax.violinplot([v], positions=[j], widths=0.8, showmedians=True)
                 for body in parts["bodies"]:
-                    body.set_facecolor(color(j))
+                    body.set_facecolor(color(j, names))
                     body.set_edgecolor("black")
                     body.set_alpha(0.75)
                 for key in ("cbars", "cmins", "cmaxes", "cmedians"):
                     parts[key].set_color("black")
                     parts[key].set_linewidth(0.8)
             else:
-                ax.plot([j - 0.3, j + 0.3], [v[0], v[0]], color=color(j), lw=2)
+                ax.plot([j - 0.3, j + 0.3], [v[0], v[0]], color=color(j, names), lw=2)
         ax.axhline(0, color=NEUTRAL, lw=0.6, ls="--")
-        ax.set_xticks(range(3), CLASS_NAMES)
-        for t, c in zip(ax.get_xticklabels(), range(3)):
-            t.set_color(color(c))
+        ax.set_xticks(range(len(names)), names)
+        for t, c in zip(ax.get_xticklabels(), range(len(names))):
+            t.set_color(color(c, names))
         ax.set_xlabel("training class j")
-        ax.set_title(f"test class {CLASS_NAMES[i]} (n={int(np.asarray(present)[:, i].sum())} items)")
+        _title(ax, f"test class {names[i]} (n={int(np.asarray(present)[:, i].sum())} items)", panel_w)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes[0].set_ylabel("patient score (sum over its slices)")
-    fig.suptitle("Distribution of patient-level scores per class pair")
+    _suptitle(fig, "Distribution of patient-level scores per class pair")
     return _save(fig, path)
 
 
 def fi_curves(path: Path, curves: np.ndarray, n_window: Sequence[int], highlight: Sequence[Sequence[int]],
-              stats: Sequence[dict], metric: str) -> str:
-    """FI against rank per class: mean over filters with the inter-quartile band, a few filters."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.0), layout="constrained", sharey=True)
+              stats: Sequence[dict], metric: str, names: Sequence[str] = CLASS_NAMES) -> str:
+    """FI against rank per class (curves: C arrays f32[R, F]): mean over filters with the
+    inter-quartile band, a few filters."""
+    n_cls = len(names)
+    fig, axes = plt.subplots(1, n_cls, figsize=(4 * n_cls, 4.0), layout="constrained", sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    panel_w = fig.get_figwidth() / n_cls - 0.35
     styles = ["--", ":", "-."]
     for c, ax in enumerate(axes):
         fi = curves[c]  # [R, F]
         r = np.arange(1, fi.shape[0] + 1)
-        title = CLASS_NAMES[c]
+        title = names[c]
         if fi.size == 0 or not np.isfinite(fi).any():
             ax.text(0.5, 0.5, "no defined similarities", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(title)
+            _title(ax, title, panel_w)
             continue
         n = n_window[c]
         R = fi.shape[0]
         for a, b in ((0, n), (R - n, R)):
-            ax.axvspan(a + 0.5, b + 0.5, color=color(c), alpha=0.08, lw=0)
+            ax.axvspan(a + 0.5, b + 0.5, color=color(c, names), alpha=0.08, lw=0)
         s = (R - n) // 2
         ax.axvspan(s + 0.5, s + n + 0.5, color=NEUTRAL, alpha=0.15, lw=0)
         with np.errstate(all="ignore"):
@@ -262,27 +360,31 @@ def fi_curves(path: Path, curves: np.ndarray, n_window: Sequence[int], highlight
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(fi, axis=1)
                 q1, q3 = np.nanpercentile(fi, [25, 75], axis=1)
-        ax.fill_between(r, q1, q3, color=color(c), alpha=0.25, lw=0, label="filters: 25-75%")
+        ax.fill_between(r, q1, q3, color=color(c, names), alpha=0.25, lw=0, label="filters: 25-75%")
         for f, ls in zip(highlight[c], styles):
             ax.plot(r, fi[:, f], color="black", lw=0.9, ls=ls, label=f"filter {f}")
-        ax.plot(r, mean, color=color(c), lw=2.2, label="mean over filters")
+        ax.plot(r, mean, color=color(c, names), lw=2.2, label="mean over filters")
         st = stats[c]
         if st and np.isfinite(st.get("gap", np.nan)):
             title += f"\ngap {st['gap']:+.3f}, permutation p = {st['p_value']:.3g}"
-        ax.set_title(title)
+        _title(ax, title, panel_w)
         ax.set_xlabel("patient rank (1 = strongest proponent)")
         ax.set_xlim(0.5, R + 0.5)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
-    axes[0].set_ylabel(f"FI ({metric} similarity)")
-    fig.suptitle("Faithfulness: latent similarity of class regions vs influence rank "
+    fig.supylabel(f"FI ({metric} similarity)", fontsize=plt.rcParams["axes.labelsize"])
+    _suptitle(fig, "Faithfulness: latent similarity of class regions vs influence rank "
                  "(shaded: proponent / opponent windows, grey: neutral middle)")
     return _save(fig, path)
 
 
 def similarity_vs_score(path: Path, abs_scores: Sequence[np.ndarray], sims: Sequence[np.ndarray],
-                        rhos: Sequence[dict], metric: str, max_points: int = 6000, seed: int = 0) -> str:
+                        rhos: Sequence[dict], metric: str, max_points: int = 6000, seed: int = 0,
+                        names: Sequence[str] = CLASS_NAMES) -> str:
     """Scatter of |patient score| against S (mean over filters) per class, with Spearman rho."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
+    n_cls = len(names)
+    fig, axes = plt.subplots(1, n_cls, figsize=(4 * n_cls, 3.8), layout="constrained", squeeze=False)
+    axes = axes[0]
+    panel_w = fig.get_figwidth() / n_cls - 0.35
     rng = np.random.default_rng(seed)
     for c, ax in enumerate(axes):
         x, y = np.asarray(abs_scores[c]).ravel(), np.asarray(sims[c]).ravel()
@@ -291,47 +393,57 @@ def similarity_vs_score(path: Path, abs_scores: Sequence[np.ndarray], sims: Sequ
         if x.size > max_points:
             pick = rng.choice(x.size, max_points, replace=False)
             x, y = x[pick], y[pick]
-        ax.scatter(x, y, s=6, color=color(c), alpha=0.5, lw=0)
+        ax.scatter(x, y, s=6, color=color(c, names), alpha=0.5, lw=0)
         if x.size and x.min() > 0 and x.max() / x.min() > 100:
             ax.set_xscale("log")
         else:
             ax.xaxis.set_major_locator(MaxNLocator(5))
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         rho = rhos[c].get("rho", float("nan"))
-        ax.set_title(f"{CLASS_NAMES[c]}: Spearman rho = {rho:.3f} (n={rhos[c].get('n_pairs', 0)})")
+        rho_txt = "n/a" if rho is None or not np.isfinite(rho) else f"{rho:.3f}"
+        _title(ax, f"{names[c]}: Spearman rho = {rho_txt} (n={rhos[c].get('n_pairs', 0)})", panel_w)
         ax.set_xlabel("|patient score|")
     axes[0].set_ylabel(f"S, mean over filters ({metric})")
     return _save(fig, path)
 
 
-def ablation_per_filter(path: Path, drops: dict, selected: np.ndarray) -> str:
-    """Dice drop when zeroing each filter; rows: splits, columns: classes; selected in class colour."""
+def ablation_per_filter(path: Path, drops: dict, selected: np.ndarray,
+                        names: Sequence[str] = CLASS_NAMES) -> str:
+    """Dice drop when zeroing each filter; rows: splits, columns: classes; selected in class colour.
+
+    drops[split]: f32[C, F]; selected: bool[C, F].
+    """
     splits = list(drops)
-    fig, axes = plt.subplots(len(splits), 3, figsize=(12, 2.9 * len(splits) + 0.4),
+    n_cls = len(names)
+    fig, axes = plt.subplots(len(splits), n_cls, figsize=(4 * n_cls, 2.9 * len(splits) + 0.4),
                              layout="constrained", squeeze=False)
+    panel_w = fig.get_figwidth() / n_cls - 0.35
     for r, split in enumerate(splits):
-        for c in range(3):
+        for c in range(len(names)):
             ax = axes[r, c]
             d = np.asarray(drops[split][c])
             x = np.arange(d.size)
-            cols = [color(c) if s else NEUTRAL for s in selected[c]]
+            cols = [color(c, names) if s else NEUTRAL for s in selected[c]]
             ax.bar(x, np.nan_to_num(d), color=cols, width=0.85)
             ax.axhline(0, color="black", lw=0.6)
-            ax.set_title(f"{CLASS_NAMES[c]} ({split}): {int(selected[c].sum())} selected")
+            _title(ax, f"{names[c]} ({split}): {int(selected[c].sum())} selected", panel_w)
             ax.set_xlabel("filter")
             if c == 0:
                 ax.set_ylabel("Dice drop")
             ax.set_xlim(-0.8, d.size - 0.2)
-    handles = [Patch(color=color(c), label=f"selected ({CLASS_NAMES[c]})") for c in range(3)]
+    handles = [Patch(color=color(c, names), label=f"selected ({names[c]})") for c in range(len(names))]
     handles.append(Patch(color=NEUTRAL, label="not selected"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
-    fig.suptitle("Per-filter ablation: hard Dice without the filter, subtracted from the full model's")
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
+    _suptitle(fig, "Per-filter ablation: hard Dice without the filter, subtracted from the full model's")
     return _save(fig, path)
 
 
-def importance_histograms(path: Path, gaps: np.ndarray, selected: np.ndarray) -> str:
-    """log|FI gap| of selected vs not selected filters, per class."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
+def importance_histograms(path: Path, gaps: np.ndarray, selected: np.ndarray,
+                          names: Sequence[str] = CLASS_NAMES) -> str:
+    """log|FI gap| (gaps f32[C, F]) of selected vs not selected (bool[C, F]) filters, per class."""
+    n_cls = len(names)
+    fig, axes = plt.subplots(1, n_cls, figsize=(4 * n_cls, 3.6), layout="constrained", squeeze=False)
+    axes = axes[0]
     for c, ax in enumerate(axes):
         g = np.abs(np.asarray(gaps[c], float))
         ok = np.isfinite(g) & (g > 0)
@@ -345,7 +457,7 @@ def importance_histograms(path: Path, gaps: np.ndarray, selected: np.ndarray) ->
                                label=f"not selected ({(~sel).sum()})")
             top = h0.max(initial=0)
             if sel.any():
-                h1, _, _ = ax.hist(lg[sel], bins=bins, color=color(c), alpha=0.8,
+                h1, _, _ = ax.hist(lg[sel], bins=bins, color=color(c, names), alpha=0.8,
                                    label=f"selected ({sel.sum()})")
                 top = max(top, h1.max())
             else:
@@ -353,25 +465,27 @@ def importance_histograms(path: Path, gaps: np.ndarray, selected: np.ndarray) ->
             ax.set_ylim(0, top * 1.45 + 0.5)  # room for the legend above the bars
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(loc="upper left", frameon=False)
-        ax.set_title(CLASS_NAMES[c])
+        ax.set_title(names[c])
         ax.set_xlabel("log |FI gap| (extremes - middle)")
     axes[0].set_ylabel("filters")
     return _save(fig, path)
 
 
-def group_ablation(path: Path, groups: dict) -> str:
+def group_ablation(path: Path, groups: dict, names: Sequence[str] = CLASS_NAMES) -> str:
     """Dice drop of the selected set, random sets of the same size, and the least important set.
 
     groups[split][c] = {'selected': float, 'random': [float], 'least': float, 'size': int}.
     """
     splits = list(groups)
-    fig, axes = plt.subplots(len(splits), 3, figsize=(11, 2.8 * len(splits) + 0.3),
+    n_cls = len(names)
+    fig, axes = plt.subplots(len(splits), n_cls, figsize=(11 / 3 * n_cls, 2.8 * len(splits) + 0.3),
                              layout="constrained", squeeze=False)
+    panel_w = fig.get_figwidth() / n_cls - 0.35
     for r, split in enumerate(splits):
-        for c in range(3):
+        for c in range(len(names)):
             ax = axes[r, c]
             g = groups[split][c]
-            ax.set_title(f"{CLASS_NAMES[c]} ({split}), {g['size']} filters")
+            _title(ax, f"{names[c]} ({split}), {g['size']} filters", panel_w)
             if g["size"] == 0:
                 ax.text(0.5, 0.5, "no filters selected", ha="center", va="center", transform=ax.transAxes)
                 ax.set_xticks([])
@@ -380,13 +494,13 @@ def group_ablation(path: Path, groups: dict) -> str:
             rnd = np.asarray(g["random"], float)
             vals = [g["selected"], float(np.nanmean(rnd)), g["least"]]
             err = [0, float(np.nanstd(rnd)), 0]
-            ax.bar(range(3), np.nan_to_num(vals), yerr=err, color=[color(c), NEUTRAL, "white"],
-                   edgecolor=[color(c), NEUTRAL, "black"], capsize=4, width=0.65)
+            ax.bar(range(3), np.nan_to_num(vals), yerr=err, color=[color(c, names), NEUTRAL, "white"],
+                   edgecolor=[color(c, names), NEUTRAL, "black"], capsize=4, width=0.65)
             ax.scatter(np.full(rnd.size, 1.0) + np.linspace(-0.15, 0.15, rnd.size), rnd, s=10,
                        color="black", zorder=3)
             ax.axhline(0, color="black", lw=0.6)
             ax.set_xticks(range(3), ["selected", f"random\n({rnd.size} seeds)", "least\nimportant"])
             if c == 0:
                 ax.set_ylabel("Dice drop")
-    fig.suptitle("Group ablation: zeroing a whole set of filters")
+    _suptitle(fig, "Group ablation: zeroing a whole set of filters")
     return _save(fig, path)

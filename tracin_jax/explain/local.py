@@ -7,6 +7,7 @@ patient is shown by its representative slice. One figure per (test slice, class)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ from tqdm.auto import tqdm
 from tracin_jax.errors import InputError
 from tracin_jax.explain import figures as fig
 from tracin_jax.explain import ranking
-from tracin_jax.training.losses import CLASS_NAMES
 
 
 def _top_k_from_lists(tk: dict, t: int, i: int, j: int, k: int) -> ranking.TopK:
@@ -27,11 +27,16 @@ def _top_k_from_lists(tk: dict, t: int, i: int, j: int, k: int) -> ranking.TopK:
     return ranking.TopK(pi[keep_p].astype(np.int64), ps[keep_p], oi[keep_o].astype(np.int64), os_[keep_o])
 
 
+def _file_part(name: str) -> str:
+    """A class name as part of a file name ('NCR/NET' -> 'NCR-NET')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "class"
+
+
 def local_explanations(infl, query, train, reps, *, k, level, train_class, items_per_class,
                        test_items, mod, modality, folder: Path, progress) -> dict:
     """Top-k tables and one figure per chosen (test slice, class); returns the metrics part.
 
-    reps: per training class j, int[n_test, 3, n_patients] representative slices; mod: the
+    reps: per training class j, int[n_test, C, n_patients] representative slices; mod: the
     channel shown; test_items: test slice ids (default: per class, the ``items_per_class``
     slices with the largest class region). Items whose class is absent are skipped and counted.
     """
@@ -39,21 +44,22 @@ def local_explanations(infl, query, train, reps, *, k, level, train_class, items
         raise InputError(f"{infl.dir}: level='slice' needs scores.npy or the topk_*.npy files, "
                          "which this folder lacks (use level='patient')")
     present = infl.test_present
+    names, labels = infl.class_names, infl.class_labels
     if test_items:
         pos = {t: n for n, t in enumerate(infl.test_ids)}
         missing = [t for t in test_items if t not in pos]
         if missing:
             raise InputError(f"test item {missing[0]!r} is not a test slice of this run")
-        chosen = [[pos[t] for t in test_items] for _ in range(3)]
+        chosen = [[pos[t] for t in test_items] for _ in names]
     else:
-        chosen = ranking.largest_region_items(query.labels, items_per_class)
+        chosen = ranking.largest_region_items(query.labels, items_per_class, labels)
     out = {"level": level, "k": k, "modality": modality, "items": [],
            "skipped_absent": {}, "not_ranked_absent": {}}
     jobs = []
-    for i in range(3):
+    for i, name in enumerate(names):
         keep = [t for t in chosen[i] if present[t, i]]
-        out["skipped_absent"][CLASS_NAMES[i]] = len(chosen[i]) - len(keep)
-        out["not_ranked_absent"][CLASS_NAMES[i]] = int((~present[:, i]).sum())
+        out["skipped_absent"][name] = len(chosen[i]) - len(keep)
+        out["not_ranked_absent"][name] = int((~present[:, i]).sum())
         jobs += [(t, i) for t in keep]
     for t, i in tqdm(jobs, desc="local explanations", disable=not progress, leave=False):
         j = i if train_class is None else train_class
@@ -80,13 +86,14 @@ def local_explanations(infl, query, train, reps, *, k, level, train_class, items
             return [fig.Panel(train.images[e["slice_index"], :, :, mod], train.labels[e["slice_index"]],
                               e["patient"], e["slice"], e["score"], e["rank"]) for e in rows]
 
-        name = f"local_{CLASS_NAMES[i].replace('/', '-')}_{t:04d}.png"
+        name = f"local_{_file_part(names[i])}_{t:04d}.png"
         fig.local_explanation(folder / name, test_image=query.images[t, :, :, mod],
                               test_labels=query.labels[t], test_id=infl.test_ids[t], test_class=i,
                               train_class=j, proponents=panels(props), opponents=panels(opps),
-                              level=level, modality=modality)
+                              level=level, modality=modality, class_names=names,
+                              class_labels=labels)
         out["items"].append({"test_id": infl.test_ids[t], "test_index": int(t),
-                             "test_class": CLASS_NAMES[i], "train_class": CLASS_NAMES[j],
-                             "class_area": int((query.labels[t] == i + 1).sum()),
+                             "test_class": names[i], "train_class": names[j],
+                             "class_area": int((query.labels[t] == labels[i]).sum()),
                              "proponents": props, "opponents": opps, "figure": name})
     return out

@@ -10,13 +10,23 @@ from itertools import zip_longest
 from typing import Any
 
 
-from tracin_jax.explain.figures import CLASS_COLORS
+from tracin_jax.explain.figures import class_colors
 from tracin_jax.explain.report import Raw, esc, figure, fmt, page, table
 from tracin_jax.training.losses import CLASS_NAMES
 
+_COLORS: dict[str, str] = {}
+
+
+def _names(m: dict) -> list[str]:
+    """The report's class names (the influence folder's; the tumour classes for older metrics)."""
+    names = list(m["influence"].get("class_names") or CLASS_NAMES)
+    _COLORS.update(zip(names, class_colors(names)))
+    return names
+
 
 def _cls(name: str) -> Raw:
-    return Raw(f'<span class="swatch" style="background:{CLASS_COLORS[name]}"></span>{esc(name)}')
+    colour = _COLORS.get(name) or class_colors([name])[0]
+    return Raw(f'<span class="swatch" style="background:{colour}"></span>{esc(name)}')
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -46,6 +56,7 @@ def _subset(meta: dict) -> str:
 
 
 def _header(m: dict) -> str:
+    names = _names(m)
     run, infl, opt = m["run"], m["influence"], m["options"]
     cfg_rows = [(k, _short_json(v)) for k, v in _flat(run.get("config", {}))]
     meta_rows = [(k, _short_json(v)) for k, v in _flat(infl["meta"])]
@@ -66,7 +77,7 @@ def _header(m: dict) -> str:
              f"{run['features_checkpoint']['epoch']}, {fmt(run['features_checkpoint']['lr'])}"),
             ("report built in", f"{m['seconds']:.1f} s"),
         ], left=2),
-        "<p>Classes: " + " ".join(str(_cls(n)) for n in CLASS_NAMES) + ". Scores T_ij: test class i, "
+        "<p>Classes: " + " ".join(str(_cls(n)) for n in names) + ". Scores T_ij: test class i, "
         "training class j; positive = proponent (training on it lowered the test loss), negative = "
         "opponent. Test classes absent from a slice's ground truth are never ranked.</p>",
         "<h3>Checkpoints used by the influence scores</h3>",
@@ -81,17 +92,20 @@ def _header(m: dict) -> str:
 
 
 def _local(m: dict) -> str:
+    names = _names(m)
     loc = m["local"]
     parts = ["<h2>1. Local explanations</h2>",
              f"<p>For each chosen test slice and class i: the top {loc['k']} proponent and opponent "
              f"training {loc['level']}s by T_ij ({loc['modality']} shown; each training item shows "
-             "its class-j region at full brightness, the rest of its slice dimmed). "
+             "its class-j region at full brightness, the rest of its slice dimmed). Slices are "
+             "shown in the neurological convention: the patient's left on the left of the image "
+             "(marked L/R), anterior at the top (A/P), as the arrays are stored (canonical RAS). "
              + ("A patient's score is the sum over its slices; it is shown by its slice with the "
                 "largest |score|. " if loc["level"] == "patient" else "")
              + "</p>",
              table(["class", "chosen items skipped (class absent)", "test items never ranked (class absent)"],
-                   [(_cls(c), loc["skipped_absent"][c], loc["not_ranked_absent"][c]) for c in CLASS_NAMES])]
-    for c in CLASS_NAMES:
+                   [(_cls(c), loc["skipped_absent"][c], loc["not_ranked_absent"][c]) for c in names])]
+    for c in names:
         items = [it for it in loc["items"] if it["test_class"] == c]
         if not items:
             continue
@@ -111,11 +125,12 @@ def _local(m: dict) -> str:
 
 
 def _global(m: dict) -> str:
+    names = _names(m)
     g = m["global"]
     mat = g["class_matrix"]
-    rows = [(_cls(CLASS_NAMES[i]), g["n_items"][CLASS_NAMES[i]], *mat[i]) for i in range(3)]
+    rows = [(_cls(names[i]), g["n_items"][names[i]], *mat[i]) for i in range(len(names))]
     dom = []
-    for c in CLASS_NAMES:
+    for c in names:
         d = g["dominating_patients"][c]
         fmt_list = lambda xs: ", ".join(f"{x['patient']} ({x['count']})" for x in xs) or "none"  # noqa: E731
         dom.append((_cls(c), fmt_list(d["proponents"]), fmt_list(d["opponents"])))
@@ -126,7 +141,7 @@ def _global(m: dict) -> str:
         "<h3>Class × class matrix</h3>",
         "<p>M[i, j] = mean over test items with class i present of the mean over training slices of "
         "T_ij (computed from the patient scores: their sum over patients equals the sum over slices).</p>",
-        table(["test class i", "items", *[f"← {c}" for c in CLASS_NAMES]], rows, left=1),
+        table(["test class i", "items", *[f"← {c}" for c in names]], rows, left=1),
         figure(g["figures"]["class_matrix"], "class matrix"),
         f"<h3>Patients that dominate the rankings (top {g['topk']}, j = i)</h3>",
         table(["class", "most frequent proponents (count)", "most frequent opponents (count)"], dom, left=3),
@@ -138,18 +153,19 @@ def _global(m: dict) -> str:
     if "self_influence_top" in g:
         top = g["self_influence_top"]
         rows = [(_cls(c), ", ".join(f"{e['slice']} ({fmt(e['value'], 3)})" for e in top[c]))
-                for c in CLASS_NAMES]
+                for c in names]
         parts += ["<h3>Highest self-influence (training slices)</h3>",
                   table(["class", "slices (self-influence)"], rows, left=2)]
     return "\n".join(parts)
 
 
 def _faithfulness(m: dict) -> str:
+    names = _names(m)
     f = m["faithfulness"]
     kind = f["similarity"]
     rows = []
     for k, v in f["metrics"].items():
-        for c in CLASS_NAMES:
+        for c in names:
             e = v["per_class"][c]
             gt, sp = e["gap_test"], e["spearman_abs_score_vs_S"]
             rows.append((k + (" (figures)" if k == kind else ""), _cls(c), sp["rho"], sp["p_value"],
@@ -171,10 +187,10 @@ def _faithfulness(m: dict) -> str:
         "the two regions do not overlap: it mixes the position of the regions with what the filters "
         "respond to. The max variants do not depend on position.</p>",
         "<p>Only patients with a class-i region in some slice are ranked (" +
-        ", ".join(f"{c}: {f['ranked_patients'][c]}" for c in CLASS_NAMES) + " patients); for the "
+        ", ".join(f"{c}: {f['ranked_patients'][c]}" for c in names) + " patients); for the "
         "others every class-i gradient is zero, so their score is exactly 0.</p>",
         f"<p>Windows of N ranks (N = {', '.join(str(x) for x in n)} for "
-        f"{', '.join(CLASS_NAMES)}): proponents = ranks 1..N, opponents = the last N, middle = the N "
+        f"{', '.join(names)}): proponents = ranks 1..N, opponents = the last N, middle = the N "
         "central ranks. Gap = mean S over both extreme windows − mean S over the middle (S averaged "
         "over filters). p: one-sided permutation test, each test item's ranking shuffled "
         "independently. Spearman: |patient score| against S (mean over filters) over all "
@@ -188,16 +204,17 @@ def _faithfulness(m: dict) -> str:
 
 
 def _selection(m: dict) -> str:
+    names = _names(m)
     s = m["selection"]
     r = s["rule"]
     sel_rows = [(_cls(c), s["per_class"][c]["n_selected"], s["n_filters"],
                  ", ".join(str(x) for x in s["per_class"][c]["selected"]) or "none")
-                for c in CLASS_NAMES]
-    base_rows = [(split, *[s["baseline_dice"][split]["baseline"][c] for c in CLASS_NAMES])
+                for c in names]
+    base_rows = [(split, *[s["baseline_dice"][split]["baseline"][c] for c in names])
                  for split in s["baseline_dice"]]
     single_rows, group_rows, lines = [], [], []
     for split in s["group_dice_drop"]:
-        for ci, c in enumerate(CLASS_NAMES):
+        for ci, c in enumerate(names):
             cmp = s["single_filter_comparison"][split][c]
             single_rows.append((split, _cls(c), cmp["selected_mean"], cmp["other_mean"],
                                 cmp["difference"], cmp["p_value"]))
@@ -214,7 +231,7 @@ def _selection(m: dict) -> str:
                          f"({'more' if v['selected_beats_random'] else 'not more'}; "
                          f"{fmt(100 * v['fraction_random_below_selected'], 3)}% of random sets "
                          f"below) and {fmt(v['least_drop'], 3)} for the least important.")
-    verdicts = [s["verdict"][split][c] for split in s["verdict"] for c in CLASS_NAMES]
+    verdicts = [s["verdict"][split][c] for split in s["verdict"] for c in names]
     n_all = sum(1 for v in verdicts if v["size"])
     n_yes = sum(1 for v in verdicts if v.get("selected_beats_random"))
     n_every = sum(1 for v in verdicts if v.get("selected_beats_every_random"))
@@ -237,7 +254,7 @@ def _selection(m: dict) -> str:
         "<p><b>Ablation.</b> One filter (or a set) of the last hidden layer is zeroed and the head "
         "re-applied (logits = features · W + b); hard Dice over the whole split, drop = full model − "
         "ablated (positive = the filters mattered).</p>",
-        table(["split", *CLASS_NAMES], base_rows),
+        table(["split", *names], base_rows),
         f'<p class="verdict">{esc(summary)}<br>' + "<br>".join(esc(x) for x in lines) + "</p>",
         table(["split", "class", "filters", "drop: selected", "random mean", "random std",
                "least important", "selected > random mean"], group_rows, left=2),

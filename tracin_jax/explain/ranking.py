@@ -1,7 +1,8 @@
 """Rankings and aggregates of class-wise influence scores (pure numpy).
 
-Axes follow the influence folder: ``scores: f32[n_test, 3, n_train, 3]`` (test example, test
-class i, training slice, training class j) and ``patient_scores: f32[n_test, 3, n_patients, 3]``.
+Axes follow the influence folder: ``scores: f32[n_test, C, n_train, C]`` (test example, test
+class i, training slice, training class j) and ``patient_scores: f32[n_test, C, n_patients, C]``
+(C classes; the three tumour classes unless the folder says otherwise).
 Proponents are the highest scores (training on them lowered the test loss), opponents the
 lowest (most negative). Test classes absent from a slice's ground truth are never ranked.
 """
@@ -67,13 +68,13 @@ def representatives(slice_scores: np.ndarray, train_patient: np.ndarray, n_patie
 
 
 def largest_region_representatives(train_labels: np.ndarray, train_patient: np.ndarray,
-                                   n_patients: int) -> np.ndarray:
-    """int[3, n_patients]: each patient's slice with the largest class-j region, per class j.
+                                   n_patients: int, class_labels=(1, 2, 3)) -> np.ndarray:
+    """int[C, n_patients]: each patient's slice with the largest class-j region, per class j.
 
     The fallback representative when per-slice scores are not available (``scores.npy`` absent).
-    train_labels: u8[n_train, H, W] with tumour classes 1..3.
+    train_labels: u8[n_train, H, W]; class_labels: int[C], the label value of each class.
     """
-    areas = np.stack([(train_labels == c).sum(axis=(1, 2)) for c in (1, 2, 3)])  # [3, n_train]
+    areas = np.stack([(train_labels == v).sum(axis=(1, 2)) for v in class_labels])  # [C, n_train]
     return representatives(areas.astype(np.float64), train_patient, n_patients)
 
 
@@ -84,8 +85,8 @@ def representatives_from_topk(base: np.ndarray, indices: np.ndarray, scores: np.
     A patient with slices among the listed ones is represented by the listed slice with the
     largest |score|; the others keep ``base``.
     Args:
-      base: int[n_test, 3, n_patients] fallback representatives (e.g. largest region).
-      indices, scores: int[n_test, 3, L] / f32[n_test, 3, L] listed slices (-1 / NaN = none),
+      base: int[n_test, C, n_patients] fallback representatives (e.g. largest region).
+      indices, scores: int[n_test, C, L] / f32[n_test, C, L] listed slices (-1 / NaN = none),
         e.g. proponents and opponents of one training class concatenated.
       train_patient: int[n_train].
     """
@@ -103,7 +104,7 @@ def representatives_from_topk(base: np.ndarray, indices: np.ndarray, scores: np.
 def aggregate_patients(scores: np.ndarray, train_patient: np.ndarray, n_patients: int) -> np.ndarray:
     """Sum of slice scores per patient along the training axis (axis 2).
 
-    scores: f32[n_test, 3, n_train, 3] -> f32[n_test, 3, n_patients, 3] (what the influence
+    scores: f32[n_test, C, n_train, C] -> f32[n_test, C, n_patients, C] (what the influence
     stage writes as ``patient_scores.npy``; used to check it).
     """
     s = np.asarray(scores, dtype=np.float64)
@@ -113,16 +114,17 @@ def aggregate_patients(scores: np.ndarray, train_patient: np.ndarray, n_patients
 
 
 def class_matrix(patient_scores: np.ndarray, present: np.ndarray, n_train: int) -> np.ndarray:
-    """f32[3, 3]: mean influence of training class j on test class i.
+    """f32[C, C]: mean influence of training class j on test class i (patient_scores [n_test, C, P, C]).
 
     M[i, j] = mean over test items with class i present of the mean over training slices of
     scores[t, i, n, j]. Computed from patient scores (their sum over patients equals the sum over
     slices), so it does not need ``scores.npy``. NaN for a class present in no test item.
     """
     ps = np.asarray(patient_scores, dtype=np.float64)
-    per_item = ps.sum(axis=2) / float(n_train)  # [n_test, 3(i), 3(j)]
-    out = np.full((3, 3), np.nan)
-    for i in range(3):
+    per_item = ps.sum(axis=2) / float(n_train)  # [n_test, C(i), C(j)]
+    n_cls = ps.shape[1]
+    out = np.full((n_cls, n_cls), np.nan)
+    for i in range(n_cls):
         rows = np.asarray(present)[:, i]
         if rows.any():
             out[i] = per_item[rows, i].mean(axis=0)
@@ -136,18 +138,18 @@ def topk_frequency(patient_scores: np.ndarray, present: np.ndarray, k: int,
     Same rule as :func:`top_k`: the k highest positive / k most negative scores of each item.
 
     Args:
-      patient_scores: f32[n_test, 3, n_patients, 3].
-      present: bool[n_test, 3]; test items with class i absent are not counted.
+      patient_scores: f32[n_test, C, n_patients, C].
+      present: bool[n_test, C]; test items with class i absent are not counted.
       k: ranks counted at each end.
       train_class: j used for class i; None means j = i.
     Returns:
-      (proponent counts int[3, n_patients], opponent counts int[3, n_patients]).
+      (proponent counts int[C, n_patients], opponent counts int[C, n_patients]).
     """
     ps = np.asarray(patient_scores)
-    n_pat = ps.shape[2]
-    prop = np.zeros((3, n_pat), dtype=np.int64)
-    opp = np.zeros((3, n_pat), dtype=np.int64)
-    for i in range(3):
+    n_cls, n_pat = ps.shape[1], ps.shape[2]
+    prop = np.zeros((n_cls, n_pat), dtype=np.int64)
+    opp = np.zeros((n_cls, n_pat), dtype=np.int64)
+    for i in range(n_cls):
         j = i if train_class is None else train_class
         rows = ps[np.asarray(present)[:, i], i, :, j]  # [m, n_pat]
         if rows.shape[0] == 0 or k == 0:
@@ -160,13 +162,14 @@ def topk_frequency(patient_scores: np.ndarray, present: np.ndarray, k: int,
     return prop, opp
 
 
-def largest_region_items(labels: np.ndarray, n: int) -> list[list[int]]:
-    """Per tumour class, the indices of the (up to) n slices with the largest class region.
+def largest_region_items(labels: np.ndarray, n: int, class_labels=(1, 2, 3)) -> list[list[int]]:
+    """Per class (label values ``class_labels``, int[C]), the indices of the (up to) n slices
+    with the largest class region.
 
     labels: u8[N, H, W]. Slices without the class are never chosen.
     """
     out = []
-    for c in (1, 2, 3):
+    for c in class_labels:
         area = (np.asarray(labels) == c).sum(axis=(1, 2))
         order = np.argsort(-area, kind="stable")
         out.append([int(t) for t in order[:n] if area[t] > 0])

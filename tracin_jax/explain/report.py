@@ -1,9 +1,21 @@
-"""The offline HTML report and ``metrics.json``, written atomically.
+"""The offline HTML report and ``metrics.json``, written so that nothing else is lost.
 
 The report is a folder: ``index.html`` (no scripts, no external resources), the PNG figures it
-references by relative path, and ``metrics.json`` with every number shown. It is built in a
-temporary folder next to ``out`` and renamed into place once complete, so an interrupted run
-leaves any previous report untouched.
+references by relative path, ``metrics.json`` with every number shown, and
+``report_manifest.json`` listing the files the report wrote. It is built in a temporary folder
+``.<out>.tmp-<pid>-<random>`` next to ``out``:
+
+- ``out`` absent: the finished folder is renamed into place (one atomic step);
+- ``out`` an earlier report: each file of the new report replaces its namesake atomically
+  (figures first, ``index.html`` last), then the earlier report's files that the new one does
+  not write are removed. Only files listed in the earlier manifest (or, for a report written
+  before manifests existed, its ``index.html``, ``metrics.json`` and the images it shows) are
+  ever replaced or removed: a user's own files in the folder stay;
+- ``out`` any other folder: the report is added to it and nothing is removed; a file there
+  with the name of a report file refuses the run (one-line error) before anything is written.
+
+An interrupted run leaves the previous report readable; its temporary folder is removed by
+the next run for the same ``out`` (only folders with that prefix whose process is gone).
 """
 
 from __future__ import annotations
@@ -12,16 +24,20 @@ import html
 import json
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from tracin_jax.atomic import fsync_dir, write_json_atomic
 from tracin_jax.errors import InputError
 
-REPORT_MARKERS = ("index.html", "metrics.json")
+MANIFEST = "report_manifest.json"
+FIXED_FILES = ("index.html", "metrics.json", MANIFEST)
+TMP_MARK = ".tmp-"
 
 
 def jsonable(obj: Any) -> Any:
@@ -44,34 +60,136 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def start(out: str | os.PathLike) -> Path:
-    """Checks ``out`` and returns a fresh temporary folder beside it to build the report in.
+def _plain(name: Any) -> bool:
+    """A bare file name (no folder part), as every report file is."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
-    ``out`` may be absent, an empty folder, or a previous report (a folder holding index.html or
-    metrics.json); anything else raises InputError, so no unrelated folder is ever replaced.
+
+def report_files(out: Path) -> set[str]:
+    """Names of the files an earlier report in ``out`` wrote (empty set: not a report folder).
+
+    Read from ``report_manifest.json``; a report written before manifests existed (``index.html``
+    and a ``metrics.json`` with the report's sections, no manifest) wrote exactly
+    ``index.html``, ``metrics.json`` and the images its page shows.
+    """
+    man = out / MANIFEST
+    if man.is_file():
+        try:
+            files = json.loads(man.read_text()).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            raise InputError(f"{man}: unreadable report manifest; remove it or choose another "
+                             "--out") from None
+        return {f for f in files if _plain(f)} | {MANIFEST}
+    try:
+        old = json.loads((out / "metrics.json").read_text())
+        page_text = (out / "index.html").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(old, dict) and {"local", "global", "influence"} <= set(old)):
+        return set()
+    shown = {n for n in re.findall(r'<img src="([^"]+)"', page_text) if _plain(n)}
+    return {"index.html", "metrics.json"} | shown
+
+
+def _clashes(out: Path, names: Iterable[str], ours: set[str]) -> list[str]:
+    return sorted(n for n in names if n not in ours and os.path.lexists(out / n))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Removes temporary folders of earlier, killed runs for ``out``; returns them.
+
+    Only ``.<out name>.tmp-*`` (and ``.<out name>.old-*`` from older versions) beside ``out``,
+    and of those only ones whose ``<pid>`` part names no running process (folders without a pid
+    are from older versions and removed).
+    """
+    gone = []
+    if not out.parent.is_dir():
+        return gone
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for p in out.parent.iterdir():
+            if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
+                continue
+            m = re.match(r"(\d+)-[0-9a-f]+$", p.name[len(prefix):])
+            if m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
+                continue  # a report being built right now
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    if out.is_dir():
+        (out / (MANIFEST + ".tmp")).unlink(missing_ok=True)  # write_json_atomic's, if killed
+    return gone
+
+
+def start(out: str | os.PathLike) -> Path:
+    """Checks ``out``, removes stale temporary folders of it, returns a fresh one to build in.
+
+    The temporary folder gets the ordinary mode (0o777 minus the umask, 0755 under umask 022),
+    which the report keeps when renamed into place. Raises InputError when ``out`` is a file or
+    holds files of its own with the names ``index.html``, ``metrics.json`` or the manifest.
     """
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise InputError(f"--out {out}: exists and is not a folder")
-        if any(out.iterdir()) and not any((out / m).exists() for m in REPORT_MARKERS):
-            raise InputError(f"--out {out}: exists, is not empty and holds no previous report; "
-                             "choose another folder")
+        clash = _clashes(out, FIXED_FILES, report_files(out))
+        if clash:
+            raise InputError(f"--out {out}: holds {clash[0]!r}, which is not from an earlier report "
+                             "and would be overwritten; move it or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)
+    while True:
+        tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _order(names: Iterable[str]) -> list[str]:
+    """Figures and data first, ``index.html`` last: a page never shows files not yet in place."""
+    return sorted(names, key=lambda n: (n == "index.html", n == "metrics.json", n))
 
 
 def finish(tmp: Path, out: str | os.PathLike) -> Path:
-    """Moves the complete report ``tmp`` to ``out``, replacing a previous report there."""
+    """Moves the complete report ``tmp`` to ``out`` (see the module docstring); removes ``tmp``."""
     out = Path(out)
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    new = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
+    manifest = {"format": 1, "written_by": "tracin_jax explain", "files": new + [MANIFEST]}
+    if not out.exists():
+        write_json_atomic(tmp / MANIFEST, manifest)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        return out
+    if not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    ours = report_files(out)
+    clash = _clashes(out, new + [MANIFEST], ours)
+    if clash:
+        raise InputError(f"--out {out}: holds {clash[0]!r}, which is not from an earlier report "
+                         "and would be overwritten; move it or choose another folder")
+    # List every file that may be ours during the swap, so a kill in between loses track of none.
+    union = sorted((ours - {MANIFEST}) | set(new))
+    write_json_atomic(out / MANIFEST, {**manifest, "files": union + [MANIFEST]})
+    for name in _order(new):
+        os.replace(tmp / name, out / name)
+    for name in sorted(ours - set(new) - {MANIFEST}):
+        p = out / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    write_json_atomic(out / MANIFEST, manifest)
+    fsync_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

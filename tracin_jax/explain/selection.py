@@ -90,7 +90,7 @@ def group_mask(n_filters: int, idx: Sequence[int]) -> np.ndarray:
 
 @jax.jit
 def _ablated_counts(feats, labels, kernel, bias, zero):
-    """f32[G, 3, 4] hard-Dice counts with the filters in each row of zero bool[G, F] zeroed."""
+    """f32[G, 3, K] hard-Dice counts (K head classes), the filters of each row of zero bool[G, F] zeroed."""
     def one(z):
         w = kernel * (1.0 - z.astype(kernel.dtype))[:, None]
         logits = jnp.einsum("bhwf,fc->bhwc", feats, w, precision=jax.lax.Precision.HIGHEST) + bias
@@ -116,12 +116,14 @@ def ablation_counts(store: FeatureStore, split: str, images: np.ndarray, labels:
     return np.asarray(total)
 
 
-def dice_table(counts: np.ndarray) -> np.ndarray:
-    """f64[G, 3]: tumour-class hard Dice (NaN where a class is in neither prediction nor truth)."""
+def dice_table(counts: np.ndarray, class_labels=(1, 2, 3)) -> np.ndarray:
+    """f64[G, C]: hard Dice of the classes with label values class_labels (int[C]) from counts
+    f64[G, 3, K] (NaN where a class is in neither prediction nor truth, or not a head class)."""
     out = []
     for c in counts:
-        d = dice_from_counts(c)[1:]
-        out.append([np.nan if v is None else v for v in d])
+        d = dice_from_counts(c)
+        vals = [d[v] if v < len(d) else None for v in class_labels]
+        out.append([np.nan if v is None else v for v in vals])
     return np.asarray(out, np.float64)
 
 
