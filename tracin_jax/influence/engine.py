@@ -115,6 +115,24 @@ def _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed
         raise InputError(f"projection seed {proj_seed!r} must be an integer")
 
 
+def check_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """Raises a one-line InputError unless folder ``path`` exists and is writable or can be
+    created (its nearest existing parent is a writable folder). Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(f"{what} {path}: cannot be created, {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        detail = "is not writable" if probe == path else f"cannot be created, {probe} is not writable"
+        raise InputError(f"{what} {path}: {detail}")
+
+
 def _check_loss(loss) -> None:
     if loss not in LOSSES:
         raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
@@ -176,6 +194,9 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     t0 = time.perf_counter()
     _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
     _check_loss(loss)
+    check_writable_folder(out, "--out")
+    check_writable_folder(store_dir if store_dir is not None else Path(workdir) / "features",
+                          "feature store")
     run = load_run(workdir, data_dir)
     available = [c.epoch for c in run.checkpoints]
     epochs = parse_checkpoints(checkpoints, available, workdir)
@@ -191,6 +212,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     for c in chosen:
         if not c.lr >= 0:
             raise InputError(f"{workdir}: checkpoint {c.epoch} records learning rate {c.lr}")
+    for c in chosen:  # a damaged checkpoint fails here, before any file or folder is made
+        c.check()
     load_s = time.perf_counter() - t0
     meta = compute_influence(
         grad_fn, chosen, train, test, out, split=split, topk=topk, batch_size=batch_size,
@@ -216,9 +239,16 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     """
     timings = dict(extra_timings or {})
     out = Path(out)
+    check_writable_folder(out, "--out")
+    if store_dir is not None or workdir is not None:
+        check_writable_folder(store_dir if store_dir is not None else Path(workdir) / "features",
+                              "feature store")
     if sharding.is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "meta.json").unlink(missing_ok=True)
+        except OSError as e:
+            raise InputError(f"--out {out}: cannot be written ({e.strerror})") from None
     mesh = mesh if mesh is not None else sharding.train_mesh()
     train_ids, test_ids = [str(i) for i in train.ids], [str(i) for i in test.ids]
     n_train, n_test = len(train_ids), len(test_ids)
