@@ -208,7 +208,14 @@ def make_header(grad_fn: Any, ids: Sequence[Any], chunk_size: int, num_classes: 
     """The store header for ``grad_fn`` on examples ``ids`` (everything but the checkpoint)."""
     subset = getattr(grad_fn, "subset", None)
     projector = getattr(grad_fn, "projector", None)
-    tag = getattr(grad_fn, "tag", None) or f"custom:{getattr(grad_fn, '__qualname__', 'fn')}"
+    tag = getattr(grad_fn, "tag", None)
+    if not tag:
+        name = getattr(grad_fn, "__qualname__", None) or type(grad_fn).__name__
+        raise InputError(f"the gradient function {name!r} has no tag, and stored features are "
+                         "known by their tag (a function's name such as <lambda> does not tell "
+                         "two functions apart): pass tag=\"...\" naming what it computes, "
+                         "e.g. make_class_grad_fn(..., tag=\"my-loss\") or "
+                         "ClassGradFunction(fn, tag=\"my-loss\", dim=D)")
     return {
         "format": FORMAT,
         "tag": tag,
