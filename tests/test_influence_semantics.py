@@ -4,6 +4,7 @@ the class labels a loss scores, the memory the stage may use, and the train-vs-t
 import functools
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -145,3 +146,43 @@ def test_train_vs_train_streams_the_queries_in_store_blocks(toy, head, tmp_path,
                                rtol=1e-5)
     assert np.load(tmp_path / "tt" / "topk_proponents_indices.npy").shape == (7, 3, 3, 3)
     assert np.load(tmp_path / "tt" / "patient_scores.npy").shape[0] == 7
+
+
+def test_two_concurrent_runs_on_one_store_compute_each_chunk_once(toy, head, tmp_path, capsys):
+    import threading
+    import time
+
+    inner = make_class_grad_fn(toy.model, head)
+    batches = []
+
+    def slow(variables, images, labels):
+        if not isinstance(images, jax.core.Tracer):  # feature_shape traces it once per run
+            batches.append(len(images))
+        time.sleep(0.2)  # long enough that the second run arrives while the first computes
+        return inner(variables, images, labels)
+
+    fn = ClassGradFunction(fn=slow, tag="slow-head", dim=inner.dim, subset=head)
+    metas, errors = {}, []
+
+    def one(name):
+        try:
+            metas[name] = compute_influence(fn, toy.checkpoints, toy.train, toy.train,
+                                            tmp_path / name, chunk_size=3, batch_size=3,
+                                            split="train", progress=False,
+                                            store_dir=tmp_path / "store")
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    computed = [metas[n]["timings"]["train_features"]["chunks_computed"] for n in "ab"]
+    assert sum(computed) == 3 * len(toy.checkpoints)  # 3 chunks x 2 checkpoints, each once
+    assert sum(batches) == 7 * len(toy.checkpoints)
+    assert "waiting for it" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "scores.npy"),
+                                  np.load(tmp_path / "b" / "scores.npy"))
