@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.config import DataConfig
 from tracin_jax.data import cache as cache_lib

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
