@@ -186,3 +186,30 @@ def test_two_concurrent_runs_on_one_store_compute_each_chunk_once(toy, head, tmp
     assert "waiting for it" in capsys.readouterr().err
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "scores.npy"),
                                   np.load(tmp_path / "b" / "scores.npy"))
+
+
+@pytest.mark.parametrize("method,examples", [("head", "auto"), ("vjp", "vmap")])
+def test_gradients_compile_once_per_batch_shape_across_batches_and_checkpoints(
+        toy, head, tmp_path, method, examples):
+    import chex
+
+    # Traced once per distinct batch shape: the shape probe (1), training batches (2; the last,
+    # short one is padded) and the test set (3, one batch of its own size). A retrace per batch
+    # or per checkpoint would exceed this.
+    chex.clear_trace_counter()  # counts are kept per code location, across parametrisations
+    loss = chex.assert_max_traces(
+        lambda logits, labels: classwise_dice_loss(logits, labels)[:, 1:], n=3)
+    fn = make_class_grad_fn(toy.model, head, loss_fn=loss, method=method, examples=examples,
+                            tag=f"traced-{method}")
+    _run(toy, fn, tmp_path, "out", batch_size=2)  # 4 training batches x 2 checkpoints
+
+
+def test_public_boundaries_check_shapes(toy, head):
+    from tracin_jax.influence import contract
+
+    fn = make_class_grad_fn(toy.model, head)
+    with pytest.raises(AssertionError):
+        class_tracin(fn, toy.checkpoints, toy.train.images, toy.train.labels[:, 0],
+                     toy.test.images, toy.test.labels)
+    with pytest.raises(AssertionError):
+        contract(np.zeros((2, 3, 5), np.float32), np.zeros((4, 3, 6), np.float32))

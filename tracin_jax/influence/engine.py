@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -481,6 +482,9 @@ def class_tracin(grad_fn, checkpoints: Sequence[Any], train_images, train_labels
 
     Returns (scores f32[n_test, C, n_train, C], self_influence f32[n_train, C]).
     """
+    chex.assert_rank([train_images, train_labels, test_images, test_labels], [4, 3, 4, 3])
+    chex.assert_equal_shape_prefix([train_images, train_labels], 3)
+    chex.assert_equal_shape_prefix([test_images, test_labels], 3)
     mesh = mesh if mesh is not None else sharding.train_mesh()
     tr, te = [], []
     for ckpt in checkpoints:

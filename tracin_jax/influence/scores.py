@@ -28,6 +28,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +43,8 @@ NO_INDEX = np.iinfo(np.int32).max  # sorts after every real index
 @jax.jit
 def contract(test_feats: jax.Array, train_feats: jax.Array) -> jax.Array:
     """f32[n_test, C, F] x f32[nb, C, F] -> f32[n_test, C, nb, C]."""
+    chex.assert_rank([test_feats, train_feats], 3)
+    chex.assert_equal_shape_suffix([test_feats, train_feats], 2)  # same classes and features
     return jnp.einsum("aif,bjf->aibj", test_feats, train_feats, precision=HIGHEST)
 
 

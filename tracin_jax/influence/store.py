@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -291,6 +292,8 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
     (rounded up to the device count): padded rows are computed in full, so a handful of test
     examples would otherwise cost a whole batch.
     """
+    chex.assert_rank([images, labels], [4, 3])
+    chex.assert_equal_shape_prefix([images, labels], 3)  # [n, H, W] of both
     n = len(images)
     bs = sharding.padded_size(max(1, min(batch_size, n)), mesh)
     scale = jnp.float32(math.sqrt(float(lr)))
@@ -309,6 +312,8 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
         g = run(variables, sharding.shard_rows(x, mesh), sharding.shard_rows(y, mesh))
+        chex.assert_rank(g, 3)  # f32[B, C, D]
+        chex.assert_axis_dimension(g, 0, bs)
         outs.append(_scale(g, scale)[: bs - pad])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
