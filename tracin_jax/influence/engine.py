@@ -6,17 +6,19 @@ disk (:mod:`.store`) -> blocked contraction, top-K, patients, self-influence (:m
 
 Files written into ``out`` (each to a temporary name, then renamed; ``meta.json`` last):
 
-- ``scores.npy``: f32[n_test, 3, n_train, 3] (test example, test class, train example, train
-  class; classes NCR/NET, ED, ET), when it fits ``memory_budget_gb``;
-- ``self_influence.npy``: f32[n_train, 3];
-- ``test_present.npy`` / ``train_present.npy``: bool[n, 3], class present in the ground truth;
+- ``scores.npy``: f32[n_test, C, n_train, C] (test example, test class, train example, train
+  class; by default C = 3: NCR/NET, ED, ET, the gradient function's ``class_names`` and
+  ``class_labels``), when it fits ``memory_budget_gb`` on top of the stage's working memory;
+- ``self_influence.npy``: f32[n_train, C];
+- ``test_present.npy`` / ``train_present.npy``: bool[n, C], class c present in the ground truth
+  (label value ``class_labels[c]``);
 - ``topk_{proponents,opponents}_{indices,scores}.npy``: int32 / f32[n_test, 3, 3, K] (test
   example, test class, train class, rank), when ``topk`` is given or the full tensor does not
   fit (then K = DEFAULT_TOPK); absent test classes hold -1 / NaN;
 - ``patient_scores.npy``: f32[n_test, 3, n_patients, 3], the sum over each training patient's
   slices (patients sorted by case id, listed in meta), when it fits; with ``topk`` also
   ``topk_patients_*`` ranked over patients;
-- ``meta.json``: ids, cases, patients, checkpoints (epoch, lr), parameter subset (name, paths,
+- ``meta.json``: class names and label values, ids, cases, patients, checkpoints (epoch, lr), parameter subset (name, paths,
   size), projection, files and shapes, timings, device count.
 
 Sign convention: a positive score means a proponent (a gradient step on the training example
@@ -244,7 +246,9 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
         does not fit, then DEFAULT_TOPK).
       batch_size: examples per gradient batch (rounded up to the device count).
       chunk_size: training examples per store chunk and per scoring block.
-      memory_budget_gb: largest score tensor (slices or patients) materialised on the host.
+      memory_budget_gb: bound on the stage's memory: a budget below :func:`memory_estimate`
+        is refused up front; the full score tensor (slices or patients) is kept only when it
+        fits on top of the estimate, else top-K is streamed.
       data_dir: overrides the data folder recorded in the workdir.
       progress: show tqdm bars.
       loss: the class-wise loss differentiated: ``dice`` (the training loss, the paper) or
