@@ -153,8 +153,9 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
                     chunk_size: int, batch_size: int, grad_params: int, split: str) -> dict:
     """Bytes the influence stage holds at its peak, by part (float32 everywhere).
 
-    - ``query_features``: the test features f32[n_test, C, T*D] (``split='train'``: one store
-      block of queries, f32[chunk, C, T*D]);
+    - ``query_features``: the test features f32[n_test, C, T*D], twice (the per-checkpoint
+      parts and their concatenation; ``split='train'``: one store block of queries, on the host
+      and on device);
     - ``train_block``: one store chunk of every checkpoint, f32[chunk, C, T*D], twice (the host
       concatenation and its device copy);
     - ``batch_gradients``: one gradient batch before projection, f32[B, C, P] for P parameters,
@@ -169,7 +170,7 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
     row = c * n_checkpoints * dim * f
     n_query = n_test if split == "test" else width
     parts = {
-        "query_features": n_query * row,
+        "query_features": 2 * n_query * row,
         "train_block": 2 * width * row,
         "batch_gradients": 2 * batch_size * c * grad_params * f,
         "block_scores": 2 * n_query * c * width * c * f,

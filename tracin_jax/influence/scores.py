@@ -179,7 +179,9 @@ def score_blocks(test_feats: jax.Array, read_block: Callable[[int], np.ndarray],
         rows = stop - start
         block = np.asarray(read_block(kb), np.float32)
         # Every block is padded to one width so that one compiled program serves them all.
-        block = np.concatenate([block, np.zeros((width - rows, *block.shape[1:]), np.float32)])
+        if width > rows:  # (no copy of a full block)
+            block = np.concatenate([block, np.zeros((width - rows, *block.shape[1:]),
+                                                    np.float32)])
         idx = np.full(width, -1, np.int32)
         idx[:rows] = np.arange(start, stop, dtype=np.int32)
         train = sharding.shard_rows(block, mesh)
