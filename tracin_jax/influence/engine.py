@@ -156,14 +156,19 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
     - ``query_features``: the test features f32[n_test, C, T*D], twice (the per-checkpoint
       parts and their concatenation; ``split='train'``: one store block of queries, on the host
       and on device);
-    - ``train_block``: one store chunk of every checkpoint, f32[chunk, C, T*D], twice (the host
-      concatenation and its device copy);
+    - ``train_block``: one store chunk of every checkpoint, f32[chunk, C, T*D], three times (the
+      memory-mapped chunk files' pages, which count as resident while they are read, their host
+      concatenation, and its device copy);
     - ``batch_gradients``: one gradient batch before projection, f32[B, C, P] for P parameters,
       twice (the stacked per-example leaves and their flattened concatenation);
     - ``block_scores``: one block's scores f32[n_query, C, chunk, C], on device and on the host.
 
     ``total`` is their sum; the full score tensor (f32[n_test, C, n_train, C]) comes on top
     when it is kept. The fixed XLA workspace of the gradient program is not included.
+
+    Measured on the project's 2-core CPU machine (exact ``all`` gradients of a width-8 U-Net,
+    D = 486,652, 6 checkpoints, 60 training and 20 test slices, batch 4): estimate 7.22 GB,
+    peak RSS 7.55 GB of which 0.28 GB before the stage started.
     """
     f, c = 4, num_classes
     width = min(chunk_size, n_train)
@@ -171,7 +176,7 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
     n_query = n_test if split == "test" else width
     parts = {
         "query_features": 2 * n_query * row,
-        "train_block": 2 * width * row,
+        "train_block": 3 * width * row,
         "batch_gradients": 2 * batch_size * c * grad_params * f,
         "block_scores": 2 * n_query * c * width * c * f,
     }
