@@ -37,8 +37,8 @@ Two ways to get the gradients, same numbers:
   batch (one pass over the random matrix per batch). Either way XLA's scratch memory still grows
   linearly with B: compiled ``memory_analysis()`` of the unrolled CountSketch program (U-Net
   width 16, P = 1.94M parameters, 96x96, d = 4096, CPU) gives 82, 115, 187 and 349 MiB of
-  temporaries at B = 1, 2, 4, 8, about 1.8 x B x C x P floats (22 MiB per example) on top of a
-  fixed part; lower the batch size to bound it.
+  temporaries at B = 1, 2, 4, 8: 33-41 MiB more per example, 1.5-1.8 x its C x P floats
+  (22 MiB), on top of a fixed part; lower the batch size to bound it.
 - ``head`` (subsets inside the final 1x1 conv, e.g. ``head``): the logits are
   ``features @ W + b`` pixel by pixel, so ``dD_c/dW = sum_pixels features (x) dD_c/dlogits``
   and ``dD_c/db = sum_pixels dD_c/dlogits``. One batched forward gives the features and logits;
