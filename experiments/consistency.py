@@ -56,7 +56,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from experiments import ranking
 from experiments.mislabel import SYNTH_OVERRIDES, SYNTH_SHAPE, _clean_json

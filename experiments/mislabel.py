@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from experiments import ranking
 from experiments._plots import legend_below, pyplot, save

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ def list_epochs(workdir: str | os.PathLike) -> list[int]:
     path = Path(workdir) / CHECKPOINT_DIR
     if not path.is_dir():
         return []
-    return sorted(int(s) for s in _manager(workdir, read_only=True).all_steps())
+    try:
+        return sorted(int(s) for s in _manager(workdir, read_only=True).all_steps())
+    except Exception as e:  # an unreadable checkpoint folder
+        raise InputError(f"{path}: cannot list checkpoints: {_describe(e)}") from None
 
 
 def save_checkpoint(workdir, epoch: int, variables: Any, opt_state: Any, meta: dict) -> None:
@@ -68,29 +72,71 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
+def _describe(error: BaseException, limit: int = 200) -> str:
+    """One short line from an Orbax/TensorStore error: the innermost cause (TensorStore's status,
+    e.g. ``FAILED_PRECONDITION: Error reading "params...kernel/0.0.0.0": Truncated Zstd-compressed
+    stream``), without the store path the caller already names."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', "", str(error))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _missing_files(workdir, epoch: int, items: tuple[str, ...]) -> list[str]:
+    """Files every complete checkpoint item has, missing from ``epoch`` (relative paths)."""
+    root = Path(workdir) / CHECKPOINT_DIR / str(epoch)
+    need = {"meta": ("metadata",), "variables": ("_METADATA", "manifest.ocdbt"),
+            "opt_state": ("_METADATA", "manifest.ocdbt")}
+    return [f"{item}/{name}" for item in items for name in need[item]
+            if not (root / item / name).is_file()]
+
+
+def _restore(workdir, epoch: int, args: dict) -> dict:
+    """Restores the items ``args`` of checkpoint ``epoch``; any damage -> one-line InputError
+    naming the checkpoint (a deleted or truncated file, a missing item, an unreadable manifest)."""
+    where = f"{workdir}: checkpoint of epoch {epoch} ({Path(workdir) / CHECKPOINT_DIR / str(epoch)})"
+    missing = _missing_files(workdir, epoch, tuple(args))
+    if missing:
+        raise InputError(f"{where} is damaged: missing {', '.join(missing)}")
+    mngr = None
+    try:
+        mngr = _manager(workdir, read_only=True)
+        out = mngr.restore(epoch, args=ocp.args.Composite(**args))
+        # Reading is lazy in places: fetch every array now so damage shows up here.
+        out = {k: jax.block_until_ready(v) for k, v in out.items()}
+    except Exception as e:  # Orbax/TensorStore raise many types; each means unreadable
+        raise InputError(f"{where} cannot be read: {_describe(e)}") from None
+    finally:
+        if mngr is not None:
+            mngr.close()
+    return out
+
+
 def load_meta(workdir, epoch: int) -> dict:
-    mngr = _manager(workdir, read_only=True)
-    return dict(mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    """The JSON meta of ``epoch`` ({"epoch", "step", "lr"})."""
+    meta = _restore(workdir, epoch, {"meta": ocp.args.JsonRestore()})["meta"]
+    if not isinstance(meta, dict) or not {"step", "lr"} <= set(meta):
+        raise InputError(f"{workdir}: checkpoint of epoch {epoch} has no step/lr in its meta")
+    return dict(meta)
 
 
 def load_variables(workdir, epoch: int, like: Any) -> Any:
     """Restores the model variables of ``epoch``; ``like`` gives the tree structure and shapes."""
     if epoch not in list_epochs(workdir):
         raise InputError(f"{workdir}: no checkpoint for epoch {epoch}")
-    mngr = _manager(workdir, read_only=True)
-    out = mngr.restore(epoch, args=ocp.args.Composite(variables=ocp.args.StandardRestore(_abstract(like))))
-    return out["variables"]
+    args = {"variables": ocp.args.StandardRestore(_abstract(like))}
+    return _restore(workdir, epoch, args)["variables"]
 
 
 def load_training_state(workdir, epoch: int, variables_like: Any, opt_state_like: Any):
     """Restores (variables, opt_state, meta) of ``epoch`` for resuming training."""
-    mngr = _manager(workdir, read_only=True)
-    out = mngr.restore(
-        epoch,
-        args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(_abstract(variables_like)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    out = _restore(workdir, epoch, {
+        "variables": ocp.args.StandardRestore(_abstract(variables_like)),
+        "opt_state": ocp.args.StandardRestore(_abstract(opt_state_like)),
+        "meta": ocp.args.JsonRestore(),
+    })
     return out["variables"], out["opt_state"], dict(out["meta"])

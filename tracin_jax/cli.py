@@ -14,6 +14,11 @@ from pathlib import Path
 
 from tracin_jax.errors import InputError
 
+DESCRIPTION = ("Class-wise TracIn explanations of brain-tumour segmentation models: write synthetic "
+               "data (synth), train a U-Net (train), score training slices per class (influence), "
+               "write the HTML report (explain), or all four on the embedded data (demo). Bad "
+               "input prints one error line and exits with status 2.")
+
 
 def _cmd_synth(args) -> None:
     from tracin_jax.data import write_synthetic_dataset
@@ -95,7 +100,7 @@ def _cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tracin-jax", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tracin-jax", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write the embedded synthetic BraTS-2019-layout dataset")

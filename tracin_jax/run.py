@@ -42,6 +42,12 @@ class Checkpoint:
             self._variables = checkpoints.load_variables(self.workdir, self.epoch, self._like)
         return self._variables
 
+    def check(self) -> None:
+        """Reads the variables once (without keeping them) so a damaged checkpoint is reported,
+        as a one-line InputError, before any work starts."""
+        if self._variables is None:
+            checkpoints.load_variables(self.workdir, self.epoch, self._like)
+
 
 class Run:
     """A trained run: config, checkpoints in epoch order, pure apply and loss, and the data."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.config import DataConfig
 from tracin_jax.data import cache as cache_lib

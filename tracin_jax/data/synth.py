@@ -52,7 +52,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.errors import InputError
 

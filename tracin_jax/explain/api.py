@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.errors import InputError
 from tracin_jax.explain import faithfulness as fa

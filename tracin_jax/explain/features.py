@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 SIMILARITIES = ("cosine", "max_ratio", "max_product")
 

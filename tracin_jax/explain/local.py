@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.errors import InputError
 from tracin_jax.explain import figures as fig

@@ -6,17 +6,19 @@ disk (:mod:`.store`) -> blocked contraction, top-K, patients, self-influence (:m
 
 Files written into ``out`` (each to a temporary name, then renamed; ``meta.json`` last):
 
-- ``scores.npy``: f32[n_test, 3, n_train, 3] (test example, test class, train example, train
-  class; classes NCR/NET, ED, ET), when it fits ``memory_budget_gb``;
-- ``self_influence.npy``: f32[n_train, 3];
-- ``test_present.npy`` / ``train_present.npy``: bool[n, 3], class present in the ground truth;
+- ``scores.npy``: f32[n_test, C, n_train, C] (test example, test class, train example, train
+  class; by default C = 3: NCR/NET, ED, ET, the gradient function's ``class_names`` and
+  ``class_labels``), when it fits ``memory_budget_gb`` on top of the stage's working memory;
+- ``self_influence.npy``: f32[n_train, C];
+- ``test_present.npy`` / ``train_present.npy``: bool[n, C], class c present in the ground truth
+  (label value ``class_labels[c]``);
 - ``topk_{proponents,opponents}_{indices,scores}.npy``: int32 / f32[n_test, 3, 3, K] (test
   example, test class, train class, rank), when ``topk`` is given or the full tensor does not
   fit (then K = DEFAULT_TOPK); absent test classes hold -1 / NaN;
 - ``patient_scores.npy``: f32[n_test, 3, n_patients, 3], the sum over each training patient's
   slices (patients sorted by case id, listed in meta), when it fits; with ``topk`` also
   ``topk_patients_*`` ranked over patients;
-- ``meta.json``: ids, cases, patients, checkpoints (epoch, lr), parameter subset (name, paths,
+- ``meta.json``: class names and label values, ids, cases, patients, checkpoints (epoch, lr), parameter subset (name, paths,
   size), projection, files and shapes, timings, device count.
 
 Sign convention: a positive score means a proponent (a gradient step on the training example
@@ -31,15 +33,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
-from tracin_jax.influence.grads import make_class_grad_fn, normalised
+from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, class_axis, make_class_grad_fn,
+                                        normalised)
 from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
 from tracin_jax.influence.scores import (contract, finalise_topk, patient_index, score_blocks,
                                          squared_norms, topk_from_scores)
@@ -47,7 +51,7 @@ from tracin_jax.influence.store import (FeatureStore, compute_features, feature_
                                         featurise_checkpoint, finish_stats, make_header,
                                         store_key)
 from tracin_jax.influence.subsets import resolve_subset
-from tracin_jax.training.losses import CLASS_NAMES, tumour_cross_entropy, tumour_dice_loss
+from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 
 DEFAULT_TOPK = 10
 SPLITS = ("test", "train")
@@ -60,11 +64,18 @@ OUTPUT_FILES = (
 )
 
 
-def class_present(labels: np.ndarray, num_classes: int = 3) -> np.ndarray:
-    """bool[n, C]: class c (label value c + 1; 0 is background) occurs in the slice."""
-    labels = np.asarray(labels)
-    return np.stack([(labels == c + 1).reshape(len(labels), -1).any(axis=1)
-                     for c in range(num_classes)], axis=1)
+def class_present(labels: np.ndarray, class_labels: Sequence[int] | int = DEFAULT_CLASS_LABELS
+                  ) -> np.ndarray:
+    """labels int[n, H, W] -> bool[n, C]: label value ``class_labels[c]`` occurs in the slice.
+
+    ``class_labels``: the label value of each class of the loss (default 1, 2, 3: NCR/NET, ED,
+    ET); an int C means labels 1..C.
+    """
+    if isinstance(class_labels, (int, np.integer)):
+        class_labels = range(1, int(class_labels) + 1)
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    return np.stack([(labels == v).any(axis=1) for v in class_labels], axis=1).reshape(
+        len(labels), len(list(class_labels)))
 
 
 def parse_checkpoints(spec: Any, available: Sequence[int], workdir: Any = "") -> list[int]:
@@ -115,9 +126,91 @@ def _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed
         raise InputError(f"projection seed {proj_seed!r} must be an integer")
 
 
+def check_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """Raises a one-line InputError unless folder ``path`` exists and is writable or can be
+    created (its nearest existing parent is a writable folder). Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(f"{what} {path}: cannot be created, {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        detail = "is not writable" if probe == path else f"cannot be created, {probe} is not writable"
+        raise InputError(f"{what} {path}: {detail}")
+
+
 def _check_loss(loss) -> None:
     if loss not in LOSSES:
         raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
+
+
+def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_checkpoints: int,
+                    chunk_size: int, batch_size: int, grad_params: int, split: str) -> dict:
+    """Bytes the influence stage holds at its peak, by part (float32 everywhere).
+
+    - ``query_features``: the test features f32[n_test, C, T*D], twice (the per-checkpoint
+      parts and their concatenation; ``split='train'``: one store block of queries, on the host
+      and on device);
+    - ``train_block``: one store chunk of every checkpoint, f32[chunk, C, T*D], three times (the
+      memory-mapped chunk files' pages, which count as resident while they are read, their host
+      concatenation, and its device copy);
+    - ``batch_gradients``: one gradient batch before projection, f32[B, C, P] for P parameters,
+      twice (the stacked per-example leaves and their flattened concatenation);
+    - ``block_scores``: one block's scores f32[n_query, C, chunk, C], on device and on the host.
+
+    ``total`` is their sum; the full score tensor (f32[n_test, C, n_train, C]) comes on top
+    when it is kept. The fixed XLA workspace of the gradient program is not included.
+
+    Measured on the project's 2-core CPU machine (exact ``all`` gradients of a width-8 U-Net,
+    D = 486,652, 6 checkpoints, 60 training and 20 test slices, batch 4): estimate 7.22 GB,
+    peak RSS 7.55 GB of which 0.28 GB before the stage started.
+    """
+    f, c = 4, num_classes
+    width = min(chunk_size, n_train)
+    row = c * n_checkpoints * dim * f
+    n_query = n_test if split == "test" else width
+    parts = {
+        "query_features": 2 * n_query * row,
+        "train_block": 3 * width * row,
+        "batch_gradients": 2 * batch_size * c * grad_params * f,
+        "block_scores": 2 * n_query * c * width * c * f,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_memory(estimate: dict, budget_bytes: float, projected: bool) -> None:
+    """One-line InputError when the estimated peak exceeds the budget, with what to change."""
+    if estimate["total"] <= budget_bytes:
+        return
+    gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
+    parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in estimate.items() if k != "total")
+    need = max(0.1, round(estimate["total"] * 1.1 / 2**30 + 0.05, 1))
+    fix = (f"use --proj-dim 4096 (projected gradients) or --memory-budget-gb {need}" if not projected
+           else f"use a smaller --proj-dim, --batch-size or chunk size, or --memory-budget-gb {need}")
+    raise InputError(f"--memory-budget-gb {budget_bytes / 2**30:g}: the influence stage needs "
+                     f"about {gb(estimate['total'])} ({parts}); {fix}")
+
+
+def _join_query_blocks(parts: list[dict]) -> dict:
+    """Joins :func:`score_blocks` results of consecutive query blocks along the query axis."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    state = None
+    if first["topk_state"] is not None:
+        state = {side: {key: jnp.concatenate([p["topk_state"][side][key] for p in parts])
+                        for key in ("key", "idx")} for side in first["topk_state"]}
+    pat = None
+    if first["patient_scores"] is not None:
+        pat = jnp.concatenate([p["patient_scores"] for p in parts])
+    return {"self_influence": first["self_influence"], "topk_state": state,
+            "patient_scores": pat}
 
 
 def run_grad_fn(run, params="head", *, proj_dim=None, proj_seed=0, proj_kind=DEFAULT_PROJ_KIND,
@@ -159,7 +252,9 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
         does not fit, then DEFAULT_TOPK).
       batch_size: examples per gradient batch (rounded up to the device count).
       chunk_size: training examples per store chunk and per scoring block.
-      memory_budget_gb: largest score tensor (slices or patients) materialised on the host.
+      memory_budget_gb: bound on the stage's memory: a budget below :func:`memory_estimate`
+        is refused up front; the full score tensor (slices or patients) is kept only when it
+        fits on top of the estimate, else top-K is streamed.
       data_dir: overrides the data folder recorded in the workdir.
       progress: show tqdm bars.
       loss: the class-wise loss differentiated: ``dice`` (the training loss, the paper) or
@@ -176,6 +271,9 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     t0 = time.perf_counter()
     _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
     _check_loss(loss)
+    check_writable_folder(out, "--out")
+    check_writable_folder(store_dir if store_dir is not None else Path(workdir) / "features",
+                          "feature store")
     run = load_run(workdir, data_dir)
     available = [c.epoch for c in run.checkpoints]
     epochs = parse_checkpoints(checkpoints, available, workdir)
@@ -191,6 +289,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     for c in chosen:
         if not c.lr >= 0:
             raise InputError(f"{workdir}: checkpoint {c.epoch} records learning rate {c.lr}")
+    for c in chosen:  # a damaged checkpoint fails here, before any file or folder is made
+        c.check()
     load_s = time.perf_counter() - t0
     meta = compute_influence(
         grad_fn, chosen, train, test, out, split=split, topk=topk, batch_size=batch_size,
@@ -203,22 +303,25 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                       out: str | os.PathLike, *, split: str = "test", topk: int | None = None,
                       batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
                       progress: bool = True, store_dir: str | os.PathLike | None = None,
-                      workdir: str | os.PathLike | None = None, class_names=CLASS_NAMES,
-                      extra_timings: dict | None = None, mesh=None) -> dict:
+                      workdir: str | os.PathLike | None = None, class_names=None,
+                      class_labels=None, extra_timings: dict | None = None, mesh=None) -> dict:
     """The engine without the workdir: gradient function, checkpoints and examples given.
 
     ``checkpoints``: objects with ``epoch``, ``lr``, ``variables``; ``train``/``test``: objects
     with ``images`` f32[N,H,W,4], ``labels`` int[N,H,W], ``ids`` and ``cases``. ``split='train'``
     means ``test`` is the training set (its features are read back from the store). The store
     lives in ``store_dir``, else ``<workdir>/features/<key>``. ``mesh``: the devices to shard
-    the training axis over (default: all visible, :func:`~.sharding.train_mesh`). Returns the
-    meta dict.
+    the training axis over (default: all visible, :func:`~.sharding.train_mesh`).
+    ``class_names``/``class_labels``: the names and label values of the gradient function's C
+    classes (default: its own ``class_names``/``class_labels``, else NCR/NET, ED, ET <- 1, 2, 3);
+    their count must equal C. Returns the meta dict.
     """
     timings = dict(extra_timings or {})
     out = Path(out)
-    if sharding.is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
+    check_writable_folder(out, "--out")
+    if store_dir is not None or workdir is not None:
+        check_writable_folder(store_dir if store_dir is not None else Path(workdir) / "features",
+                              "feature store")
     mesh = mesh if mesh is not None else sharding.train_mesh()
     train_ids, test_ids = [str(i) for i in train.ids], [str(i) for i in test.ids]
     n_train, n_test = len(train_ids), len(test_ids)
@@ -227,12 +330,33 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                          f"{len(checkpoints)} checkpoints")
 
     c, dim = feature_shape(grad_fn, checkpoints[0].variables, train.images, train.labels)
+    class_names, class_labels = class_axis(
+        class_names if class_names is not None else getattr(grad_fn, "class_names", None),
+        class_labels if class_labels is not None else getattr(grad_fn, "class_labels", None))
+    if len(class_labels) != c:
+        raise InputError(f"the gradient function gives {c} classes but its class labels are "
+                         f"{list(class_labels)} ({', '.join(class_names)}); pass class_labels= "
+                         f"(and class_names=) with {c} entries to make_class_grad_fn, e.g. "
+                         "class_labels=(0, 1, 2, 3) for a loss with background first")
     header = make_header(grad_fn, train_ids, chunk_size, c, dim)
     if store_dir is None:
         if workdir is None:
             raise ValueError("compute_influence needs store_dir or workdir")
         store_dir = Path(workdir) / "features" / store_key(header)
-    store = FeatureStore(store_dir, header, ids=train_ids)
+    subset = getattr(grad_fn, "subset", None)
+    estimate = memory_estimate(
+        n_test=n_test, n_train=n_train, num_classes=c, dim=dim, n_checkpoints=len(checkpoints),
+        chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, mesh),
+        grad_params=subset.size if subset is not None else dim, split=split)
+    budget = float(memory_budget_gb) * 2**30
+    check_memory(estimate, budget, projected=getattr(grad_fn, "projector", None) is not None)
+    store = FeatureStore(store_dir, header, ids=train_ids)  # refuses another setting's store
+    if sharding.is_writer():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "meta.json").unlink(missing_ok=True)
+        except OSError as e:
+            raise InputError(f"--out {out}: cannot be written ({e.strerror})") from None
 
     # Stage 1, checkpoints outermost: test features in memory, training features to the store.
     t = time.perf_counter()
@@ -258,10 +382,14 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     epochs = [ckpt.epoch for ckpt in checkpoints]
     blocks = [store.chunk_rows(k) for k in range(store.n_chunks)]
     if split == "train":
-        test_feats = jnp.asarray(np.concatenate([store.read_block(epochs, k)
-                                                 for k in range(store.n_chunks)]))
+        # The query side streams from the store too, one block at a time: memory is bounded
+        # by two blocks, not by the training set times the checkpoints.
+        queries = [(start, stop, partial(store.read_block, epochs, kq))
+                   for kq, (start, stop) in enumerate(blocks)]
     else:
         test_feats = jnp.concatenate(test_parts, axis=-1)
+        del test_parts
+        queries = [(0, n_test, lambda: test_feats)]
     timings["features_s"] = round(time.perf_counter() - t, 3)
     timings["test_features_s"] = round(test_s, 3)
     timings["test_examples_per_s"] = (round(n_test * len(checkpoints) / test_s, 2)
@@ -270,25 +398,28 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
 
     # Stage 2: blocked contraction over the training axis.
     t = time.perf_counter()
-    budget = float(memory_budget_gb) * 2**30
     full_bytes = 4 * n_test * c * n_train * c
-    fits = full_bytes <= budget
+    fits = estimate["total"] + full_bytes <= budget
     k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
     k = min(int(k), n_train) if k else None  # ranks beyond n_train would be empty
     patients, patient_of = patient_index(train.cases)
-    pat_fits = 4 * n_test * c * len(patients) * c <= budget
-    test_present = class_present(test.labels, c)
-    train_present = class_present(train.labels, c)
+    pat_fits = estimate["total"] + 4 * n_test * c * len(patients) * c <= budget
+    test_present = class_present(test.labels, class_labels)
+    train_present = class_present(train.labels, class_labels)
     written: dict[str, list[int]] = {}
     scores_tmp = out / "scores.npy.tmp"
     scores_out = None
     if fits and sharding.is_writer():
         scores_out = np.lib.format.open_memmap(scores_tmp, mode="w+", dtype=np.float32,
                                                shape=(n_test, c, n_train, c))
-    result = score_blocks(test_feats, lambda kb: store.read_block(epochs, kb), blocks, mesh=mesh,
-                          scores_out=scores_out, collect_scores=fits, topk=k,
-                          patient_of=patient_of if pat_fits else None,
-                          n_patients=len(patients), progress=progress)
+    parts = []
+    for qs, qe, read_query in queries:
+        parts.append(score_blocks(
+            read_query(), lambda kb: store.read_block(epochs, kb), blocks, mesh=mesh,
+            scores_out=scores_out[qs:qe] if scores_out is not None else None,
+            collect_scores=fits, topk=k, patient_of=patient_of if pat_fits else None,
+            n_patients=len(patients), progress=progress, self_influence=not parts))
+    result = _join_query_blocks(parts)
     timings["scores_s"] = round(time.perf_counter() - t, 3)
 
     # Stage 3: files (each atomic), meta.json last.
@@ -327,7 +458,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         "format": 1,
         "workdir": str(workdir) if workdir is not None else None,
         "split": split,
-        "class_names": list(class_names)[:c],
+        "class_names": list(class_names),
+        "class_labels": list(class_labels),
         "score_axes": ["test example", "test class", "train example", "train class"],
         "topk_axes": ["test example", "test class", "train class", "rank"],
         "n_test": n_test, "n_train": n_train,
@@ -360,6 +492,9 @@ def class_tracin(grad_fn, checkpoints: Sequence[Any], train_images, train_labels
 
     Returns (scores f32[n_test, C, n_train, C], self_influence f32[n_train, C]).
     """
+    chex.assert_rank([train_images, train_labels, test_images, test_labels], [4, 3, 4, 3])
+    chex.assert_equal_shape_prefix([train_images, train_labels], 3)
+    chex.assert_equal_shape_prefix([test_images, test_labels], 3)
     mesh = mesh if mesh is not None else sharding.train_mesh()
     tr, te = [], []
     for ckpt in checkpoints:

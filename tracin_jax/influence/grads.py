@@ -8,8 +8,10 @@ row ``[b, c]`` is the gradient of the class-c loss of example b with respect to 
 parameter subset, flattened (leaves in ``subset.paths`` order) or projected to D = d numbers.
 Anything with that signature can replace :func:`make_class_grad_fn`'s result (the feature store
 and the scorer only see the arrays); give it a ``tag`` attribute (a string naming what it
-computes) so features of different functions never share a store. :class:`ClassGradFunction`
-carries that tag, the subset and the projector.
+computes) so features of different functions never share a store; the store refuses a
+function without one, since a ``__name__`` such as ``<lambda>`` does not tell two functions
+apart. :class:`ClassGradFunction` carries that tag, the subset, the projector, and the names and
+label values of the C classes.
 
 The loss is pluggable: ``loss_fn(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]``, one
 value per example and class, each example's row depending on that example only (default
@@ -31,8 +33,12 @@ Two ways to get the gradients, same numbers:
     the accelerator's batched kernels (not yet measured on an accelerator in this project).
 
   With a ``countsketch`` projector, each example's gradient is projected as soon as it is
-  computed (its sketch indices drawn once per batch), so a batch never holds B x C x P floats;
-  dense projections run once on the stacked batch (one pass over the random matrix per batch).
+  computed (its sketch indices drawn once per batch); dense projections run once on the stacked
+  batch (one pass over the random matrix per batch). Either way XLA's scratch memory still grows
+  linearly with B: compiled ``memory_analysis()`` of the unrolled CountSketch program (U-Net
+  width 16, P = 1.94M parameters, 96x96, d = 4096, CPU) gives 82, 115, 187 and 349 MiB of
+  temporaries at B = 1, 2, 4, 8: 33-41 MiB more per example, 1.5-1.8 x its C x P floats
+  (22 MiB), on top of a fixed part; lower the batch size to bound it.
 - ``head`` (subsets inside the final 1x1 conv, e.g. ``head``): the logits are
   ``features @ W + b`` pixel by pixel, so ``dD_c/dW = sum_pixels features (x) dD_c/dlogits``
   and ``dD_c/db = sum_pixels dD_c/dlogits``. One batched forward gives the features and logits;
@@ -47,6 +53,7 @@ NVIDIA GPUs, as in training). For full float32 there, call under
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -54,9 +61,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from tracin_jax.errors import InputError
 from tracin_jax.influence.projection import Projector
 from tracin_jax.influence.subsets import ParamSubset
-from tracin_jax.training.losses import tumour_dice_loss
+from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
 
 ClassGradFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -64,28 +72,82 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 HEAD_PATHS = ("head/bias", "head/kernel")
 
 
+# Label value -> class name of the BraTS label map (label 3 is the remapped ET, see data.labels).
+LABEL_NAMES = {0: "background", 1: "NCR/NET", 2: "ED", 3: "ET"}
+DEFAULT_CLASS_LABELS = (1, 2, 3)
+
+
 @dataclass(frozen=True)
 class ClassGradFunction:
-    """A ClassGradFn plus what the feature store keys on.
+    """A ClassGradFn plus what the feature store keys on and what its class axis means.
 
     ``fn(variables, images, labels) -> f32[B, C, dim]``; ``tag`` names what it computes (loss,
-    method, any wrapping); ``subset`` and ``projector`` are None when unknown / exact.
+    method, any wrapping), None when it cannot be named (a lambda or closure given no tag: fine
+    in memory, refused by the feature store); ``subset`` and ``projector`` are None when unknown /
+    exact. ``class_labels[c]`` is the label value class c of the loss scores (its presence in a
+    slice is tested against that value) and ``class_names[c]`` its name; both have C entries
+    (default NCR/NET, ED, ET <- labels 1, 2, 3; a loss with background first: 0, 1, 2, 3).
     """
 
     fn: Callable = field(repr=False)
-    tag: str
+    tag: str | None
     dim: int
     subset: ParamSubset | None = None
     projector: Projector | None = None
+    class_names: tuple[str, ...] = CLASS_NAMES
+    class_labels: tuple[int, ...] = DEFAULT_CLASS_LABELS
+
+    def __post_init__(self):
+        names, labels = class_axis(self.class_names, self.class_labels)
+        object.__setattr__(self, "class_names", names)
+        object.__setattr__(self, "class_labels", labels)
 
     def __call__(self, variables: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
         return self.fn(variables, images, labels)
 
 
-def _loss_name(loss_fn: LossFn) -> str:
-    base = getattr(loss_fn, "func", loss_fn)  # functools.partial
-    name = getattr(base, "__name__", type(base).__name__)
-    kw = getattr(loss_fn, "keywords", None)
+def class_axis(class_names=None, class_labels=None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(names, label values) of a loss's class axis: labels default to 1, 2, 3; names default
+    to those of the labels (:data:`LABEL_NAMES`)."""
+    labels = tuple(int(v) for v in (class_labels if class_labels is not None
+                                    else DEFAULT_CLASS_LABELS))
+    if class_names is None:
+        class_names = [LABEL_NAMES.get(v, f"label {v}") for v in labels]
+    names = tuple(str(n) for n in class_names)
+    if len(names) != len(labels):
+        raise InputError(f"class_names {list(names)} and class_labels {list(labels)} differ "
+                         "in length")
+    return names, labels
+
+
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def unique_name(fn: Any) -> str | None:
+    """A name that identifies what ``fn`` computes, or None when its name does not.
+
+    A function defined at module level is named by its module and qualified name (the
+    project's own losses by their bare name); a ``functools.partial`` of one adds its
+    keyword arguments when those are plain values. Lambdas, local functions and closures,
+    bound methods and callable objects (whose behaviour depends on state the name does not
+    show), and partials of those, give None: such a function needs an explicit tag.
+    """
+    kw = {}
+    if isinstance(fn, functools.partial):
+        if fn.args or not all(isinstance(v, _SIMPLE) for v in fn.keywords.values()):
+            return None
+        kw = fn.keywords
+        fn = fn.func
+        if isinstance(fn, functools.partial):
+            return None
+    fn = inspect.unwrap(fn)  # jax.jit and functools.wraps keep the wrapped function here
+    if not (inspect.isfunction(fn) or inspect.isbuiltin(fn)):
+        return None
+    qualname = getattr(fn, "__qualname__", "")
+    if not qualname or "<lambda>" in qualname or "<locals>" in qualname:
+        return None
+    module = getattr(fn, "__module__", None) or ""
+    name = fn.__name__ if module.startswith("tracin_jax.") else f"{module}.{qualname}"
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(kw.items())) + ")" if kw else "")
 
 
@@ -134,7 +196,8 @@ def default_examples_mode() -> str:
 
 def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour_dice_loss,
                        projector: Projector | None = None, *, method: str = "auto",
-                       examples: str = "auto", tag: str | None = None) -> ClassGradFunction:
+                       examples: str = "auto", tag: str | None = None, class_names=None,
+                       class_labels=None) -> ClassGradFunction:
     """Builds the jitted ClassGradFn for a Flax model and parameter subset.
 
     Args:
@@ -147,7 +210,13 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
       method: ``auto`` (``head`` when the subset allows it, else ``vjp``), ``head`` or ``vjp``.
       examples: how ``vjp`` goes over the examples of a batch: ``auto`` (``unroll`` on CPU,
         ``vmap`` elsewhere), ``unroll`` or ``vmap``. Same numbers either way.
-      tag: names the features for the store; default derived from loss, method and subset.
+      tag: names the features for the store; default derived from the loss's name, method and
+        projection. A loss whose name does not identify it (a lambda, a local function or
+        closure, a bound method, a partial of those) gets no default: pass ``tag="..."`` to use
+        the feature store (``run_influence``/``compute_influence``); in memory it is not needed.
+      class_names, class_labels: what the loss's C classes are: label values (default 1, 2, 3,
+        the tumour classes) and names (default from the labels: 0 background, 1 NCR/NET, 2 ED,
+        3 ET). A loss that includes background first: ``class_labels=(0, 1, 2, 3)``.
     Returns:
       ClassGradFunction: ``(variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B,C,D]``.
     """
@@ -220,10 +289,12 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
         return vjp_features(variables, images, labels)
 
     dim = projector.dim if projector is not None else subset.size
-    if tag is None:
+    names, labels = class_axis(class_names, class_labels)
+    if tag is None and unique_name(loss_fn) is not None:
         proj = "exact" if projector is None else f"{projector.kind}{projector.dim}s{projector.seed}"
-        tag = f"{_loss_name(loss_fn)}|{method}|{proj}"
-    return ClassGradFunction(fn=fn, tag=tag, dim=dim, subset=subset, projector=projector)
+        tag = f"{unique_name(loss_fn)}|{method}|{proj}"
+    return ClassGradFunction(fn=fn, tag=tag, dim=dim, subset=subset, projector=projector,
+                             class_names=names, class_labels=labels)
 
 
 def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
@@ -239,11 +310,15 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
         g = inner(variables, images, labels)
         return g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + eps)
 
+    inner_tag = getattr(grad_fn, "tag", None) or unique_name(grad_fn)
     return ClassGradFunction(
-        fn=fn, tag=f"normalised({getattr(grad_fn, 'tag', _loss_name(grad_fn))})",
+        fn=fn, tag=f"normalised({inner_tag})" if inner_tag else None,
         dim=getattr(grad_fn, "dim", -1), subset=getattr(grad_fn, "subset", None),
-        projector=getattr(grad_fn, "projector", None))
+        projector=getattr(grad_fn, "projector", None),
+        class_names=getattr(grad_fn, "class_names", CLASS_NAMES),
+        class_labels=getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS))
 
 
-__all__ = ["ClassGradFn", "ClassGradFunction", "LossFn", "class_logit_grads",
-           "default_examples_mode", "is_head_subset", "make_class_grad_fn", "normalised"]
+__all__ = ["DEFAULT_CLASS_LABELS", "LABEL_NAMES", "ClassGradFn", "ClassGradFunction", "LossFn",
+           "class_axis", "class_logit_grads", "default_examples_mode", "is_head_subset",
+           "make_class_grad_fn", "normalised", "unique_name"]

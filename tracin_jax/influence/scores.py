@@ -28,10 +28,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.influence import sharding
 
@@ -42,6 +43,8 @@ NO_INDEX = np.iinfo(np.int32).max  # sorts after every real index
 @jax.jit
 def contract(test_feats: jax.Array, train_feats: jax.Array) -> jax.Array:
     """f32[n_test, C, F] x f32[nb, C, F] -> f32[n_test, C, nb, C]."""
+    chex.assert_rank([test_feats, train_feats], 3)
+    chex.assert_equal_shape_suffix([test_feats, train_feats], 2)  # same classes and features
     return jnp.einsum("aif,bjf->aibj", test_feats, train_feats, precision=HIGHEST)
 
 
@@ -142,7 +145,7 @@ def topk_from_scores(scores: Any, k: int, test_present: np.ndarray | None = None
 def score_blocks(test_feats: jax.Array, read_block: Callable[[int], np.ndarray],
                  blocks: Sequence[tuple[int, int]], *, mesh, scores_out: np.ndarray | None = None,
                  collect_scores: bool | None = None, topk: int | None = None, patient_of: np.ndarray | None = None,
-                 n_patients: int = 0, progress: bool = False) -> dict:
+                 n_patients: int = 0, progress: bool = False, self_influence: bool = True) -> dict:
     """Contracts test features with training blocks, one block at a time, on device.
 
     Args:
@@ -155,6 +158,7 @@ def score_blocks(test_feats: jax.Array, read_block: Callable[[int], np.ndarray],
         several processes all must collect, while only the writer passes scores_out.
       topk: K for the streaming top-K, or None.
       patient_of: int32[n_train] patient position of every slice (None: no patient sums).
+      self_influence: also compute the training blocks' squared norms (else None).
     Returns:
       {"self_influence": f32[n_train, C], "topk_state": state or None,
        "patient_scores": f32[n_test, C, n_patients, C] or None} (device arrays for the last two).
@@ -175,12 +179,15 @@ def score_blocks(test_feats: jax.Array, read_block: Callable[[int], np.ndarray],
         rows = stop - start
         block = np.asarray(read_block(kb), np.float32)
         # Every block is padded to one width so that one compiled program serves them all.
-        block = np.concatenate([block, np.zeros((width - rows, *block.shape[1:]), np.float32)])
+        if width > rows:  # (no copy of a full block)
+            block = np.concatenate([block, np.zeros((width - rows, *block.shape[1:]),
+                                                    np.float32)])
         idx = np.full(width, -1, np.int32)
         idx[:rows] = np.arange(start, stop, dtype=np.int32)
         train = sharding.shard_rows(block, mesh)
         s = contract(test, train)  # [n_test, C, width, C], sharded on the training axis
-        self_parts.append((rows, squared_norms(train)))
+        if self_influence:
+            self_parts.append((rows, squared_norms(train)))
         if state is not None:
             state = merge_topk(state, s, sharding.shard_rows(idx, mesh), k)
         if pat is not None:
@@ -193,8 +200,10 @@ def score_blocks(test_feats: jax.Array, read_block: Callable[[int], np.ndarray],
                 scores_out[:, :, start:stop, :] = host[:, :, :rows, :]
         bar.update(rows)
     bar.close()
-    self_inf = (np.concatenate([sharding.to_host(p)[:r] for r, p in self_parts])
-                if self_parts else np.zeros((0, c), np.float32))
+    self_inf = None
+    if self_influence:
+        self_inf = (np.concatenate([sharding.to_host(p)[:r] for r, p in self_parts])
+                    if self_parts else np.zeros((0, c), np.float32))
     return {"self_influence": self_inf, "topk_state": state, "patient_scores": pat}
 
 

@@ -23,29 +23,39 @@ fsynced, then renamed to ``chunk_k.npy`` (atomic); only a renamed file counts as
 manifest is rewritten (temp file + rename) after each chunk; a chunk file whose manifest entry
 was lost to a crash is re-recorded from the file. A run killed at any moment (SIGKILL included)
 recomputes only missing chunks on the next start and gives the same scores.
+
+Concurrent runs: a run holds an exclusive lock (``fcntl.flock`` on ``store.lock``) while it
+fills one checkpoint's chunks. A second run on the same store waits for it (saying so on
+stderr), then re-reads the manifest and reuses the chunks the first one wrote, so every chunk is
+computed once. The lock is released by the kernel when its holder dies (SIGKILL included).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 
 MANIFEST = "manifest.json"
+LOCK = "store.lock"
 FORMAT = 1
 
 
@@ -99,22 +109,51 @@ class FeatureStore:
         self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
         if sharding.is_writer():
             self.root.mkdir(parents=True, exist_ok=True)
+        with self.locked():
+            if not (self.root / MANIFEST).exists():
+                self.manifest = {"format": FORMAT, "header": self.header, "checkpoints": {},
+                                 "chunks": {}}
+                self._save_manifest()
+
+    def _load_manifest(self) -> None:
         path = self.root / MANIFEST
-        if path.exists():
-            try:
-                self.manifest = json.loads(path.read_text())
-            except ValueError:
-                raise InputError(f"{path} is not valid JSON; delete {self.root} to recompute") from None
-            if self.manifest.get("header") != json.loads(json.dumps(self.header)):
-                raise InputError(f"{self.root} holds features of another setting; delete it or "
-                                 "choose another store folder")
-        else:
-            self.manifest = {"format": FORMAT, "header": self.header, "checkpoints": {},
-                             "chunks": {}}
-            self._save_manifest()
+        if not path.exists():
+            return
+        try:
+            self.manifest = json.loads(path.read_text())
+        except ValueError:
+            raise InputError(f"{path} is not valid JSON; delete {self.root} to recompute") from None
+        if self.manifest.get("header") != json.loads(json.dumps(self.header)):
+            raise InputError(f"{self.root} holds features of another setting; delete it or "
+                             "choose another store folder")
+
+    @contextlib.contextmanager
+    def locked(self, log: Callable[[str], None] | None = None):
+        """Holds the store's exclusive lock: waits (saying so) while another run holds it, then
+        re-reads the manifest and removes temporary files a killed run left behind."""
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        handle = None
         if sharding.is_writer():
-            for stale in self.root.glob("epoch_*/*.tmp"):
-                stale.unlink(missing_ok=True)
+            handle = open(self.root / LOCK, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"tracin-jax: another run is writing features to {self.root}; waiting for it "
+                    "(its chunks will be reused)")
+                t0 = time.perf_counter()
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                log(f"tracin-jax: the other run released {self.root} after "
+                    f"{time.perf_counter() - t0:.0f}s; continuing")
+        try:
+            self._load_manifest()
+            if sharding.is_writer():
+                for stale in self.root.glob("epoch_*/*.tmp"):  # only the lock holder writes
+                    stale.unlink(missing_ok=True)
+            yield self
+        finally:
+            if handle is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
 
     # -- layout -------------------------------------------------------------------------
     def chunk_rows(self, k: int) -> tuple[int, int]:
@@ -208,7 +247,14 @@ def make_header(grad_fn: Any, ids: Sequence[Any], chunk_size: int, num_classes: 
     """The store header for ``grad_fn`` on examples ``ids`` (everything but the checkpoint)."""
     subset = getattr(grad_fn, "subset", None)
     projector = getattr(grad_fn, "projector", None)
-    tag = getattr(grad_fn, "tag", None) or f"custom:{getattr(grad_fn, '__qualname__', 'fn')}"
+    tag = getattr(grad_fn, "tag", None)
+    if not tag:
+        name = getattr(grad_fn, "__qualname__", None) or type(grad_fn).__name__
+        raise InputError(f"the gradient function {name!r} has no tag, and stored features are "
+                         "known by their tag (a function's name such as <lambda> does not tell "
+                         "two functions apart): pass tag=\"...\" naming what it computes, "
+                         "e.g. make_class_grad_fn(..., tag=\"my-loss\") or "
+                         "ClassGradFunction(fn, tag=\"my-loss\", dim=D)")
     return {
         "format": FORMAT,
         "tag": tag,
@@ -246,6 +292,8 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
     (rounded up to the device count): padded rows are computed in full, so a handful of test
     examples would otherwise cost a whole batch.
     """
+    chex.assert_rank([images, labels], [4, 3])
+    chex.assert_equal_shape_prefix([images, labels], 3)  # [n, H, W] of both
     n = len(images)
     bs = sharding.padded_size(max(1, min(batch_size, n)), mesh)
     scale = jnp.float32(math.sqrt(float(lr)))
@@ -264,6 +312,8 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
         g = run(variables, sharding.shard_rows(x, mesh), sharding.shard_rows(y, mesh))
+        chex.assert_rank(g, 3)  # f32[B, C, D]
+        chex.assert_axis_dimension(g, 0, bs)
         outs.append(_scale(g, scale)[: bs - pad])
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -276,7 +326,15 @@ def featurise_checkpoint(store: FeatureStore, grad_fn: Callable, epoch: int, lr:
     ``variables``: host (or device) variables of the checkpoint; they are replicated on the mesh.
     Returns {"chunks_computed", "chunks_reused", "examples_computed", "seconds"}.
     """
-    store.open_checkpoint(epoch, lr, variables_fingerprint(variables))
+    fingerprint = variables_fingerprint(variables)
+    with store.locked():
+        return _featurise_locked(store, grad_fn, epoch, lr, variables, fingerprint, images,
+                                 labels, batch_size=batch_size, mesh=mesh, bar=bar)
+
+
+def _featurise_locked(store, grad_fn, epoch, lr, variables, fingerprint, images, labels, *,
+                      batch_size, mesh, bar) -> dict:
+    store.open_checkpoint(epoch, lr, fingerprint)
     sharding.barrier(f"store-opened-{epoch}")  # stale chunks are gone before anyone looks
     missing = set(store.missing_chunks(epoch))
     sharding.barrier(f"store-checked-{epoch}")  # nothing is written before everyone looked

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from tracin_jax.progress import tqdm
 
 from tracin_jax import checkpoints
 from tracin_jax.atomic import write_json_atomic
