@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class ModelConfig:
     depth: int = 4  # down-sampling stages; bridge has width * 2**depth channels
     norm: str = "batch"  # batch | group | none
     num_classes: int = 4
+    bn_momentum: float = 0.99  # BatchNorm running statistics (Keras' default, the paper's model)
 
 
 @dataclass(frozen=True)
@@ -189,14 +191,42 @@ def validate(config: Config) -> None:
                 raise ValueError
         except ValueError:
             raise InputError(f"config value data.slices={d.slices!r} must be 'a:b' with b>a, or 'tumour'") from None
-    if not 0.0 < d.test_fraction < 1.0:
-        raise InputError(f"config value data.test_fraction={d.test_fraction} must lie in (0, 1)")
     for key, value in (("model.width", m.width), ("model.depth", m.depth),
                        ("train.batch_size", t.batch_size), ("train.epochs", t.epochs)):
         if value < 1:
             raise InputError(f"config value {key}={value} must be at least 1")
-    if t.lr <= 0:
-        raise InputError(f"config value train.lr={t.lr} must be positive")
+    _check_floats(config)
+
+
+# Float fields and the range each must lie in: (low, high, low inclusive, high inclusive).
+# Every float must also be finite (nan and inf parse as floats).
+FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "data.test_fraction": (0.0, 1.0, False, False),
+    "model.bn_momentum": (0.0, 1.0, True, False),
+    "train.lr": (0.0, math.inf, False, False),
+    "train.b1": (0.0, 1.0, True, False),
+    "train.b2": (0.0, 1.0, True, False),
+    "train.momentum": (0.0, math.inf, True, False),
+    "train.background_weight": (0.0, math.inf, True, False),
+    "train.dice_eps": (0.0, math.inf, False, False),
+}
+
+
+def _check_floats(config: Config) -> None:
+    """Every float value is finite and in its range (``FLOAT_RANGES``); raises InputError."""
+    for section in ("data", "model", "train"):
+        sub = getattr(config, section)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if not isinstance(value, float) or isinstance(value, bool):
+                continue
+            key = f"{section}.{f.name}"
+            if not math.isfinite(value):
+                raise InputError(f"config value {key}={value} must be a finite number")
+            lo, hi, lo_in, hi_in = FLOAT_RANGES.get(key, (-math.inf, math.inf, True, True))
+            if value < lo or value > hi or (value == lo and not lo_in) or (value == hi and not hi_in):
+                span = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+                raise InputError(f"config value {key}={value} must lie in {span}")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
