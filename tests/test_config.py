@@ -11,6 +11,9 @@ def test_paper_config_is_the_papers_setting():
     assert (c.model.width, c.model.depth) == (64, 4)
     assert (c.train.optimizer, c.train.lr, c.train.b1, c.train.batch_size, c.train.epochs) == ("adam", 2e-4, 0.5, 10, 30)
     assert c.train.augment_flip and c.train.augment_resize_crop
+    assert c.model.bn_momentum == 0.99  # Keras' BatchNorm default, the paper's model
+    assert get_config("demo").model.bn_momentum == 0.9 and get_config("demo").train.loss == "dice+ce"
+    assert c.train.loss == "dice"
 
 
 def test_overrides_parse_types_and_round_trip():

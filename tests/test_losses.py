@@ -75,3 +75,15 @@ def test_one_dice_convention_whatever_the_prediction():
     assert dice_from_counts(noisy)[1:] == [None, 0.0, None]
     assert absent_class_predictions(quiet)[1:] == [0, None, 0]
     assert absent_class_predictions(noisy)[1:] == [0, None, 1]
+
+
+def test_dice_plus_ce_is_the_sum_and_keeps_a_dying_class_alive():
+    labels = jnp.zeros((1, 4, 4), jnp.int32).at[0, 0, :].set(3)
+    logits = jnp.zeros((1, 4, 4, 4)).at[..., 3].set(-12.0)  # p_ET ~ 1e-5 everywhere: a dying class
+    both = training_loss(logits, labels, kind="dice+ce")
+    np.testing.assert_allclose(both, training_loss(logits, labels, kind="dice")
+                               + training_loss(logits, labels, kind="ce"), rtol=1e-6)
+    grad = {k: jax.grad(lambda z: training_loss(z, labels, kind=k))(logits)[0, 0, 0, 3]
+            for k in ("dice", "dice+ce")}
+    assert abs(grad["dice"]) < 1e-4  # the soft Dice gradient vanishes with p_ET
+    assert grad["dice+ce"] < -1e-2  # cross-entropy still pushes the ET logit up on ET voxels

@@ -77,6 +77,13 @@ def training_loss(logits, labels, *, kind: str = "dice", background_weight: floa
         return jnp.mean(per_class @ class_weights(logits.shape[-1], background_weight))
     if kind == "ce":
         return jnp.mean(jnp.sum(classwise_cross_entropy(logits, labels), axis=-1))
+    if kind == "dice+ce":
+        # The CE gradient p - y does not vanish where p_c -> 0, so no class can die: with soft
+        # Dice alone, a small model sometimes drives p_c to ~0 everywhere early (the Dice
+        # gradient passes through p_c (1 - p_c)) and never learns class c.
+        return (training_loss(logits, labels, kind="dice", background_weight=background_weight,
+                              eps=eps)
+                + training_loss(logits, labels, kind="ce"))
     raise ValueError(f"unknown loss {kind!r}")
 
 
