@@ -79,3 +79,16 @@ def test_init_variables_is_deterministic_in_the_key_and_traceable():
     k = traced["params"]["dec0"]["conv0"]["kernel"]
     assert k.shape == a["params"]["dec0"]["conv0"]["kernel"].shape
     assert float(np.std(k)) == pytest.approx(1 / np.sqrt(np.prod(k.shape[:-1])), rel=0.15)
+
+
+def test_bn_momentum_sets_the_running_statistics_update():
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4)) + 3.0
+    means = []
+    for momentum in (0.99, 0.5):
+        model = UNet(width=4, depth=1, bn_momentum=momentum)
+        variables = init_variables(model, jax.random.key(0), (8, 8, 4))
+        _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        means.append(np.asarray(state["batch_stats"]["enc0"]["norm0"]["mean"]))
+    # new = momentum * old (0) + (1 - momentum) * batch mean
+    np.testing.assert_allclose(means[0] / 0.01, means[1] / 0.5, rtol=1e-4, atol=1e-5)
+    assert np.abs(means[1]).max() > 0
