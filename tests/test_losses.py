@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tracin_jax.training.losses import (classwise_cross_entropy, classwise_dice_loss,
-                                        dice_from_counts, hard_dice_counts, training_loss,
-                                        tumour_dice_loss)
+from tracin_jax.training.losses import (absent_class_predictions, classwise_cross_entropy,
+                                        classwise_dice_loss, dice_from_counts, hard_dice_counts,
+                                        training_loss, tumour_dice_loss)
 
 
 def _numpy_dice(logits, labels, eps):
@@ -57,5 +57,33 @@ def test_hard_dice_counts():
     dice = dice_from_counts(c)
     assert dice[0] == 1.0 and dice[3] == 1.0
     assert abs(dice[1] - 2 * 1 / (1 + 2)) < 1e-9
-    assert dice[2] == 0.0
+    assert dice[2] is None  # absent from the truth: undefined, even with a false positive
     assert dice_from_counts(np.zeros((3, 4)))[1] is None  # absent in both: undefined, not 0 or 1
+    assert absent_class_predictions(c) == [None, None, 1, None]
+
+
+def test_one_dice_convention_whatever_the_prediction():
+    """A class absent from the truth is undefined (None) both when the model predicts nothing
+    and when it predicts false positives; present but missed is 0."""
+    true = np.zeros((1, 4, 4), int)
+    true[0, 0, 0] = 2
+    quiet = np.asarray(hard_dice_counts(jnp.zeros((1, 4, 4), jnp.int32), jnp.asarray(true)))
+    noisy_pred = np.zeros((1, 4, 4), int)
+    noisy_pred[0, 1, 1] = 3
+    noisy = np.asarray(hard_dice_counts(jnp.asarray(noisy_pred), jnp.asarray(true)))
+    assert dice_from_counts(quiet)[1:] == [None, 0.0, None]
+    assert dice_from_counts(noisy)[1:] == [None, 0.0, None]
+    assert absent_class_predictions(quiet)[1:] == [0, None, 0]
+    assert absent_class_predictions(noisy)[1:] == [0, None, 1]
+
+
+def test_dice_plus_ce_is_the_sum_and_keeps_a_dying_class_alive():
+    labels = jnp.zeros((1, 4, 4), jnp.int32).at[0, 0, :].set(3)
+    logits = jnp.zeros((1, 4, 4, 4)).at[..., 3].set(-12.0)  # p_ET ~ 1e-5 everywhere: a dying class
+    both = training_loss(logits, labels, kind="dice+ce")
+    np.testing.assert_allclose(both, training_loss(logits, labels, kind="dice")
+                               + training_loss(logits, labels, kind="ce"), rtol=1e-6)
+    grad = {k: jax.grad(lambda z: training_loss(z, labels, kind=k))(logits)[0, 0, 0, 3]
+            for k in ("dice", "dice+ce")}
+    assert abs(grad["dice"]) < 1e-4  # the soft Dice gradient vanishes with p_ET
+    assert grad["dice+ce"] < -1e-2  # cross-entropy still pushes the ET logit up on ET voxels

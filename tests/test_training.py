@@ -119,3 +119,126 @@ def test_bad_data_fails_cleanly_without_writing(tmp_path):
 def test_existing_workdir_with_other_config_is_refused(tiny_data, tiny_run):
     with pytest.raises(InputError, match="different config"):
         train_and_evaluate(tiny_config("train.lr=0.1"), tiny_data, tiny_run, progress=False)
+
+
+def test_train_says_what_it_does_before_each_long_step(tiny_data, tmp_path):
+    lines = []
+    train_and_evaluate(tiny_config("train.epochs=1"), tiny_data, tmp_path / "w", progress=False,
+                       log=lines.append)
+    starts = [next(i for i, l in enumerate(lines) if l.startswith(p))
+              for p in ("loading data", "initialising the U-Net", "compiling the train step", "epoch 1:")]
+    assert starts == sorted(starts)
+    assert any(l.startswith("initialised ") and l.endswith("s]") for l in lines)
+    assert any(l.startswith("compiled the train step") and l.endswith("s]") for l in lines)
+
+
+def test_absent_classes_are_warned_about_by_name():
+    from types import SimpleNamespace
+
+    from tracin_jax.training.train import absent_class_warnings, class_slices
+
+    labels = np.zeros((3, 4, 4), int)
+    labels[0, 0, 0], labels[1, 1, 1] = 2, 2
+    labels[2, 2, 2] = 1
+    assert class_slices(labels) == {"NCR/NET": 1, "ED": 2, "ET": 0}
+    split = lambda lab: SimpleNamespace(labels=lab)  # noqa: E731
+    ds = SimpleNamespace(info={}, train=split(labels), test=split(labels[:2]))
+    warn = absent_class_warnings(ds)
+    assert len(warn) == 2 and all("\n" not in w for w in warn)
+    assert "no train slice contains ET" in warn[0]
+    assert "no test slice contains NCR/NET, ET" in warn[1] and "--set data.slices=tumour" in warn[1]
+    # The loader's counts are used where it gives them.
+    ds.info = {"class_slices": {"train": {"NCR/NET": 1, "ED": 1, "ET": 1},
+                                "test": {"NCR/NET": 1, "ED": 1, "ET": 1}}}
+    assert absent_class_warnings(ds) == []
+
+
+def test_dice_of_a_class_absent_from_the_truth_is_always_undefined():
+    from tracin_jax.training.train import _format_metrics, evaluate
+
+    labels = np.zeros((2, 4, 4), np.int32)
+    labels[:, :2] = 2  # ED only
+    for pred in (2, 3):  # no ET predicted / 8 false-positive ET voxels
+        def eval_step(variables, images, lab, pred=pred):
+            from tracin_jax.training.losses import hard_dice_counts
+            p = np.where(np.asarray(lab) == 2, 2, 0)
+            p[:, 3, :] = pred if pred == 3 else 0
+            return hard_dice_counts(p, lab), 0.0
+
+        ev = evaluate(eval_step, None, np.zeros((2, 4, 4, 1)), labels, 2)
+        assert ev["dice"] == {"NCR/NET": None, "ED": 1.0, "ET": None}
+        assert ev["fp_voxels"] == {"NCR/NET": 0, "ET": 0 if pred == 2 else 8}
+        line = _format_metrics({"epoch": 1, "train_loss": 0.5, "lr": 1e-3, "epoch_time_s": 1.0,
+                                "train_dice": ev["dice"], "test_dice": ev["dice"],
+                                "train_fp_voxels": {}, "test_fp_voxels": ev["fp_voxels"]})
+        assert "test Dice [NCR/NET=- ED=1.000 ET=-" in line
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_earlier_checkpoints(tiny_data, tmp_path, monkeypatch):
+    from tracin_jax.training import train as train_mod
+
+    real = train_mod.make_train_step
+    calls = []
+
+    def nan_after_first_epoch(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(*a):
+            calls.append(1)
+            variables, opt, loss = step(*a)
+            return variables, opt, loss * np.nan if len(calls) > n_batches else loss
+        return wrapped
+
+    workdir = tmp_path / "w"
+    config = tiny_config("train.epochs=2")
+    from tracin_jax.data import load_dataset
+
+    n_batches = -(-len(load_dataset(tiny_data, config.data, progress=False).train.ids) // 4)
+    monkeypatch.setattr(train_mod, "make_train_step", nan_after_first_epoch)
+    with pytest.raises(InputError) as e:
+        train_and_evaluate(config, tiny_data, workdir, progress=False, log=lambda s: None)
+    msg = str(e.value)
+    assert f"at epoch 2, step {n_batches + 1}" in msg and "lower lr" in msg and "\n" not in msg
+    assert checkpoints.list_epochs(workdir) == [1]
+    assert [r["epoch"] for r in _metrics(workdir)] == [1]
+
+
+def test_cli_diverging_lr_exits_2_without_a_checkpoint(tiny_data, tmp_path):
+    workdir = tmp_path / "w"
+    sets = [a for o in [*TINY_OVERRIDES, "train.epochs=1", "train.lr=1e30"] for a in ("--set", o)]
+    proc = _cli("train", "--data", str(tiny_data), "--workdir", str(workdir), "--config", "tiny", *sets)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("tracin-jax: error: training loss became") and "Traceback" not in proc.stderr
+    assert "epoch 1, step" in err and "lower lr" in err
+    assert checkpoints.list_epochs(workdir) == []
+
+
+def test_finished_workdir_keeps_its_data_and_split(tiny_data, tiny_run, tmp_path):
+    import shutil
+
+    from tracin_jax.data import write_synthetic_dataset
+    from conftest import TINY_SHAPE
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    run_json = (workdir / "run.json").read_bytes()
+    # Nothing changed: "already trained", run.json untouched.
+    lines = []
+    train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lines.append)
+    assert any("already trained" in l for l in lines)
+    assert (workdir / "run.json").read_bytes() == run_json
+    # Other data (another split): refused, run.json untouched.
+    other = tmp_path / "other"
+    write_synthetic_dataset(other, cases=5, seed=1, progress=False, shape=TINY_SHAPE)
+    with pytest.raises(InputError, match="different train split") as e:
+        train_and_evaluate(tiny_config(), other, workdir, progress=False, log=lambda s: None)
+    assert "\n" not in str(e.value) and str(tiny_data.resolve()) in str(e.value)
+    assert (workdir / "run.json").read_bytes() == run_json
+    # The same data moved elsewhere: accepted, run.json points to the new folder.
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_data, moved)
+    train_and_evaluate(tiny_config(), moved, workdir, progress=False, log=lambda s: None)
+    new = json.loads((workdir / "run.json").read_text())
+    assert new["data_dir"] == str(moved.resolve())
+    assert new["train_ids"] == json.loads(run_json)["train_ids"]

@@ -59,7 +59,7 @@ from tracin_jax.errors import InputError
 DATASET_DIR = "MICCAI_BraTS_2019_Data_Training"
 GRADE_DIR = "HGG"
 MANIFEST = "synth.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_SHAPE = (240, 240, 155)
 FOV_MM = (240.0, 240.0, 155.0)
 MODALITY_FILES = ("flair", "t1", "t1ce", "t2")
@@ -340,9 +340,11 @@ def add_tumour(head: _Head, rng: np.random.Generator, weights: dict[str, np.ndar
     n_nec = head.local_field(max(4.0, 0.5 * r_core), sel)
     q_core = np.linalg.norm(shape_core @ d, axis=0) / (r_core * np.maximum(0.5, 1.0 + 0.2 * n_core))
     q_oed = np.linalg.norm(shape_oed @ (d - offset), axis=0) / (r_oed * np.maximum(0.4, 1.0 + 0.3 * n_oed))
-    necrotic = rng.random() > 0.2
+    # Glioblastoma-like: most cores are necrotic, and the necrosis fills most of the core inside
+    # a few-mm enhancing rim (the rim is at least ``rim`` thick, see rho_eff).
+    necrotic = rng.random() > 0.12
     enhancing = rng.random() > 0.12
-    rho = rng.uniform(0.45, 0.75) if necrotic else 0.0
+    rho = rng.uniform(0.6, 0.85) if necrotic else 0.0
     rim = max(3.0, 1.5 * v)  # minimum enhancing shell and oedema envelope (mm), >= 1.5 voxels
     rho_eff = np.minimum(rho * (1.0 + 0.15 * n_nec), 1.0 - max(0.12, rim / r_core))
     dq_core, dq_oed = v / r_core, v / r_oed

@@ -21,10 +21,13 @@ import jax.numpy as jnp
 from tracin_jax.config import ModelConfig
 
 
-def _norm(kind: str, features: int, train: bool, name: str) -> nn.Module | None:
+def _norm(kind: str, features: int, train: bool, name: str, bn_momentum: float = 0.99) -> nn.Module | None:
     if kind == "batch":
-        # Momentum 0.99 as Keras' default, which the paper's model used.
-        return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
+        # Momentum 0.99 by default, as Keras' default, which the paper's model used. The running
+        # statistics then need a few hundred steps to forget their start (mean 0, variance 1);
+        # short runs (the demo) use a lower momentum so that inference-mode outputs are usable.
+        return nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=1e-3,
+                            name=name)
     if kind == "group":
         return nn.GroupNorm(num_groups=min(8, features), name=name)
     if kind == "none":
@@ -37,13 +40,14 @@ class ConvBlock(nn.Module):
 
     features: int
     norm: str = "batch"
+    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, x, train: bool):
         for i in range(2):
             x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=self.norm == "none",
                         name=f"conv{i}")(x)
-            norm = _norm(self.norm, self.features, train, f"norm{i}")
+            norm = _norm(self.norm, self.features, train, f"norm{i}", self.bn_momentum)
             if norm is not None:
                 x = norm(x)
             x = nn.relu(x)
@@ -57,19 +61,20 @@ class UNet(nn.Module):
     depth: int = 4
     norm: str = "batch"
     num_classes: int = 4
+    bn_momentum: float = 0.99  # BatchNorm running-statistics momentum
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         skips = []
         for k in range(self.depth):
-            x = ConvBlock(self.width * 2**k, self.norm, name=f"enc{k}")(x, train)
+            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"enc{k}")(x, train)
             skips.append(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(self.width * 2**self.depth, self.norm, name="bridge")(x, train)
+        x = ConvBlock(self.width * 2**self.depth, self.norm, self.bn_momentum, name="bridge")(x, train)
         for k in reversed(range(self.depth)):
             x = nn.ConvTranspose(self.width * 2**k, (2, 2), strides=(2, 2), name=f"up{k}")(x)
             x = jnp.concatenate([x, skips[k]], axis=-1)
-            x = ConvBlock(self.width * 2**k, self.norm, name=f"dec{k}")(x, train)
+            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"dec{k}")(x, train)
         features = x
         logits = nn.Conv(self.num_classes, (1, 1), name="head")(features)
         if return_features:
@@ -78,7 +83,8 @@ class UNet(nn.Module):
 
 
 def build_unet(cfg: ModelConfig) -> UNet:
-    return UNet(width=cfg.width, depth=cfg.depth, norm=cfg.norm, num_classes=cfg.num_classes)
+    return UNet(width=cfg.width, depth=cfg.depth, norm=cfg.norm, num_classes=cfg.num_classes,
+                bn_momentum=cfg.bn_momentum)
 
 
 def count_params(params: Any) -> int:

@@ -77,6 +77,13 @@ def training_loss(logits, labels, *, kind: str = "dice", background_weight: floa
         return jnp.mean(per_class @ class_weights(logits.shape[-1], background_weight))
     if kind == "ce":
         return jnp.mean(jnp.sum(classwise_cross_entropy(logits, labels), axis=-1))
+    if kind == "dice+ce":
+        # The CE gradient p - y does not vanish where p_c -> 0, so no class can die: with soft
+        # Dice alone, a small model sometimes drives p_c to ~0 everywhere early (the Dice
+        # gradient passes through p_c (1 - p_c)) and never learns class c.
+        return (training_loss(logits, labels, kind="dice", background_weight=background_weight,
+                              eps=eps)
+                + training_loss(logits, labels, kind="ce"))
     raise ValueError(f"unknown loss {kind!r}")
 
 
@@ -89,12 +96,23 @@ def hard_dice_counts(pred: jax.Array, labels: jax.Array, num_classes: int = 4) -
 
 
 def dice_from_counts(counts) -> list[float | None]:
-    """Per-class hard Dice 2|P∩Y|/(|P|+|Y|) over a whole split; None where both are empty."""
+    """Per-class hard Dice 2|P∩Y|/(|P|+|Y|) over a whole split, from f32[3, C] counts.
+
+    One convention: a class absent from the split's ground truth (|Y| = 0) has undefined Dice,
+    None, whatever the model predicts (its false-positive voxels are |P|, see
+    :func:`absent_class_predictions`); a class present in the truth but never predicted has 0.
+    """
     import numpy as np
 
     c = np.asarray(counts, dtype=np.float64)
-    out = []
-    for k in range(c.shape[1]):
-        den = c[1, k] + c[2, k]
-        out.append(None if den == 0 else float(2 * c[0, k] / den))
-    return out
+    return [None if c[2, k] == 0 else float(2 * c[0, k] / (c[1, k] + c[2, k]))
+            for k in range(c.shape[1])]
+
+
+def absent_class_predictions(counts) -> list[int | None]:
+    """Per class: the voxels predicted as a class absent from the ground truth (false positives
+    with undefined Dice), or None where the class is present. counts: f32[3, C]."""
+    import numpy as np
+
+    c = np.asarray(counts, dtype=np.float64)
+    return [int(c[1, k]) if c[2, k] == 0 else None for k in range(c.shape[1])]

@@ -31,10 +31,11 @@ from tracin_jax import checkpoints
 from tracin_jax.atomic import write_json_atomic
 from tracin_jax.config import Config, config_from_dict
 from tracin_jax.errors import InputError
-from tracin_jax.models import build_unet
+from tracin_jax.models import build_unet, count_params
 from tracin_jax.training import augment
-from tracin_jax.training.losses import (CLASS_NAMES, classwise_dice_loss, dice_from_counts,
-                                        hard_dice_counts, training_loss)
+from tracin_jax.training.losses import (CLASS_NAMES, TUMOUR_CLASSES, absent_class_predictions,
+                                        classwise_dice_loss, dice_from_counts, hard_dice_counts,
+                                        training_loss)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -53,11 +54,86 @@ def applied_learning_rate(opt_state) -> float:
 
 
 def init_variables(model, key, image_shape: tuple[int, int, int]) -> dict:
-    """{'params': ..., 'batch_stats': ...} for inputs of shape [H, W, C]; batch_stats may be {}."""
-    # Jitted: one XLA program instead of one per layer (init is otherwise the slowest step of a
-    # small run).
-    variables = jax.jit(partial(model.init, train=False))(key, jnp.zeros((1, *image_shape), jnp.float32))
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    """{'params': ..., 'batch_stats': ...} for inputs of shape [H, W, C]; batch_stats may be {}.
+
+    The same distributions as ``model.init`` (Flax defaults: kernels LeCun-normal, i.e. a normal
+    truncated at 2 std with variance 1/fan_in, fan_in = prod(kernel.shape[:-1]); biases and
+    BatchNorm/GroupNorm shifts 0, scales 1; running means 0, variances 1), but not the same
+    numbers: the shapes come from ``jax.eval_shape(model.init)`` and the kernels are drawn with
+    numpy, seeded by the key's data (:func:`_numpy_kernels`). Compiling ``model.init`` itself
+    spent minutes on its per-parameter random draws on a loaded 2-core CPU. Deterministic in
+    ``key``. Under tracing (``jax.eval_shape``, ``jax.jit``) the key has no value, so the kernels
+    come from :func:`_draw_kernels` (same law, other numbers).
+    """
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    shapes = jax.eval_shape(partial(model.init, train=False), key, x)
+    shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    kinds = tuple(_leaf_kind(path) for path, _ in leaves)
+    kernel_shapes = tuple(tuple(leaf.shape) for (_, leaf), k in zip(leaves, kinds) if k == "kernel")
+    if isinstance(key, jax.core.Tracer):
+        kernels = iter(_draw_kernels(key, kernel_shapes))
+    else:
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        kernels = iter(jnp.asarray(k) for k in _numpy_kernels(seed, kernel_shapes))
+    out = []
+    for (_, leaf), kind in zip(leaves, kinds):
+        if kind == "kernel":
+            out.append(next(kernels).astype(leaf.dtype))
+        else:
+            # numpy, then one transfer: an eager jnp.full would compile a program per shape.
+            out.append(jnp.asarray(np.full(leaf.shape, 1.0 if kind == "one" else 0.0, leaf.dtype)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _lecun_std(shape: tuple[int, ...]) -> float:
+    """Std before truncation that gives variance 1/fan_in after truncating N(0, 1) to [-2, 2]."""
+    return math.sqrt(1.0 / math.prod(shape[:-1])) / 0.87962566103423978
+
+
+def _numpy_kernels(seed: list[int], shapes: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
+    """LeCun-normal kernels f32[*shape] for each shape, from ``np.random.default_rng(seed)``.
+
+    N(0, 1) truncated to [-2, 2] by redrawing the values outside (about 4.6 %, then 0.2 %, ...),
+    times :func:`_lecun_std`: the law of ``jax.nn.initializers.lecun_normal()``.
+    """
+    rng = np.random.default_rng(seed)
+    flat = rng.standard_normal(sum(math.prod(s) for s in shapes), dtype=np.float32)
+    bad = np.flatnonzero(np.abs(flat) > 2.0)
+    while bad.size:
+        flat[bad] = rng.standard_normal(bad.size, dtype=np.float32)
+        bad = bad[np.abs(flat[bad]) > 2.0]
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[start:start + size].reshape(shape) * np.float32(_lecun_std(shape)))
+        start += size
+    return out
+
+
+def _leaf_kind(path) -> str:
+    """'kernel' (LeCun normal), 'one' (norm scales, running variances) or 'zero' (the rest)."""
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name == "kernel":
+        return "kernel"
+    if name in ("scale", "var"):
+        return "one"
+    if name in ("bias", "mean"):
+        return "zero"
+    raise ValueError(f"no initializer known for variable {jax.tree_util.keystr(path)}")
+
+
+@partial(jax.jit, static_argnums=1)
+def _draw_kernels(key, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+    """Traced counterpart of :func:`_numpy_kernels`: the kernels cut from one flat
+    ``jax.random.truncated_normal`` draw (one small XLA program, used under tracing only)."""
+    sizes = [math.prod(s) for s in shapes]
+    flat = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32)
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(flat[start:start + size].reshape(shape) * _lecun_std(shape))
+        start += size
+    return out
 
 
 def make_apply(model) -> Callable:
@@ -107,17 +183,54 @@ def make_eval_step(model, eps: float):
 
 
 def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
-    """Per-class hard Dice over the whole split (global counts) and mean soft-Dice loss."""
+    """Per-class hard Dice over the whole split (global counts), mean soft-Dice loss, and the
+    voxels predicted as classes absent from the split's labels.
+
+    Returns {"dice": {class: float | None}, "fp_voxels": {class: int} (absent classes only),
+    "loss": float | None}; see :func:`~tracin_jax.training.losses.dice_from_counts`.
+    """
     n = len(images)
     if n == 0:
-        return {"dice": dict.fromkeys(CLASS_NAMES), "loss": None}
+        return {"dice": dict.fromkeys(CLASS_NAMES), "fp_voxels": {}, "loss": None}
     counts, total = 0.0, 0.0
     for s in range(0, n, batch_size):
         c, l = eval_step(variables, jnp.asarray(images[s:s + batch_size]),
                          jnp.asarray(labels[s:s + batch_size], jnp.int32))
         counts, total = counts + np.asarray(c), total + float(l)
     dice = dice_from_counts(counts)[1:]
-    return {"dice": dict(zip(CLASS_NAMES, dice)), "loss": total / n}
+    fp = absent_class_predictions(counts)[1:]
+    return {"dice": dict(zip(CLASS_NAMES, dice)),
+            "fp_voxels": {k: v for k, v in zip(CLASS_NAMES, fp) if v is not None},
+            "loss": total / n}
+
+
+def class_slices(labels: np.ndarray) -> dict[str, int]:
+    """Number of slices containing each tumour class. labels: int[N, H, W] (0..3) -> {name: n}."""
+    labels = np.asarray(labels)
+    return {name: int(np.any(labels == c, axis=(1, 2)).sum()) if len(labels) else 0
+            for c, name in zip(TUMOUR_CLASSES, CLASS_NAMES)}
+
+
+def absent_class_warnings(dataset) -> list[str]:
+    """One-line warnings for tumour classes absent from every slice of a split.
+
+    Uses ``dataset.info["class_slices"][split]`` where the loader provides it, else counts the
+    labels (:func:`class_slices`).
+    """
+    known = dataset.info.get("class_slices") or {}
+    out = []
+    for split in ("train", "test"):
+        part = getattr(dataset, split)
+        if len(part.labels) == 0:
+            continue
+        counts = known.get(split) or class_slices(part.labels)
+        absent = [name for name in CLASS_NAMES if counts.get(name, 0) == 0]
+        if absent:
+            effect = ("its test Dice is undefined, shown '-'" if split == "test"
+                      else "the model cannot learn it")
+            out.append(f"warning: no {split} slice contains {', '.join(absent)} ({effect}); "
+                       f"to train and test on every slice with tumour use --set data.slices=tumour")
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -145,7 +258,8 @@ def _check_same_config(workdir: Path, config: Config) -> None:
     path = workdir / CONFIG_FILE
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    # Through config_from_dict: keys added since the run was written take their defaults.
+    old = json.loads(config_from_dict(json.loads(path.read_text())).to_json())
     new = json.loads(config.to_json())
     for section in ("data", "model", "train"):
         for key in sorted(set(old.get(section, {})) | set(new[section])):
@@ -156,37 +270,89 @@ def _check_same_config(workdir: Path, config: Config) -> None:
                     f"{b!r} now); use a new --workdir")
 
 
+def _run_record(data_dir, dataset) -> dict:
+    return {"data_dir": str(Path(data_dir).resolve()), "dataset": dataset.info,
+            "train_ids": dataset.train.ids, "test_ids": dataset.test.ids}
+
+
+def _check_same_data(workdir: Path, record: dict, log: Callable[[str], None]) -> bool:
+    """Compares the split of ``record`` with the workdir's run.json; returns whether run.json must
+    be (re)written.
+
+    The same train and test example ids from another folder are accepted (a moved or copied data
+    folder: run.json then points to the new folder); other ids raise InputError, since later
+    stages would treat training patients as test patients.
+    """
+    path = workdir / RUN_FILE
+    if not path.exists():
+        return True
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise InputError(f"{path}: not valid JSON; use a new --workdir") from None
+    for split in ("train", "test"):
+        a, b = old.get(f"{split}_ids"), record[f"{split}_ids"]
+        if a != b:
+            only_old = len(set(a or []) - set(b))
+            raise InputError(
+                f"{workdir} was trained on {old.get('data_dir')} with a different {split} split "
+                f"({len(a or [])} {split} slices there, {len(b)} in {record['data_dir']}, "
+                f"{only_old} not in both); use a new --workdir, or --data {old.get('data_dir')}")
+    if old.get("data_dir") != record["data_dir"]:
+        log(f"{workdir}: data folder moved from {old.get('data_dir')} to {record['data_dir']} "
+            f"(same split); run.json updated")
+        return True
+    return False
+
+
 def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLike,
                        progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Trains (or resumes) a run and returns the last epoch's metrics."""
+    """Trains (or resumes) a run and returns the last epoch's metrics.
+
+    Prints each long step before it starts and its elapsed time after (data loading, model
+    initialisation, compiling the train step), a warning for tumour classes absent from a split,
+    and one line per epoch. A non-finite training loss stops the run with InputError before the
+    epoch's checkpoint is saved (earlier checkpoints stay).
+    """
     from tracin_jax.data import load_dataset
+
+    t_start = time.perf_counter()
+
+    def elapsed() -> str:
+        return f"{time.perf_counter() - t_start:.1f}s"
 
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"--workdir {workdir} exists and is not a folder")
     _check_same_config(workdir, config)
     # Everything that can fail on bad input happens before the workdir is written.
+    log(f"loading data from {data_dir} ...")
     dataset = load_dataset(data_dir, config.data, progress=progress)
     train, test = dataset.train, dataset.test
     if len(train.images) == 0:
         raise InputError(f"{data_dir}: the training split has no slices")
+    record = _run_record(data_dir, dataset)
+    write_run = _check_same_data(workdir, record, log)
+    log(f"loaded {len(train.images)} train / {len(test.images)} test slices of "
+        f"{'x'.join(map(str, train.images.shape[1:]))} [{elapsed()}]")
+    for line in absent_class_warnings(dataset):
+        log(line)
 
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / CONFIG_FILE).exists():
         write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
-    write_json_atomic(workdir / RUN_FILE, {
-        "data_dir": str(Path(data_dir).resolve()),
-        "dataset": dataset.info,
-        "train_ids": train.ids,
-        "test_ids": test.ids,
-    })
+    if write_run:
+        write_json_atomic(workdir / RUN_FILE, record)
 
     tcfg = config.train
     model = build_unet(config.model)
     tx = make_optimizer(tcfg)
     key = jax.random.key(tcfg.seed)
+    log(f"initialising the U-Net (width {config.model.width}, depth {config.model.depth}) ...")
     variables = init_variables(model, key, train.images.shape[1:])
-    opt_state = tx.init(variables["params"])
+    opt_state = jax.jit(tx.init)(variables["params"])  # one program, not one per leaf shape
+    jax.block_until_ready(opt_state)
+    log(f"initialised {count_params(variables['params']):,} parameters [{elapsed()}]")
     done = checkpoints.list_epochs(workdir)
     start, step_count = 1, 0
     if done:
@@ -194,7 +360,7 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
         variables, opt_state, meta = checkpoints.load_training_state(workdir, last, variables, opt_state)
         start, step_count = last + 1, int(meta["step"])
         _rewrite_metrics(workdir / METRICS_FILE, last)
-        log(f"resuming {workdir} after epoch {last} (step {meta['step']})")
+        log(f"resuming {workdir} after epoch {last} (step {meta['step']}) [{elapsed()}]")
     if start > tcfg.epochs:
         log(f"{workdir}: all {tcfg.epochs} epochs already trained")
         return _last_metrics(workdir)
@@ -204,7 +370,9 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
     n, bs = len(train.images), tcfg.batch_size
     n_batches = math.ceil(n / bs)
     last_metrics: dict = {}
+    compiled = False
     for epoch in range(start, tcfg.epochs + 1):
+        kept = f"checkpoints up to epoch {epoch - 1} kept" if epoch > 1 else "no checkpoint saved"
         t0 = time.perf_counter()
         order = epoch_order(n, tcfg.seed, epoch)
         losses = []
@@ -213,24 +381,44 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
         for b in range(n_batches):
             idx = np.sort(order[b * bs:(b + 1) * bs])
             step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), b)
+            if not compiled:
+                log("compiling the train step (the first step waits for it) ...")
             variables, opt_state, loss = train_step(
                 variables, opt_state, jnp.asarray(train.images[idx]),
                 jnp.asarray(train.labels[idx], jnp.int32), step_key)
             step_count += 1
             _fault_injection(step_count)
-            losses.append(loss)
+            loss_value = float(loss)
+            if not compiled:
+                compiled = True
+                log(f"compiled the train step and ran step 1 [{elapsed()}]")
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise InputError(
+                    f"training loss became {loss_value} at epoch {epoch}, step {step_count} "
+                    f"(batch {b + 1}/{n_batches}) with train.lr={tcfg.lr:g}; try a lower lr, "
+                    f"e.g. --set train.lr={tcfg.lr / 10:g} ({kept})")
+            losses.append(loss_value)
             if b % 5 == 0 or b == n_batches - 1:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}")
             bar.update(1)
         bar.close()
-        train_loss = float(np.mean([float(l) for l in losses]))
+        if not _all_finite(variables):
+            raise InputError(
+                f"weights became non-finite at epoch {epoch}, step {step_count} with "
+                f"train.lr={tcfg.lr:g}; try a lower lr ({kept})")
+        train_loss = float(np.mean(losses))
         train_time = time.perf_counter() - t0
         lr = applied_learning_rate(opt_state)
+        if epoch == start:
+            log(f"epoch {epoch} trained in {train_time:.1f}s; evaluating (compiles the "
+                f"evaluation step) ...")
         ev_train = evaluate(eval_step, variables, train.images, train.labels, max(bs, 16))
         ev_test = evaluate(eval_step, variables, test.images, test.labels, max(bs, 16))
         last_metrics = {
             "epoch": epoch, "step": step_count, "lr": lr, "train_loss": train_loss,
             "train_dice": ev_train["dice"], "test_dice": ev_test["dice"],
+            "train_fp_voxels": ev_train["fp_voxels"], "test_fp_voxels": ev_test["fp_voxels"],
             "test_loss": ev_test["loss"], "epoch_time_s": round(train_time, 3),
         }
         with open(workdir / METRICS_FILE, "a") as f:
@@ -238,7 +426,12 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
         checkpoints.save_checkpoint(workdir, epoch, variables, opt_state,
                                     {"step": step_count, "lr": lr})
         log(_format_metrics(last_metrics))
+    log(f"trained epochs {start}..{tcfg.epochs} [{elapsed()}]")
     return last_metrics
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _fault_injection(step: int) -> None:
@@ -254,11 +447,19 @@ def _fault_injection(step: int) -> None:
 
 
 def _format_metrics(m: dict) -> str:
-    def fmt(d):
-        return " ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in d.items())
+    """One line per epoch; Dice of a class absent from a split's labels is '-' (undefined), and
+    its predicted (false-positive) voxels are listed after the Dice."""
 
-    return (f"epoch {m['epoch']}: loss {m['train_loss']:.4f}  train Dice [{fmt(m['train_dice'])}]  "
-            f"test Dice [{fmt(m['test_dice'])}]  lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s")
+    def fmt(split):
+        d = m[f"{split}_dice"]
+        text = " ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in d.items())
+        fp = m.get(f"{split}_fp_voxels") or {}
+        if fp:
+            text += "; absent, predicted voxels: " + " ".join(f"{k}={v}" for k, v in fp.items())
+        return text
+
+    return (f"epoch {m['epoch']}: loss {m['train_loss']:.4f}  train Dice [{fmt('train')}]  "
+            f"test Dice [{fmt('test')}]  lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s")
 
 
 def _last_metrics(workdir: Path) -> dict:
