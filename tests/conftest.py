@@ -7,12 +7,31 @@ larger voxels), cropped to 64 x 64, downsampled 2x to 32 x 32, four axial slices
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# One persistent XLA compilation cache per test session, shared with the subprocesses the tests
+# start (they inherit the environment): the suite builds the same tiny-model programs many times
+# (every test makes its own jitted functions, every CLI test is a new process), and a cached
+# program is loaded instead of compiled again. Set before JAX is imported; a fresh folder per
+# session, removed at its end.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="tracin-jax-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 TINY_SHAPE = (80, 80, 48)
 TINY_OVERRIDES = ["data.crop=8,72,8,72", "data.downsample=2", "data.slices=26:30", "train.epochs=3"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE is not None:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
