@@ -78,6 +78,7 @@ def _cmd_evaluate(args) -> dict:
         args.workdir, args.influence, args.out, subsets=args.subsets, fraction=args.fraction,
         seeds=args.seeds, seed=args.seed, leave_out_queries=args.leave_out_queries,
         leave_out_k=args.leave_out_k, leave_out_random=args.leave_out_random,
+        leave_out_variants=args.leave_out_variants,
         randomisation=not args.no_randomisation, mislabel=args.mislabel, mode=args.mode,
         small=args.small, data_dir=args.data)
     print((Path(args.out) / "evaluation.md").read_text())
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--leave-out-k", default=None, help="k values, e.g. 1,3,5 (the default)")
     v.add_argument("--leave-out-random", type=int, default=None,
                    help="random removal sets per k, shared by all queries (default 2)")
+    v.add_argument("--leave-out-variants", default=None, metavar="NAME,...",
+                   help="influence folder names that get leave-top-k-out (default: all)")
     v.add_argument("--no-randomisation", action="store_true",
                    help="skip the model-randomisation check (one influence run per folder)")
     v.add_argument("--mislabel", default=None,

@@ -133,17 +133,19 @@ def _unit_seconds(gt) -> float | None:
 def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None = None,
                  fraction: float | None = None, seeds: int | None = None, seed: int = 0,
                  leave_out_queries: int | None = None, leave_out_k=None,
-                 leave_out_random: int | None = None, randomisation: bool = True,
+                 leave_out_random: int | None = None, leave_out_variants=None,
+                 randomisation: bool = True,
                  mislabel=None, mode: str = "auto", small: bool = False, progress: bool = True,
                  data_dir=None, log: Callable[[str], None] = print) -> dict:
     """Evaluates every folder of ``influence_dirs`` (keyed by folder name) against the ground
     truth of ``workdir``; writes the outputs listed in the module docstring into ``out``.
 
-    Settings left None take :data:`DEFAULTS` (or :data:`SMALL` with ``small``). Returns the
-    dict written to ``evaluation.json``.
+    Settings left None take :data:`DEFAULTS` (or :data:`SMALL` with ``small``).
+    ``leave_out_variants``: folder names (a list or ``"a,b"``) that get leave-top-k-out (default:
+    all); the others skip it, which bounds the number of retrainings. Returns the dict written
+    to ``evaluation.json``.
     """
     from tracin_jax import load_run
-    from tracin_jax.evaluate import ground_truth as gt_mod
 
     preset = SMALL if small else DEFAULTS
     subsets = preset["subsets"] if subsets is None else subsets
@@ -180,16 +182,25 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     variants = {n: _load_influence(f, patients, train_ids, test_ids, workdir)
                 for n, f in zip(names, folders)}
     present = next(iter(variants.values()))["present"]
+    if isinstance(leave_out_variants, str):
+        leave_out_variants = [x.strip() for x in leave_out_variants.split(",") if x.strip()]
+    lo_names = list(names) if leave_out_variants is None else list(leave_out_variants)
+    unknown = [n for n in lo_names if n not in variants]
+    if unknown:
+        raise InputError(f"--leave-out-variants {unknown[0]!r}: not the name of an --influence "
+                         f"folder (have {', '.join(names)})")
     mislabel_aucs = sanity.read_mislabel(mislabel) if mislabel else None
     last_epoch = run.checkpoints[-1].epoch
 
     # -- the leave-out plan (cheap: rankings only) -----------------------------------------
     queries = lo_mod.select_queries(present, queries_n, seed) if queries_n else []
     randoms = lo_mod.random_sets(len(patients), ks, draws, seed) if queries else {}
-    plan = (lo_mod.removal_plan({n: v["scores"] for n, v in variants.items()}, queries, ks, randoms)
-            if queries else None)
+    plan = (lo_mod.removal_plan({n: variants[n]["scores"] for n in lo_names}, queries, ks, randoms)
+            if queries and lo_names else None)
 
     # -- 1. ground truth ------------------------------------------------------------------
+    from tracin_jax.evaluate import ground_truth as gt_mod
+
     t0 = time.perf_counter()
     log(f"ground truth: {subsets} subsets x {seeds} seed(s) of {len(patients)} patients "
         f"(fraction {fraction}); cached in {workdir / 'ground_truth'}")
@@ -231,12 +242,13 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
         eta = f", about {len(sets) * per_model / 60:.0f} min at {per_model:.0f} s per model " \
               "(cached sets are reused and cost nothing)" if per_model else ""
         log(f"leave-top-k-out: {len(queries)} queries x k in {{{', '.join(map(str, ks))}}} x "
-            f"{len(variants)} variant(s) -> {len(sets)} distinct removal sets to retrain{eta}")
+            f"{len(lo_names)} variant(s) -> {len(sets)} distinct removal sets to retrain{eta}")
         t = time.perf_counter()
         outputs = gt_mod.retrain_without_many(workdir, [[patients[p] for p in s] for s in sets],
                                               seed, progress=progress)
         leave_out_s = time.perf_counter() - t
-        for name, v in variants.items():
+        for name in lo_names:
+            v = variants[name]
             key = LOSS_KEYS[v["spec"].loss]
             loss_without = {s: np.asarray(o[key]) for s, o in zip(sets, outputs)}
             changes = lo_mod.loss_changes(plan["top"][name], randoms, queries, loss_without,
