@@ -79,3 +79,84 @@ def test_too_few_training_patients(capsys, tmp_path, tiny_data, tiny_influence):
                          "--out", tmp_path / "e", "--small")
     assert rc == 2 and "3 training patients" in line and "at least 4" in line
     assert not (tmp_path / "e").exists()
+
+
+def _linear_ground_truth(scores: np.ndarray, patients: list[str], m: int, r: int, seed: int):
+    """A ground truth in which the influence scores are exactly right: the class loss of a model
+    trained on the patients S is -sum_{p in S} sum_j scores[a, i, p, j] (plus a constant)."""
+    per_patient = scores.sum(axis=-1)  # [n_test, C, P]
+    rng = np.random.default_rng(seed)
+    masks = rng.random((m, len(patients))) < 0.5
+
+    def loss(mask):
+        return (1.0 - np.einsum("p,aip->ai", mask.astype(np.float64), per_patient)).astype(np.float32)
+
+    arr = np.stack([np.stack([loss(mk)] * r) for mk in masks])  # [M, R, n_test, C]
+    return masks, arr, loss
+
+
+def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influence, monkeypatch):
+    """With a ground truth generated from the scores themselves, every sign in the pipeline
+    must line up: LDS ~ 1, removing proponents raises the loss, removing opponents lowers it."""
+    from types import SimpleNamespace
+
+    from tracin_jax.evaluate import api
+    gt_mod = pytest.importorskip("tracin_jax.evaluate.ground_truth")
+
+    scores = np.load(Path(tiny_influence) / "patient_scores.npy")
+    patients = json.loads((Path(tiny_influence) / "meta.json").read_text())["patients"]
+    calls = []
+
+    def fake_ground_truth(workdir, *, subsets, fraction, seeds, seed, mode, progress, small):
+        masks, arr, _ = _linear_ground_truth(scores, patients, subsets, seeds, seed)
+        return SimpleNamespace(masks=masks, dice_loss=arr, ce_loss=arr, path=tmp_path / "gt",
+                               meta={})
+
+    def fake_retrain_without_many(workdir, removal_sets, seed, progress=True):
+        calls.append([tuple(s) for s in removal_sets])
+        _, _, loss = _linear_ground_truth(scores, patients, 2, 1, seed)
+        out = []
+        for removed in removal_sets:
+            kept = np.array([p not in removed for p in patients])
+            out.append({"dice_loss": loss(kept), "ce_loss": loss(kept)})
+        return out
+
+    monkeypatch.setattr(gt_mod, "compute_ground_truth", fake_ground_truth)
+    monkeypatch.setattr(gt_mod, "retrain_without_many", fake_retrain_without_many)
+    kw = dict(subsets=12, seeds=2, leave_out_queries=3, leave_out_k="1,2", randomisation=False,
+              progress=False, log=lambda s: None)
+    res = api.run_evaluate(tiny_run, [tiny_influence], tmp_path / "e", **kw)
+    v = res["variants"][Path(tiny_influence).name]
+    assert v["lds"]["mean"] > 0.99 and v["vs_best"] is None
+    assert res["ground_truth"]["noise_ceiling"]["dice"]["mean"] > 0.99
+    for k in ("1", "2"):
+        lo = v["leave_out"][k]
+        # here every patient may help (raw TracIn is mostly positive): opponents help least
+        assert lo["proponents"]["mean"] > 0
+        assert lo["proponents"]["mean"] >= lo["random"]["mean"] >= lo["opponents"]["mean"]
+        assert lo["proponents"]["mean"] > lo["opponents"]["mean"]
+    assert len(calls) == 1 and calls[0][0] == ()  # every set at once, the reference first
+    assert len(set(calls[0])) == len(calls[0])
+    md = (tmp_path / "e" / "evaluation.md").read_text()
+    assert "Highest LDS" in md and "+1.00" in md
+    api.run_evaluate(tiny_run, [tiny_influence], tmp_path / "e2", **kw)
+    assert (tmp_path / "e2" / "evaluation.md").read_text() == md
+
+
+def test_model_randomisation_on_tiny_run(tmp_path, tiny_run, tiny_influence):
+    from tracin_jax import load_run
+    from tracin_jax.evaluate import sanity
+
+    run = load_run(tiny_run)
+    out = tmp_path / "rand"
+    res = sanity.model_randomisation(run, Path(tiny_influence), out, seed=0)
+    trained = np.load(Path(tiny_influence) / "patient_scores.npy")
+    randomised = np.load(out / "patient_scores.npy")
+    assert randomised.shape == trained.shape and not np.allclose(randomised, trained)
+    assert -1.0 <= res["mean"] < 0.999 and res["n_targets"] > 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["gradient"]["tag"] == json.loads(
+        (Path(tiny_influence) / "meta.json").read_text())["gradient"]["tag"]
+    stamp = (out / "patient_scores.npy").stat().st_mtime_ns
+    assert sanity.model_randomisation(run, Path(tiny_influence), out, seed=0) == res
+    assert (out / "patient_scores.npy").stat().st_mtime_ns == stamp  # reused, not recomputed
