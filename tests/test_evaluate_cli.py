@@ -31,6 +31,7 @@ def _evaluate(capsys, *args) -> tuple[int, str]:
     (["--leave-out-k", "1,x"], "--leave-out-k '1,x'"),
     (["--leave-out-k", "4"], "--leave-out-k 4: larger than the 4 training patients allow"),
     (["--leave-out-variants", "nope"], "--leave-out-variants 'nope'"),
+    (["--mode", "fast"], "--mode 'fast'"),
     (["--mislabel", "missing.json"], "missing.json: file not found"),
 ])
 def test_bad_settings_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_run, tiny_influence,
@@ -112,7 +113,7 @@ def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influen
         return SimpleNamespace(masks=masks, dice_loss=arr, ce_loss=arr, path=tmp_path / "gt",
                                meta={})
 
-    def fake_retrain_without_many(workdir, removal_sets, seed, progress=True):
+    def fake_retrain_without_many(workdir, removal_sets, seed, **kw):
         calls.append([tuple(s) for s in removal_sets])
         _, _, loss = _linear_ground_truth(scores, patients, 2, 1, seed)
         out = []
@@ -151,6 +152,8 @@ def test_model_randomisation_on_tiny_run(tmp_path, tiny_run, tiny_influence):
     out = tmp_path / "rand"
     res = sanity.model_randomisation(run, Path(tiny_influence), out, seed=0)
     trained = np.load(Path(tiny_influence) / "patient_scores.npy")
+    out = Path(res["folder"])
+    assert out.parent == tmp_path / "rand" and not (out / "features").exists()
     randomised = np.load(out / "patient_scores.npy")
     assert randomised.shape == trained.shape and not np.allclose(randomised, trained)
     assert -1.0 <= res["mean"] < 0.999 and res["n_targets"] > 0
@@ -158,5 +161,7 @@ def test_model_randomisation_on_tiny_run(tmp_path, tiny_run, tiny_influence):
     assert meta["gradient"]["tag"] == json.loads(
         (Path(tiny_influence) / "meta.json").read_text())["gradient"]["tag"]
     stamp = (out / "patient_scores.npy").stat().st_mtime_ns
-    assert sanity.model_randomisation(run, Path(tiny_influence), out, seed=0) == res
+    assert sanity.model_randomisation(run, Path(tiny_influence), tmp_path / "rand", seed=0) == res
     assert (out / "patient_scores.npy").stat().st_mtime_ns == stamp  # reused, not recomputed
+    other = sanity.model_randomisation(run, Path(tiny_influence), tmp_path / "rand", seed=1)
+    assert other["folder"] != res["folder"]  # another seed never reuses these scores

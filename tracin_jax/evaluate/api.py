@@ -37,9 +37,10 @@ from tracin_jax.evaluate.report import write_outputs
 DEFAULTS = {"subsets": 64, "fraction": 0.5, "seeds": 1, "leave_out_queries": lo_mod.DEFAULT_QUERIES,
             "leave_out_k": lo_mod.DEFAULT_KS, "leave_out_random": lo_mod.DEFAULT_RANDOM_SETS,
             "resamples": lds_mod.BOOTSTRAP_RESAMPLES}
-SMALL = {"subsets": 4, "fraction": 0.5, "seeds": 1, "leave_out_queries": 2, "leave_out_k": (1,),
+SMALL = {"subsets": 6, "fraction": 0.5, "seeds": 1, "leave_out_queries": 2, "leave_out_k": (1,),
          "leave_out_random": 1, "resamples": 200}
 MIN_PATIENTS = 4
+MODES = ("auto", "sequential", "vmap")
 LOSS_KEYS = {"dice": "dice_loss", "ce": "ce_loss"}
 
 
@@ -114,20 +115,15 @@ def _load_influence(folder: Path, patients: list[str], train_ids: list[str],
 
 
 def _unit_seconds(gt) -> float | None:
-    """Median seconds per retrained model recorded by the ground truth, if it says."""
-    timings = (getattr(gt, "meta", None) or {}).get("timings") or {}
-    vals = []
-    if isinstance(timings, dict):
-        for v in timings.values():
-            if isinstance(v, dict) and "seconds_per_model" in v:
-                vals.append(float(v["seconds_per_model"]))
-            elif isinstance(v, (int, float)):
-                vals.append(float(v))
-    elif isinstance(timings, list):
-        for v in timings:
-            if isinstance(v, dict) and "seconds_per_model" in v:
-                vals.append(float(v["seconds_per_model"]))
-    return float(np.median(vals)) if vals else None
+    """Median seconds per retrained model recorded by the ground truth (``unit_seconds``)."""
+    vals = np.asarray((getattr(gt, "meta", None) or {}).get("unit_seconds") or [], float).ravel()
+    return float(np.median(vals)) if vals.size else None
+
+
+def _cached_without(gt_mod, run, removed: Sequence[str], seed: int) -> bool:
+    """Whether the model trained without ``removed`` is already in the leave-out cache."""
+    folder = Path(run.workdir) / gt_mod.GROUND_TRUTH_DIR / gt_mod.LEAVE_OUT_DIR
+    return (folder / f"{gt_mod._removal_key(run, list(removed), seed)}.npz").exists()
 
 
 def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None = None,
@@ -156,6 +152,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     draws = preset["leave_out_random"] if leave_out_random is None else leave_out_random
     resamples = preset["resamples"]
     _check_settings(subsets, fraction, seeds, queries_n, draws)
+    if mode not in MODES:
+        raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
 
     # -- every input check before any work ----------------------------------------------
     workdir, out = Path(workdir), Path(out)
@@ -204,7 +202,7 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     t0 = time.perf_counter()
     log(f"ground truth: {subsets} subsets x {seeds} seed(s) of {len(patients)} patients "
         f"(fraction {fraction}); cached in {workdir / 'ground_truth'}")
-    gt = gt_mod.compute_ground_truth(workdir, subsets=subsets, fraction=fraction, seeds=seeds,
+    gt = gt_mod.compute_ground_truth(run, subsets=subsets, fraction=fraction, seeds=seeds,
                                      seed=seed, mode=mode, progress=progress, small=small)
     gt_s = time.perf_counter() - t0
     losses = {"dice": np.asarray(gt.dice_loss), "ce": np.asarray(gt.ce_loss)}
@@ -238,14 +236,16 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     leave_out_info: dict = {}
     if plan is not None:
         sets = plan["sets"]
+        removal_ids = [[patients[p] for p in s] for s in sets]
+        todo = len(sets) - sum(_cached_without(gt_mod, run, r, seed) for r in removal_ids)
         per_model = _unit_seconds(gt)
-        eta = f", about {len(sets) * per_model / 60:.0f} min at {per_model:.0f} s per model " \
-              "(cached sets are reused and cost nothing)" if per_model else ""
+        eta = (f", about {todo * per_model / 60:.1f} min at {per_model:.1f} s per model (the "
+               "ground truth's rate)") if per_model and todo else ""
         log(f"leave-top-k-out: {len(queries)} queries x k in {{{', '.join(map(str, ks))}}} x "
-            f"{len(lo_names)} variant(s) -> {len(sets)} distinct removal sets to retrain{eta}")
+            f"{len(lo_names)} variant(s) -> {len(sets)} distinct removal sets, {todo} to "
+            f"retrain{eta}")
         t = time.perf_counter()
-        outputs = gt_mod.retrain_without_many(workdir, [[patients[p] for p in s] for s in sets],
-                                              seed, progress=progress)
+        outputs = gt_mod.retrain_without_many(run, removal_ids, seed, mode=mode, progress=progress)
         leave_out_s = time.perf_counter() - t
         for name in lo_names:
             v = variants[name]

@@ -18,7 +18,9 @@ subsets) get no value.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,16 +94,27 @@ def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, present: np.ndarr
             "per_class": {int(c): _nanmean(rho[i == c]) for c in range(np.shape(present)[1])}}
 
 
+def randomised_key(meta: dict, seed: int) -> str:
+    """Short hash of what the randomised scores depend on: gradient, checkpoints, ids, seed."""
+    keep = {k: meta.get(k) for k in ("gradient", "params", "projection", "checkpoints",
+                                     "train_ids", "test_ids")}
+    blob = json.dumps({**keep, "seed": int(seed)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 0,
                         progress: bool = False) -> dict:
-    """Recomputes ``influence_dir``'s scores with random weights into ``out_dir`` (resumable
-    through its feature store) and compares them with the trained ones (:func:`rank_agreement`).
+    """Recomputes ``influence_dir``'s scores with random weights into
+    ``out_dir/<randomised_key>`` (resumable through its feature store, which is removed once
+    the scores are written; a finished folder is reused) and compares them with the trained
+    ones (:func:`rank_agreement`).
     """
     from tracin_jax.influence import compute_influence, run_grad_fn
 
     influence_dir, out_dir = Path(influence_dir), Path(out_dir)
     meta = json.loads((influence_dir / "meta.json").read_text())
     spec = gradient_spec(meta)
+    out_dir = out_dir / randomised_key(meta, seed)
     proj = spec.projection or {}
     grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
                           proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
@@ -109,10 +122,12 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
         compute_influence(grad_fn, randomised_checkpoints(run, spec, seed), run.train, run.test,
                           out_dir, store_dir=out_dir / "features", progress=progress)
+        shutil.rmtree(out_dir / "features", ignore_errors=True)
     trained = np.load(influence_dir / "patient_scores.npy")
     randomised = np.load(out_dir / "patient_scores.npy")
     present = np.load(influence_dir / "test_present.npy")
-    return {**rank_agreement(trained, randomised, present), "seed": int(seed)}
+    return {**rank_agreement(trained, randomised, present), "seed": int(seed),
+            "folder": str(out_dir)}
 
 
 def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
