@@ -69,15 +69,14 @@ def test_all_patients_reproduce_the_base_run(run):
 
 def test_vmap_equals_sequential(run):
     patients, _ = retrain.run_patients(run)
-    masks = np.zeros((3, len(patients)), bool)
+    masks = np.zeros((2, len(patients)), bool)
     masks[0, :2] = True
-    masks[1, 1:] = True  # more patients: more steps, so models 0 and 2 are frozen at the end
-    masks[2, ::2] = True
-    seeds = [5, 6, 7]
+    masks[1, 1:] = True  # more patients: more steps, so model 0 is frozen at the end
+    seeds = [5, 6]
     seq = retrain.train_models(run, masks, seeds, mode="sequential", progress=False)
     vm = retrain.train_models(run, masks, seeds, mode="vmap", progress=False)
     assert _max_diff(seq, vm) < 1e-4
-    for k in range(3):
+    for k in range(2):
         a = retrain.test_outputs(run, retrain.unstack(seq, k))
         b = retrain.test_outputs(run, retrain.unstack(vm, k))
         for name in ("dice_loss", "ce_loss"):
@@ -106,7 +105,7 @@ def test_test_outputs_are_the_influence_losses(run):
 
 def _ground_truth_in_subprocess(workdir: Path, env_extra: dict) -> subprocess.CompletedProcess:
     code = ("import sys; from tracin_jax.evaluate.ground_truth import compute_ground_truth; "
-            "compute_ground_truth(sys.argv[1], subsets=3, mode='sequential', progress=False)")
+            "compute_ground_truth(sys.argv[1], subsets=2, mode='sequential', progress=False)")
     return subprocess.run([sys.executable, "-c", code, str(workdir)], capture_output=True, text=True,
                           env={**os.environ, **env_extra}, timeout=600)
 
@@ -115,19 +114,19 @@ def test_ground_truth_resumes_after_sigkill(tiny_run, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     shutil.copytree(tiny_run, whole)
     shutil.copytree(tiny_run, killed)
-    proc = _ground_truth_in_subprocess(killed, {"TRACIN_JAX_KILL_AFTER_UNITS": "2"})
+    proc = _ground_truth_in_subprocess(killed, {"TRACIN_JAX_KILL_AFTER_UNITS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     (folder,) = (killed / gt.GROUND_TRUTH_DIR).iterdir()
-    assert len(list((folder / "units").glob("*.npz"))) == 2
+    assert len(list((folder / "units").glob("*.npz"))) == 1
     assert not (folder / "meta.json").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "units").glob("*.npz")}
 
-    resumed = gt.compute_ground_truth(killed, subsets=3, mode="sequential", progress=False)
+    resumed = gt.compute_ground_truth(killed, subsets=2, mode="sequential", progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "units").glob("*.npz")
             if p.name in stamps} == stamps  # finished models were not redone
-    fresh = gt.compute_ground_truth(whole, subsets=3, mode="sequential", progress=False)
+    fresh = gt.compute_ground_truth(whole, subsets=2, mode="sequential", progress=False)
     assert resumed.path.name == fresh.path.name
-    m, p = 3, len(resumed.patients)
+    m, p = 2, len(resumed.patients)
     n_test = len(resumed.test_ids)
     assert resumed.masks.shape == (m, p)
     assert resumed.dice_loss.shape == resumed.ce_loss.shape == (m, 1, n_test, 3)
@@ -136,7 +135,7 @@ def test_ground_truth_resumes_after_sigkill(tiny_run, tmp_path):
         np.testing.assert_array_equal(getattr(resumed, name), getattr(fresh, name))
     assert np.isfinite(resumed.dice_loss).all()
     assert np.ptp(resumed.dice_loss, axis=0).max() > 1e-4  # subsets give different losses
-    again = gt.compute_ground_truth(whole, subsets=3, mode="sequential", progress=False)
+    again = gt.compute_ground_truth(whole, subsets=2, mode="sequential", progress=False)
     assert again.meta == fresh.meta
     np.testing.assert_array_equal(again.dice_loss, fresh.dice_loss)
     # another setting never reuses these models

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Any, Sequence
 
 import jax
@@ -151,7 +152,7 @@ def _check_masks(masks: np.ndarray, n_patients: int, seeds: Sequence[int]) -> np
 
 
 def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "auto",
-                 progress: bool = True) -> Any:
+                 progress: bool = True, timings: dict | None = None) -> Any:
     """Retrains K models from scratch, model k on the patients of masks[k] with seed seeds[k].
 
     Args:
@@ -159,6 +160,9 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
       masks: bool[K, P] over the run's training patients (sorted ids).
       seeds: K training seeds (initialisation, epoch order, augmentation keys).
       mode: ``sequential``, ``vmap`` or ``auto`` (vmap on GPU/TPU, sequential on CPU).
+      timings: if given, filled with seconds: ``init`` (initialisations), ``first_step`` (the
+        first train step of the call, compilation included), ``steps`` (the others, their count
+        in ``n_steps``), and ``mode``.
     Returns:
       variables {'params', 'batch_stats'} with every leaf stacked on a leading K axis.
     """
@@ -172,22 +176,31 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
     schedules = [model_schedule(_examples_of(mk, slice_patient), int(s), cfg.train.epochs,
                                 cfg.train.batch_size) for mk, s in zip(masks, seeds)]
     images, labels = run.train.images, run.train.labels
+    clock = {"init": 0.0, "first_step": 0.0, "steps": 0.0, "n_steps": 0, "mode": mode}
     if mode == "sequential":
         outs = []
         bar = tqdm(total=sum(map(len, schedules)), desc="retraining", unit="step",
                    disable=not progress, leave=False, dynamic_ncols=True)
         for sched, s in zip(schedules, seeds):
+            t0 = time.perf_counter()
             key, variables, opt_state = _init(fns, int(s))
+            clock["init"] += time.perf_counter() - t0
             for epoch, b, idx in sched:
+                t0 = time.perf_counter()
                 step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), b)
-                variables, opt_state, _ = step(variables, opt_state, jnp.asarray(images[idx]),
-                                               jnp.asarray(labels[idx], jnp.int32), step_key)
+                variables, opt_state, loss = step(variables, opt_state, jnp.asarray(images[idx]),
+                                                  jnp.asarray(labels[idx], jnp.int32), step_key)
+                _tick(clock, loss, t0)
                 bar.update(1)
             outs.append(variables)
         bar.close()
+        if timings is not None:
+            timings.update(clock)
         return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
+    t0 = time.perf_counter()
     inits = [_init(fns, int(s)) for s in seeds]
+    clock["init"] = time.perf_counter() - t0
     stack = functools.partial(jax.tree_util.tree_map, lambda *xs: jnp.stack(xs))
     variables = stack(*[v for _, v, _ in inits])
     opt_state = stack(*[o for _, _, o in inits])
@@ -209,12 +222,27 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
     bar = tqdm(total=n_steps, desc=f"retraining {k_models} models (vmap)", unit="step",
                disable=not progress, leave=False, dynamic_ncols=True)
     for t in range(n_steps):
-        variables, opt_state, _ = many(variables, opt_state, jnp.asarray(idx[t]),
-                                       jnp.asarray(key_data[t]), jnp.asarray(active[t]),
-                                       dev_images, dev_labels)
+        t0 = time.perf_counter()
+        variables, opt_state, loss = many(variables, opt_state, jnp.asarray(idx[t]),
+                                          jnp.asarray(key_data[t]), jnp.asarray(active[t]),
+                                          dev_images, dev_labels)
+        _tick(clock, loss, t0)
         bar.update(1)
     bar.close()
+    if timings is not None:
+        timings.update(clock)
     return variables
+
+
+def _tick(clock: dict, loss, t0: float) -> None:
+    """Adds one finished step's seconds to ``clock`` (the first step apart: it compiles)."""
+    jax.block_until_ready(loss)
+    dt = time.perf_counter() - t0
+    if clock["n_steps"] == 0 and clock["first_step"] == 0.0:
+        clock["first_step"] = dt
+    else:
+        clock["steps"] += dt
+        clock["n_steps"] += 1
 
 
 def unstack(variables: Any, k: int) -> Any:
