@@ -23,6 +23,10 @@ def _evaluate(capsys, *args) -> tuple[int, str]:
     return rc, (err[-1] if err else "")
 
 
+def _listing(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--subsets", "1"], "--subsets 1: need at least 2"),
     (["--fraction", "1.5"], "--fraction 1.5: must lie strictly between 0 and 1"),
@@ -37,12 +41,13 @@ def _evaluate(capsys, *args) -> tuple[int, str]:
 def test_bad_settings_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_run, tiny_influence,
                                                       extra, message):
     out = tmp_path / "eval"
+    before = _listing(tiny_run)
     rc, line = _evaluate(capsys, "--workdir", tiny_run, "--influence", tiny_influence,
                          "--out", out, "--small", *extra)
     assert rc == 2
     assert line.startswith("tracin-jax: error: ") and message in line
     assert not out.exists()
-    assert not (Path(tiny_run) / "ground_truth").exists()
+    assert _listing(tiny_run) == before  # nothing trained or cached
 
 
 def test_influence_of_another_run(capsys, tmp_path, tiny_run, tiny_influence):
@@ -165,3 +170,35 @@ def test_model_randomisation_on_tiny_run(tmp_path, tiny_run, tiny_influence):
     assert (out / "patient_scores.npy").stat().st_mtime_ns == stamp  # reused, not recomputed
     other = sanity.model_randomisation(run, Path(tiny_influence), tmp_path / "rand", seed=1)
     assert other["folder"] != res["folder"]  # another seed never reuses these scores
+
+
+def test_end_to_end_small_and_rerun_reproduces(tmp_path, tiny_run, tiny_influence, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run, work)
+    out = tmp_path / "eval"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "tracin_jax.cli", "evaluate", "--workdir", str(work),
+           "--influence", str(tiny_influence), "--out", str(out), "--small", "--subsets", "3",
+           "--no-randomisation"]  # randomisation: test_model_randomisation_on_tiny_run
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distinct removal sets" in proc.stdout + proc.stderr
+    assert {"evaluation.json", "evaluation.md", "lds.png", "leave_out.png"} <= {
+        p.name for p in out.iterdir()}
+    res = json.loads((out / "evaluation.json").read_text())
+    gt = res["ground_truth"]
+    assert (gt["subsets"], gt["seeds"], gt["patients"]) == (3, 1, 4)
+    v = res["variants"][Path(tiny_influence).name]
+    assert v["loss"] == "dice" and -1.0 <= v["lds"]["mean"] <= 1.0
+    assert set(v["lds"]["per_class"]) == {"NCR/NET", "ED", "ET"}
+    assert set(v["leave_out"]["1"]) == {"proponents", "random", "opponents"}
+    assert v["randomisation"] is None and res["leave_out"]["queries_n"] == 1
+    md = (out / "evaluation.md").read_text()
+    assert md in proc.stdout
+    units = sorted((Path(gt["path"]) / "units").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in units]
+    # rerun: every model comes from the caches and the table is the same
+    assert main(cmd[3:]) == 0
+    assert "0 to retrain" in capsys.readouterr().out
+    assert (out / "evaluation.md").read_text() == md
+    assert [p.stat().st_mtime_ns for p in units] == stamps

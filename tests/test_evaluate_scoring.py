@@ -238,6 +238,8 @@ def test_report_markdown_verdict_and_figures(tmp_path):
     sep, tied = _result(True), _result(False)
     assert "separated from every other variant" in report.verdict(sep)
     assert "cannot be told apart" in report.verdict(tied)
+    del tied["variants"]["cos"]
+    assert report.verdict(tied) == "One variant scored: `head`, LDS +0.30."
     md = report.markdown(sep)
     assert "| `head` | dice head | +0.30 [+0.20, +0.40]" in md
     assert "0.13" in md and "needs --seeds 2" in md

@@ -15,7 +15,7 @@ Steps (all inputs are checked before anything is trained or written):
 5. ``evaluation.json``, ``evaluation.md``, ``lds.png``, ``leave_out.png`` in ``out``.
 
 Defaults size the demo study (40 synthetic cases, 32 training patients): 64 subsets x 1 seed.
-``small=True`` is the preset the test suite uses (few subsets, tiny retraining).
+``small=True`` is the preset the test suite uses (6 subsets, one leave-out query, k = 1).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tracin_jax.evaluate.report import write_outputs
 DEFAULTS = {"subsets": 64, "fraction": 0.5, "seeds": 1, "leave_out_queries": lo_mod.DEFAULT_QUERIES,
             "leave_out_k": lo_mod.DEFAULT_KS, "leave_out_random": lo_mod.DEFAULT_RANDOM_SETS,
             "resamples": lds_mod.BOOTSTRAP_RESAMPLES}
-SMALL = {"subsets": 6, "fraction": 0.5, "seeds": 1, "leave_out_queries": 2, "leave_out_k": (1,),
+SMALL = {"subsets": 6, "fraction": 0.5, "seeds": 1, "leave_out_queries": 1, "leave_out_k": (1,),
          "leave_out_random": 1, "resamples": 200}
 MIN_PATIENTS = 4
 MODES = ("auto", "sequential", "vmap")

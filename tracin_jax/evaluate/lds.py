@@ -86,9 +86,11 @@ def _bootstrap_mean_ci(pred_t: np.ndarray, loss_t: np.ndarray, resamples: int, s
         idx = np.asarray(idx, int)
         return _mean_spearman(pred_t[idx], loss_t[idx])
 
-    res = stats.bootstrap((np.arange(m),), statistic, vectorized=False, paired=False,
-                          n_resamples=resamples, confidence_level=level, method="percentile",
-                          random_state=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # resamples with tied rows may give NaN: interval None
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((np.arange(m),), statistic, vectorized=False, paired=False,
+                              n_resamples=resamples, confidence_level=level,
+                              method="percentile", random_state=np.random.default_rng(seed))
     lo, hi = res.confidence_interval
     return [_num(lo), _num(hi)]
 
@@ -158,9 +160,11 @@ def paired_difference(scores_a: np.ndarray, losses_a: np.ndarray, scores_b: np.n
     mean = _num(statistic(np.arange(len(pa))))
     if len(pa) < 3 or not len(a):
         return {"mean": mean, "ci": [None, None]}
-    res = stats.bootstrap((np.arange(len(pa)),), statistic, vectorized=False,
-                          n_resamples=resamples, method="percentile",
-                          random_state=np.random.default_rng(seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((np.arange(len(pa)),), statistic, vectorized=False,
+                              n_resamples=resamples, method="percentile",
+                              random_state=np.random.default_rng(seed))
     lo, hi = res.confidence_interval
     return {"mean": mean, "ci": [_num(lo), _num(hi)]}
 

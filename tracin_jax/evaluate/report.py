@@ -35,6 +35,8 @@ def verdict(result: dict) -> str:
     if not scored:
         return "No attribution could be scored (no targets)."
     best_val, best = max(scored)
+    if len(variants) == 1:
+        return f"One variant scored: `{best}`, LDS {best_val:+.2f}."
     beaten, tied = [], []
     for name, v in variants.items():
         if name == best:
