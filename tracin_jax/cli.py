@@ -76,6 +76,21 @@ def _cmd_explain(args) -> None:
     print(f"report written to {Path(args.out) / 'index.html'}")
 
 
+def _cmd_evaluate(args) -> dict:
+    from tracin_jax.evaluate.api import run_evaluate
+
+    result = run_evaluate(
+        args.workdir, args.influence, args.out, subsets=args.subsets, fraction=args.fraction,
+        seeds=args.seeds, seed=args.seed, leave_out_queries=args.leave_out_queries,
+        leave_out_k=args.leave_out_k, leave_out_random=args.leave_out_random,
+        leave_out_variants=args.leave_out_variants,
+        randomisation=not args.no_randomisation, mislabel=args.mislabel, mode=args.mode,
+        small=args.small, data_dir=args.data)
+    print((Path(args.out) / "evaluation.md").read_text())
+    print(f"evaluation written to {args.out}")
+    return result
+
+
 def _cmd_demo(args) -> None:
     from tracin_jax.config import apply_overrides, get_config
     from tracin_jax.data import write_synthetic_dataset
@@ -148,6 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--similarity", default="cosine", help="cosine | max_ratio | max_product")
     x.add_argument("--data", default=None, help="data folder, if moved since training")
     x.set_defaults(func=_cmd_explain)
+
+    v = sub.add_parser("evaluate", help="score influence folders against retraining on random "
+                       "patient subsets (class-wise LDS, leave-top-k-out, sanity checks)")
+    v.add_argument("--workdir", required=True, help="the trained run the influence explains")
+    v.add_argument("--influence", required=True, nargs="+", metavar="DIR",
+                   help="folders written by `tracin-jax influence` for this run")
+    v.add_argument("--out", required=True)
+    v.add_argument("--subsets", type=int, default=None, help="M retrained subsets (default 64)")
+    v.add_argument("--fraction", type=float, default=None,
+                   help="fraction of training patients per subset (default 0.5)")
+    v.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per subset (default 1; 2+ measures the noise ceiling)")
+    v.add_argument("--seed", type=int, default=0, help="draws subsets, queries, random sets")
+    v.add_argument("--leave-out-queries", type=int, default=None,
+                   help="Q (test slice, class) queries for leave-top-k-out (default 16; 0 skips)")
+    v.add_argument("--leave-out-k", default=None, help="k values, e.g. 1,3,5 (the default)")
+    v.add_argument("--leave-out-random", type=int, default=None,
+                   help="random removal sets per k, shared by all queries (default 2)")
+    v.add_argument("--leave-out-variants", default=None, metavar="NAME,...",
+                   help="influence folder names that get leave-top-k-out (default: all)")
+    v.add_argument("--no-randomisation", action="store_true",
+                   help="skip the model-randomisation check (one influence run per folder)")
+    v.add_argument("--mislabel", default=None,
+                   help="results.json of `python -m experiments.mislabel` for the AUC column")
+    v.add_argument("--mode", default="auto", help="auto | sequential | vmap (multi-model training)")
+    v.add_argument("--small", action="store_true", help="tiny settings (tests, smoke runs)")
+    v.add_argument("--data", default=None, help="data folder, if moved since training")
+    v.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("demo", help="synth -> train -> influence -> report on the embedded data")
     d.add_argument("--workdir", default="runs/demo")

@@ -1,0 +1,249 @@
+"""Scoring of the evaluation on synthetic arrays (no retraining): LDS of a linear datamodel
+oracle and of random scores, bootstrap and paired intervals, noise ceiling, leave-top-k-out
+arithmetic, sanity-check helpers and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tracin_jax.errors import InputError
+from tracin_jax.evaluate import lds, leave_out, report, sanity
+from tracin_jax.evaluate.api import parse_ks
+
+
+def _linear_world(seed=0, m=48, p=16, n_test=10, r=1, noise=0.0):
+    """A linear datamodel: the class loss of subset model m is -sum_{p in S_m} beta[a, i, p]."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(size=(n_test, 3, p))
+    masks = rng.random((m, p)) < 0.5
+    clean = -np.einsum("mp,aip->mai", masks.astype(float), beta)
+    losses = clean[:, None] + noise * rng.normal(size=(m, r, n_test, 3))
+    scores = np.zeros((n_test, 3, p, 3), np.float32)
+    scores[..., 1] = beta  # all of it in one training class: predictions sum over j
+    present = rng.random((n_test, 3)) < 0.8
+    present[0] = True
+    return scores, masks, losses.astype(np.float32), present
+
+
+def test_spearman_columns_matches_scipy():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(20, 5)), rng.normal(size=(20, 5))
+    y[:, 2] = x[:, 2] ** 3  # monotone: rho = 1
+    x[:4, 3] = 0.0  # ties
+    got = lds.spearman_columns(x, y)
+    want = [stats.spearmanr(x[:, t], y[:, t]).statistic for t in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.isnan(lds.spearman_columns(np.ones((5, 1)), y[:5, :1]))[0]
+
+
+def test_subset_predictions_sign_and_sum():
+    scores = np.zeros((1, 3, 3, 3), np.float32)
+    scores[0, 0, 0, :] = [1.0, 2.0, 0.0]  # patient 0: proponent of total 3
+    scores[0, 0, 2, 2] = -4.0  # patient 2: opponent
+    masks = np.array([[1, 0, 0], [0, 0, 1], [1, 1, 1]], bool)
+    pred = lds.subset_predictions(scores, masks)
+    assert pred.shape == (3, 1, 3)
+    np.testing.assert_allclose(pred[:, 0, 0], [-3.0, 4.0, 1.0])
+
+
+def test_oracle_lds_is_one_random_is_zero_negated_is_minus_one():
+    scores, masks, losses, present = _linear_world(noise=0.0)
+    oracle = lds.lds(scores, masks, losses, present, resamples=200)
+    assert oracle["mean"] > 0.999
+    assert oracle["ci"][0] > 0.99
+    assert oracle["n_targets"] == int(present.sum())
+    assert sum(c["n_targets"] for c in oracle["per_class"].values()) == oracle["n_targets"]
+    assert lds.lds(-scores, masks, losses, present, resamples=50)["mean"] < -0.999
+
+    rng = np.random.default_rng(7)
+    rand = [lds.lds(rng.normal(size=scores.shape), masks, losses, present, resamples=50)["mean"]
+            for _ in range(5)]
+    assert abs(np.mean(rand)) < 0.05
+    # with retraining noise, the oracle degrades but stays far above random
+    noisy = _linear_world(noise=3.0)
+    assert 0.3 < lds.lds(noisy[0], noisy[1], noisy[2], noisy[3], resamples=50)["mean"] < 0.95
+
+
+def test_absent_targets_are_ignored():
+    scores, masks, losses, present = _linear_world()
+    present[:] = False
+    present[2, 1] = True
+    out = lds.lds(scores, masks, losses, present, resamples=50)
+    assert out["n_targets"] == 1 and out["per_class"]["NCR/NET"]["mean"] is None
+    assert out["per_class"]["ED"]["n_targets"] == 1
+
+
+def test_bootstrap_interval_brackets_mean_and_widens_with_noise():
+    a = _linear_world(noise=2.0, m=64)
+    b = _linear_world(noise=8.0, m=64)
+    ra, rb = (lds.lds(w[0], w[1], w[2], w[3], resamples=300) for w in (a, b))
+    for r in (ra, rb):
+        assert r["ci"][0] <= r["mean"] <= r["ci"][1]
+    assert (rb["ci"][1] - rb["ci"][0]) > (ra["ci"][1] - ra["ci"][0])
+    # reproducible with the same seed
+    assert lds.lds(a[0], a[1], a[2], a[3], resamples=300)["ci"] == ra["ci"]
+
+
+def test_paired_difference_separates_oracle_from_random():
+    scores, masks, losses, present = _linear_world(noise=1.0)
+    rnd = np.random.default_rng(3).normal(size=scores.shape)
+    d = lds.paired_difference(scores, losses, rnd, losses, masks, present, resamples=300)
+    assert d["ci"][0] > 0.3
+    same = lds.paired_difference(scores, losses, scores, losses, masks, present, resamples=50)
+    assert same["mean"] == 0.0
+
+
+def test_noise_ceiling():
+    scores, masks, losses, present = _linear_world(r=1)
+    assert lds.noise_ceiling(losses, present) is None
+    identical = np.repeat(losses, 3, axis=1)
+    assert lds.noise_ceiling(identical, present)["mean"] > 0.999
+    pure_noise = np.random.default_rng(0).normal(size=(64, 2, 10, 3))
+    c = lds.noise_ceiling(pure_noise, present)
+    assert abs(c["mean"]) < 0.1 and c["seeds"] == 2
+    partly = _linear_world(r=3, noise=4.0)[2]
+    assert 0.1 < lds.noise_ceiling(partly, present)["mean"] < 0.95
+
+
+# -- leave-top-k-out ------------------------------------------------------------------------
+
+def test_select_queries_spread_over_classes_and_deterministic():
+    present = np.zeros((10, 3), bool)
+    present[:, 1] = True  # ED everywhere
+    present[:2, 0] = True  # NCR/NET in 2 slices
+    present[5:9, 2] = True  # ET in 4
+    q = leave_out.select_queries(present, 7, seed=3)
+    assert q == leave_out.select_queries(present, 7, seed=3)
+    classes = [c for _, c in q]
+    assert classes == [0, 1, 2, 0, 1, 2, 1]  # NCR/NET runs out after two
+    assert all(present[a, c] for a, c in q)
+    assert len(set(q)) == len(q)
+    assert len(leave_out.select_queries(present, 100)) == int(present.sum())
+
+
+def test_top_patients_proponents_opponents_ties():
+    scores = np.zeros((1, 3, 5, 3))
+    scores[0, 1, :, 0] = [3.0, -1.0, 3.0, 0.5, -2.0]
+    scores[0, 1, 3, 2] = 2.0  # patient 3 totals 2.5: summed over training classes
+    assert leave_out.top_patients(scores, (0, 1), 1, "proponents") == (0,)  # tie: lower index
+    assert leave_out.top_patients(scores, (0, 1), 3, "proponents") == (0, 2, 3)
+    assert leave_out.top_patients(scores, (0, 1), 2, "opponents") == (1, 4)
+
+
+def test_removal_plan_deduplicates_and_shares_random_sets():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(4, 3, 8, 3))
+    present = np.ones((4, 3), bool)
+    queries = leave_out.select_queries(present, 3)
+    randoms = leave_out.random_sets(8, (1, 3), 2, seed=0)
+    assert randoms == leave_out.random_sets(8, (1, 3), 2, seed=0)
+    assert all(len(x) == k for k, lst in randoms.items() for x in lst)
+    plan = leave_out.removal_plan({"a": s, "a_again": s.copy()}, queries, (1, 3), randoms)
+    single = leave_out.removal_plan({"a": s}, queries, (1, 3), randoms)
+    assert plan["sets"] == single["sets"]  # identical attributions cost nothing more
+    assert plan["sets"][0] == ()
+    assert len(set(plan["sets"])) == len(plan["sets"])
+
+
+def test_loss_changes_arithmetic():
+    queries = [(0, 0), (1, 2)]
+    top = {"proponents": {1: [(0,), (1,)]}, "opponents": {1: [(2,), (2,)]}}
+    randoms = {1: [(3,), (4,)]}
+    base = np.zeros((2, 3))
+    lw = {(): base}
+    for p, val in ((0, 0.5), (1, 0.3), (2, -0.2), (3, 0.1), (4, 0.0)):
+        lw[(p,)] = np.full((2, 3), val)
+    out = leave_out.loss_changes(top, randoms, queries, lw)
+    assert out[1]["proponents"]["per_query"] == [0.5, 0.3]
+    assert out[1]["opponents"]["per_query"] == [-0.2, -0.2]
+    assert out[1]["random"]["per_query"] == pytest.approx([0.05, 0.05])
+    assert out[1]["proponents"]["mean"] == pytest.approx(0.4)
+
+
+# -- sanity checks --------------------------------------------------------------------------
+
+def test_gradient_spec_and_mislabel_method():
+    meta = {"gradient": {"tag": "tumour_dice_loss(eps=1e-06)|head|exact"},
+            "params": {"name": "head"}, "projection": None,
+            "checkpoints": [{"epoch": 2}, {"epoch": 4}, {"epoch": 6}]}
+    spec = sanity.gradient_spec(meta)
+    assert (spec.loss, spec.normalise, spec.params, spec.epochs) == ("dice", False, "head", (2, 4, 6))
+    assert sanity.mislabel_method(spec, 6) == "Dice head classwise sum"
+    cos = sanity.gradient_spec({**meta, "gradient": {"tag": "normalised(tumour_cross_entropy|all|countsketch4096s0)"},
+                                "params": {"name": "all"},
+                                "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}})
+    assert (cos.loss, cos.normalise) == ("ce", True)
+    assert sanity.mislabel_method(cos, 6) is None
+    last = sanity.gradient_spec({**meta, "checkpoints": [{"epoch": 6}]})
+    assert sanity.mislabel_method(last, 6) == "Dice head last classwise sum"
+    assert "epoch 6 only" in last.describe()
+
+
+def test_read_mislabel(tmp_path):
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps({"results": {"slices": {"methods": {
+        "CE head classwise sum": {"all": {"auc": 0.78}}}}}}))
+    assert sanity.read_mislabel(good) == {"CE head classwise sum": 0.78}
+    bad = tmp_path / "other.json"
+    bad.write_text("{}")
+    with pytest.raises(InputError, match="other.json"):
+        sanity.read_mislabel(bad)
+    with pytest.raises(InputError, match="not found"):
+        sanity.read_mislabel(tmp_path / "missing.json")
+
+
+def test_rank_agreement():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(5, 3, 12, 3))
+    present = np.ones((5, 3), bool)
+    assert sanity.rank_agreement(s, 2 * s + 1, present)["mean"] == pytest.approx(1.0)
+    other = [sanity.rank_agreement(s, rng.normal(size=s.shape), present)["mean"] for _ in range(5)]
+    assert abs(np.mean(other)) < 0.15
+
+
+def test_parse_ks():
+    assert parse_ks("5,1,3") == (1, 3, 5)
+    assert parse_ks([3]) == (3,)
+    for raw in ("1,x", "0", "1.5"):
+        with pytest.raises(InputError, match="--leave-out-k"):
+            parse_ks(raw)
+
+
+def _result(best_separated: bool) -> dict:
+    def lds_entry(m):
+        return {"mean": m, "ci": [m - 0.1, m + 0.1], "n_targets": 9,
+                "per_class": {c: {"mean": m, "ci": [None, None], "n_targets": 3}
+                              for c in report.CLASS_NAMES}}
+    hi = -0.05 if best_separated else 0.05
+    return {
+        "workdir": "runs/x", "leave_out": {"k": [1], "queries_n": 2, "seed": 0},
+        "ground_truth": {"patients": 12, "n_test": 6, "targets": 9, "subsets": 8, "fraction": 0.5,
+                         "seeds": 1, "seed": 0, "noise_ceiling": {"dice": None, "ce": None}},
+        "variants": {
+            "head": {"gradient": "dice head", "lds": lds_entry(0.3), "vs_best": None,
+                     "leave_out": {"1": {s: {"mean": 0.01, "ci": [0.0, 0.02]}
+                                         for s in leave_out.SIDES}},
+                     "randomisation": {"mean": 0.2}, "mislabel_auc": 0.13},
+            "cos": {"gradient": "dice head, cosine", "lds": lds_entry(0.1),
+                    "vs_best": {"mean": -0.2, "ci": [-0.3, hi]}, "randomisation": None,
+                    "mislabel_auc": None},
+        }}
+
+
+def test_report_markdown_verdict_and_figures(tmp_path):
+    sep, tied = _result(True), _result(False)
+    assert "separated from every other variant" in report.verdict(sep)
+    assert "cannot be told apart" in report.verdict(tied)
+    del tied["variants"]["cos"]
+    assert report.verdict(tied) == "One variant scored: `head`, LDS +0.30."
+    md = report.markdown(sep)
+    assert "| `head` | dice head | +0.30 [+0.20, +0.40]" in md
+    assert "0.13" in md and "needs --seeds 2" in md
+    report.write_outputs(sep, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"evaluation.json", "evaluation.md",
+                                                     "lds.png", "leave_out.png"}
+    assert json.loads((tmp_path / "evaluation.json").read_text())["variants"]["head"]["mislabel_auc"] == 0.13

@@ -1,0 +1,300 @@
+"""``run_evaluate``: scores influence folders against one counterfactual ground truth.
+
+Steps (all inputs are checked before anything is trained or written):
+
+1. the ground truth of the run: M subset models x R seeds (:func:`.ground_truth.compute_ground_truth`,
+   cached in ``<workdir>/ground_truth/<key>/``, shared by every influence folder and rerun);
+2. per influence folder: class-wise LDS against the loss it differentiates (Dice or region
+   cross-entropy), its paired difference with the best folder, and the LDS against the other
+   loss (``lds_by_loss``);
+3. leave-top-k-out on Q queries shared by every folder (removal sets deduplicated and cached
+   by :func:`.ground_truth.retrain_without_many`); the number of retrainings and an estimate of
+   their time are printed before they start;
+4. model randomisation (one influence recomputation per folder with re-initialised weights,
+   cached in ``<out>/randomised/<folder>/``) and, if given, the mislabel AUC;
+5. ``evaluation.json``, ``evaluation.md``, ``lds.png``, ``leave_out.png`` in ``out``.
+
+Defaults size the demo study (40 synthetic cases, 32 training patients): 64 subsets x 1 seed.
+``small=True`` is the preset the test suite uses (6 subsets, one leave-out query, k = 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tracin_jax.errors import InputError
+from tracin_jax.evaluate import lds as lds_mod
+from tracin_jax.evaluate import leave_out as lo_mod
+from tracin_jax.evaluate import sanity
+from tracin_jax.evaluate.report import write_outputs
+
+DEFAULTS = {"subsets": 64, "fraction": 0.5, "seeds": 1, "leave_out_queries": lo_mod.DEFAULT_QUERIES,
+            "leave_out_k": lo_mod.DEFAULT_KS, "leave_out_random": lo_mod.DEFAULT_RANDOM_SETS,
+            "resamples": lds_mod.BOOTSTRAP_RESAMPLES}
+SMALL = {"subsets": 6, "fraction": 0.5, "seeds": 1, "leave_out_queries": 1, "leave_out_k": (1,),
+         "leave_out_random": 1, "resamples": 200}
+MIN_PATIENTS = 4
+MODES = ("auto", "sequential", "vmap")
+LOSS_KEYS = {"dice": "dice_loss", "ce": "ce_loss"}
+
+
+def parse_ks(raw) -> tuple[int, ...]:
+    """``"1,3,5"`` or a sequence -> (1, 3, 5); one-line InputError otherwise."""
+    if isinstance(raw, str):
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+    else:
+        parts = list(raw)
+    try:
+        ks = tuple(sorted({int(p) for p in parts}))
+        if any(str(p).strip() != str(int(p)) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(f"--leave-out-k {raw!r}: expected comma-separated positive integers, "
+                         "e.g. 1,3,5") from None
+    if any(k < 1 for k in ks):
+        raise InputError(f"--leave-out-k {raw!r}: every k must be at least 1")
+    return ks
+
+
+def _check_settings(subsets, fraction, seeds, queries, draws) -> None:
+    if not isinstance(subsets, (int, np.integer)) or subsets < 2:
+        raise InputError(f"--subsets {subsets!r}: need at least 2 subsets (M >= 2)")
+    try:
+        ok = 0.0 < float(fraction) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"--fraction {fraction!r}: must lie strictly between 0 and 1")
+    if not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise InputError(f"--seeds {seeds!r}: need at least 1 training seed per subset")
+    if not isinstance(queries, (int, np.integer)) or queries < 0:
+        raise InputError(f"--leave-out-queries {queries!r}: must be 0 (skip) or a positive integer")
+    if not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise InputError(f"--leave-out-random {draws!r}: need at least 1 random removal set per k")
+
+
+def _load_influence(folder: Path, patients: list[str], train_ids: list[str],
+                    test_ids: list[str], workdir: Path) -> dict:
+    """meta, patient_scores f32[n_test, 3, P, 3] and test_present of one folder, checked
+    against the run."""
+    meta_path = folder / "meta.json"
+    if not folder.is_dir():
+        raise InputError(f"--influence {folder}: not a folder")
+    if not meta_path.exists():
+        raise InputError(f"--influence {folder}: no meta.json (not written by `tracin-jax "
+                         "influence`, or unfinished)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        raise InputError(f"--influence {folder}: meta.json is not valid JSON") from None
+    if meta.get("split", "test") != "test":
+        raise InputError(f"--influence {folder}: scores the {meta.get('split')!r} split; "
+                         "evaluation needs test-split influence")
+    for key, want in (("train_ids", train_ids), ("test_ids", test_ids), ("patients", patients)):
+        if [str(x) for x in meta.get(key, [])] != want:
+            raise InputError(f"--influence {folder}: its {key} differ from those of {workdir} "
+                             "(influence of another run?)")
+    pat_path = folder / "patient_scores.npy"
+    if not pat_path.exists():
+        raise InputError(f"--influence {folder}: no patient_scores.npy (rerun `tracin-jax "
+                         "influence` with a larger --memory-budget-gb)")
+    scores = np.load(pat_path, mmap_mode="r")
+    want_shape = (len(test_ids), 3, len(patients), 3)
+    if tuple(scores.shape) != want_shape:
+        raise InputError(f"--influence {pat_path}: shape {tuple(scores.shape)}, expected "
+                         f"{want_shape}")
+    present = np.load(folder / "test_present.npy")
+    return {"meta": meta, "scores": np.asarray(scores, np.float32), "present": present,
+            "spec": sanity.gradient_spec(meta)}
+
+
+def _unit_seconds(gt) -> float | None:
+    """Median seconds per retrained model recorded by the ground truth (``unit_seconds``)."""
+    vals = np.asarray((getattr(gt, "meta", None) or {}).get("unit_seconds") or [], float).ravel()
+    return float(np.median(vals)) if vals.size else None
+
+
+def _cached_without(gt_mod, run, removed: Sequence[str], seed: int) -> bool:
+    """Whether the model trained without ``removed`` is already in the leave-out cache."""
+    folder = Path(run.workdir) / gt_mod.GROUND_TRUTH_DIR / gt_mod.LEAVE_OUT_DIR
+    return (folder / f"{gt_mod._removal_key(run, list(removed), seed)}.npz").exists()
+
+
+def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None = None,
+                 fraction: float | None = None, seeds: int | None = None, seed: int = 0,
+                 leave_out_queries: int | None = None, leave_out_k=None,
+                 leave_out_random: int | None = None, leave_out_variants=None,
+                 randomisation: bool = True,
+                 mislabel=None, mode: str = "auto", small: bool = False, progress: bool = True,
+                 data_dir=None, log: Callable[[str], None] = print) -> dict:
+    """Evaluates every folder of ``influence_dirs`` (keyed by folder name) against the ground
+    truth of ``workdir``; writes the outputs listed in the module docstring into ``out``.
+
+    Settings left None take :data:`DEFAULTS` (or :data:`SMALL` with ``small``).
+    ``leave_out_variants``: folder names (a list or ``"a,b"``) that get leave-top-k-out (default:
+    all); the others skip it, which bounds the number of retrainings. Returns the dict written
+    to ``evaluation.json``.
+    """
+    from tracin_jax import load_run
+
+    preset = SMALL if small else DEFAULTS
+    subsets = preset["subsets"] if subsets is None else subsets
+    fraction = preset["fraction"] if fraction is None else fraction
+    seeds = preset["seeds"] if seeds is None else seeds
+    queries_n = preset["leave_out_queries"] if leave_out_queries is None else leave_out_queries
+    ks = parse_ks(preset["leave_out_k"] if leave_out_k is None else leave_out_k)
+    draws = preset["leave_out_random"] if leave_out_random is None else leave_out_random
+    resamples = preset["resamples"]
+    _check_settings(subsets, fraction, seeds, queries_n, draws)
+    if mode not in MODES:
+        raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+
+    # -- every input check before any work ----------------------------------------------
+    workdir, out = Path(workdir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if not influence_dirs:
+        raise InputError("--influence: give at least one influence folder")
+    run = load_run(workdir, data_dir)
+    patients = sorted({str(c) for c in run.train.cases})
+    if len(patients) < MIN_PATIENTS:
+        raise InputError(f"{workdir}: {len(patients)} training patients; the evaluation needs at "
+                         f"least {MIN_PATIENTS} (retraining on subsets of patients)")
+    if queries_n and max(ks) > len(patients) - 1:
+        raise InputError(f"--leave-out-k {max(ks)}: larger than the {len(patients)} training "
+                         f"patients allow (at most {len(patients) - 1})")
+    train_ids = [str(i) for i in run.train.ids]
+    test_ids = [str(i) for i in run.test.ids]
+    folders = [Path(d) for d in influence_dirs]
+    names = [f.resolve().name for f in folders]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"--influence: two folders share the name {dupes[0]!r} (results are "
+                         "keyed by folder name)")
+    variants = {n: _load_influence(f, patients, train_ids, test_ids, workdir)
+                for n, f in zip(names, folders)}
+    present = next(iter(variants.values()))["present"]
+    if isinstance(leave_out_variants, str):
+        leave_out_variants = [x.strip() for x in leave_out_variants.split(",") if x.strip()]
+    lo_names = list(names) if leave_out_variants is None else list(leave_out_variants)
+    unknown = [n for n in lo_names if n not in variants]
+    if unknown:
+        raise InputError(f"--leave-out-variants {unknown[0]!r}: not the name of an --influence "
+                         f"folder (have {', '.join(names)})")
+    mislabel_aucs = sanity.read_mislabel(mislabel) if mislabel else None
+    last_epoch = run.checkpoints[-1].epoch
+
+    # -- the leave-out plan (cheap: rankings only) -----------------------------------------
+    queries = lo_mod.select_queries(present, queries_n, seed) if queries_n else []
+    randoms = lo_mod.random_sets(len(patients), ks, draws, seed) if queries else {}
+    plan = (lo_mod.removal_plan({n: variants[n]["scores"] for n in lo_names}, queries, ks, randoms)
+            if queries and lo_names else None)
+
+    # -- 1. ground truth ------------------------------------------------------------------
+    from tracin_jax.evaluate import ground_truth as gt_mod
+
+    t0 = time.perf_counter()
+    log(f"ground truth: {subsets} subsets x {seeds} seed(s) of {len(patients)} patients "
+        f"(fraction {fraction}); cached in {workdir / 'ground_truth'}")
+    gt = gt_mod.compute_ground_truth(run, subsets=subsets, fraction=fraction, seeds=seeds,
+                                     seed=seed, mode=mode, progress=progress, small=small)
+    gt_s = time.perf_counter() - t0
+    losses = {"dice": np.asarray(gt.dice_loss), "ce": np.asarray(gt.ce_loss)}
+    masks = np.asarray(gt.masks, bool)
+
+    # -- 2. LDS ---------------------------------------------------------------------------
+    result_variants: dict = {}
+    for name, v in variants.items():
+        by_loss = {loss: lds_mod.lds(v["scores"], masks, arr, present, resamples=resamples,
+                                     seed=seed) for loss, arr in losses.items()}
+        own = v["spec"].loss
+        result_variants[name] = {
+            "folder": str(folders[names.index(name)]), "gradient": v["spec"].describe(),
+            "loss": own, "lds": by_loss[own],
+            "lds_by_loss": {k: {kk: vv for kk, vv in r.items() if kk != "per_target"}
+                            for k, r in by_loss.items()},
+        }
+    best = max(result_variants, key=lambda n: (result_variants[n]["lds"]["mean"]
+                                               if result_variants[n]["lds"]["mean"] is not None
+                                               else -math.inf))
+    for name, v in variants.items():
+        if name == best:
+            result_variants[name]["vs_best"] = None
+            continue
+        b = variants[best]
+        result_variants[name]["vs_best"] = lds_mod.paired_difference(
+            v["scores"], losses[v["spec"].loss], b["scores"], losses[b["spec"].loss], masks,
+            present, resamples=resamples, seed=seed)
+
+    # -- 3. leave-top-k-out ---------------------------------------------------------------
+    leave_out_info: dict = {}
+    if plan is not None:
+        sets = plan["sets"]
+        removal_ids = [[patients[p] for p in s] for s in sets]
+        todo = len(sets) - sum(_cached_without(gt_mod, run, r, seed) for r in removal_ids)
+        per_model = _unit_seconds(gt)
+        eta = (f", about {todo * per_model / 60:.1f} min at {per_model:.1f} s per model (the "
+               "ground truth's rate)") if per_model and todo else ""
+        log(f"leave-top-k-out: {len(queries)} queries x k in {{{', '.join(map(str, ks))}}} x "
+            f"{len(lo_names)} variant(s) -> {len(sets)} distinct removal sets, {todo} to "
+            f"retrain{eta}")
+        t = time.perf_counter()
+        outputs = gt_mod.retrain_without_many(run, removal_ids, seed, mode=mode, progress=progress)
+        leave_out_s = time.perf_counter() - t
+        for name in lo_names:
+            v = variants[name]
+            key = LOSS_KEYS[v["spec"].loss]
+            loss_without = {s: np.asarray(o[key]) for s, o in zip(sets, outputs)}
+            changes = lo_mod.loss_changes(plan["top"][name], randoms, queries, loss_without,
+                                          seed=seed)
+            result_variants[name]["leave_out"] = {str(k): c for k, c in changes.items()}
+            result_variants[name]["leave_out_sets"] = {
+                side: {str(k): [[patients[p] for p in s] for s in lst] for k, lst in d.items()}
+                for side, d in plan["top"][name].items()}
+        leave_out_info = {
+            "k": list(ks), "queries_n": len(queries), "seed": int(seed),
+            "queries": [{"test_id": test_ids[a], "class": lds_mod.CLASS_NAMES[i]}
+                        for a, i in queries],
+            "random_sets": {str(k): [[patients[p] for p in s] for s in lst]
+                            for k, lst in randoms.items()},
+            "retrainings": len(sets), "seconds": round(leave_out_s, 1)}
+
+    # -- 4. sanity checks -----------------------------------------------------------------
+    for name, v in variants.items():
+        rnd = None
+        if randomisation:
+            log(f"model randomisation: {name}")
+            rnd = sanity.model_randomisation(run, folders[names.index(name)],
+                                             out / "randomised" / name, seed=seed,
+                                             progress=progress)
+            rnd["per_class"] = {lds_mod.CLASS_NAMES[int(c)]: m for c, m in rnd["per_class"].items()}
+        result_variants[name]["randomisation"] = rnd
+        method = sanity.mislabel_method(v["spec"], last_epoch)
+        result_variants[name]["mislabel_method"] = method if mislabel_aucs is not None else None
+        result_variants[name]["mislabel_auc"] = (mislabel_aucs.get(method)
+                                                 if mislabel_aucs is not None and method else None)
+
+    a, i = lds_mod.target_mask(present)
+    result = {
+        "format": 1, "workdir": str(workdir),
+        "ground_truth": {
+            "path": str(gt.path), "subsets": int(masks.shape[0]), "fraction": float(fraction),
+            "seeds": int(losses["dice"].shape[1]), "seed": int(seed), "patients": len(patients),
+            "n_test": len(test_ids), "targets": int(len(a)),
+            "targets_per_class": {c: int((i == k).sum()) for k, c in enumerate(lds_mod.CLASS_NAMES)},
+            "noise_ceiling": {loss: lds_mod.noise_ceiling(arr, present) for loss, arr in losses.items()},
+            "seconds": round(gt_s, 1),
+        },
+        "bootstrap": {"over": "subsets", "resamples": resamples, "method": "percentile",
+                      "level": 0.95},
+        "best": best, "variants": result_variants, "leave_out": leave_out_info,
+        "mislabel": str(mislabel) if mislabel else None,
+    }
+    write_outputs(result, out)
+    return result

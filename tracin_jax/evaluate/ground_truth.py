@@ -1,0 +1,297 @@
+"""The counterfactual ground truth of a run, computed once and cached in its workdir.
+
+``compute_ground_truth(workdir)`` draws M random subsets of the training patients (fraction
+alpha, seeded), retrains a model from scratch on each with R training seeds, and keeps what
+scoring needs. ``<workdir>/ground_truth/<key>/`` holds:
+
+- ``masks.npy`` bool[M, P]: the patients (sorted ids) of each subset;
+- ``dice_loss.npy`` f32[M, R, n_test, 3]: soft Dice loss per test slice and tumour class;
+- ``ce_loss.npy`` f32[M, R, n_test, 3]: region cross-entropy per test slice and tumour class;
+- ``dice.npy`` f32[M, R, 3]: hard Dice per tumour class over the test split (NaN: class absent);
+- ``meta.json``: patients, test ids, M, R, alpha, seed, the training seeds, the run's config,
+  the training mode and seconds of every unit. Written last: its presence marks a complete result.
+- ``units/m<m>_r<r>.npz``: one file per retrained model, written atomically when it finishes.
+
+``key`` hashes the run's config, its training patients and test ids, M, alpha, R and the seed,
+so models of two different settings never mix. A rerun (after SIGKILL at any moment) skips the
+units already written and trains only the missing ones; the result is the same.
+
+Training seeds: retraining seed r (0 <= r < R) is shared by all subsets (common random numbers:
+the differences between subsets' models come from their data, not from their initialisation) and
+derived from ``seed`` (``training_seeds``).
+
+``retrain_without(workdir, removed, seed)``: a model trained on every training patient except
+``removed``, cached in ``<workdir>/ground_truth/leave_out/<hash>.npz`` so every caller asking
+for the same removal set and seed reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tracin_jax.atomic import fsync_dir, save_npy_atomic, write_json_atomic
+from tracin_jax.errors import InputError
+from tracin_jax.evaluate.retrain import (patient_subsets, resolve_mode, run_patients, test_outputs,
+                                         train_models, unstack)
+
+GROUND_TRUTH_DIR = "ground_truth"
+LEAVE_OUT_DIR = "leave_out"
+MIN_PATIENTS = 4
+DEFAULTS = {"subsets": 64, "fraction": 0.5, "seeds": 1}
+SMALL = {"subsets": 6, "fraction": 0.5, "seeds": 1}  # the test suite's preset
+VMAP_GROUP = 8  # models trained together by one vmapped step
+ARRAYS = ("masks", "dice_loss", "ce_loss", "dice")
+OUTPUT_KEYS = ("dice_loss", "ce_loss", "dice")
+
+
+@dataclass
+class GroundTruth:
+    """A computed ground truth (see the module docstring for the arrays' layouts)."""
+
+    path: Path
+    masks: np.ndarray  # bool[M, P]
+    dice_loss: np.ndarray  # f32[M, R, n_test, 3]
+    ce_loss: np.ndarray  # f32[M, R, n_test, 3]
+    dice: np.ndarray  # f32[M, R, 3]
+    meta: dict
+
+    @property
+    def patients(self) -> list[str]:
+        return list(self.meta["patients"])
+
+    @property
+    def test_ids(self) -> list[str]:
+        return list(self.meta["test_ids"])
+
+    def loss(self, kind: str) -> np.ndarray:
+        """f32[M, R, n_test, 3] of the class-wise loss ``dice`` or ``ce``."""
+        if kind not in ("dice", "ce"):
+            raise InputError(f"loss {kind!r} is not one of dice, ce")
+        return self.dice_loss if kind == "dice" else self.ce_loss
+
+
+def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
+    """Reads a complete ``ground_truth/<key>/`` folder."""
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        raise InputError(f"{path}: not a complete ground truth (no meta.json)")
+    arrays = {name: np.load(path / f"{name}.npy") for name in ARRAYS}
+    return GroundTruth(path=path, meta=json.loads((path / "meta.json").read_text()), **arrays)
+
+
+def training_seeds(seed: int, count: int) -> list[int]:
+    """``count`` training seeds (< 2**31) derived from ``seed``, the same for every subset."""
+    return [int(s) for s in np.random.SeedSequence([int(seed), 7919]).generate_state(count) % (2**31)]
+
+
+def _as_run(workdir_or_run):
+    if hasattr(workdir_or_run, "config") and hasattr(workdir_or_run, "train"):
+        return workdir_or_run
+    from tracin_jax.run import load_run
+
+    return load_run(workdir_or_run)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_settings(subsets: int, fraction: float, seeds: int) -> None:
+    if int(subsets) != subsets or subsets < 2:
+        raise InputError(f"--subsets {subsets} must be an integer of at least 2")
+    if not 0.0 < float(fraction) < 1.0:
+        raise InputError(f"--fraction {fraction} must lie in (0, 1)")
+    if int(seeds) != seeds or seeds < 1:
+        raise InputError(f"--seeds {seeds} must be an integer of at least 1")
+
+
+def _check_patients(run, patients: Sequence[str]) -> None:
+    if len(patients) < MIN_PATIENTS:
+        raise InputError(f"{run.workdir}: the run has {len(patients)} training patients; "
+                         f"evaluation needs at least {MIN_PATIENTS}")
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _load_outputs(path: Path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _fault_injection(done_in_process: int) -> None:
+    """Test hook: TRACIN_JAX_KILL_AFTER_UNITS=n SIGKILLs this process after its n-th model file."""
+    at = os.environ.get("TRACIN_JAX_KILL_AFTER_UNITS")
+    if at is not None and int(at) == done_in_process:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _groups(items: list, size: int) -> Iterable[list]:
+    for s in range(0, len(items), size):
+        yield items[s:s + size]
+
+
+def _train_and_save(run, jobs: list[tuple[np.ndarray, int, Path]], mode: str, group: int,
+                    bar: tqdm) -> None:
+    """Trains every (mask bool[P], training seed, output file) job, ``group`` at a time, and
+    writes each model's test outputs (plus ``seconds`` and ``mode``) atomically to its file."""
+    written = 0
+    for chunk in _groups(jobs, group):
+        t0 = time.perf_counter()
+        variables = train_models(run, np.stack([m for m, _, _ in chunk]), [s for _, s, _ in chunk],
+                                 mode=mode, progress=False)
+        outs = [test_outputs(run, unstack(variables, k)) for k in range(len(chunk))]
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        for (_, _, path), out in zip(chunk, outs):
+            _save_npz_atomic(path, seconds=np.float64(seconds), mode=np.array(mode), **out)
+            written += 1
+            bar.update(1)
+            _fault_injection(written)
+
+
+def ground_truth_settings(run, *, subsets: int, fraction: float, seeds: int, seed: int) -> dict:
+    """The settings a ground truth depends on (hashed into its folder name)."""
+    patients, _ = run_patients(run)
+    return {
+        "config": run.config.to_dict(),
+        "patients": patients,
+        "train_ids": list(run.train.ids),
+        "test_ids": list(run.test.ids),
+        "subsets": int(subsets),
+        "fraction": float(fraction),
+        "seeds": int(seeds),
+        "seed": int(seed),
+    }
+
+
+def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float | None = None,
+                         seeds: int | None = None, seed: int = 0, mode: str = "auto",
+                         progress: bool = True, small: bool = False,
+                         group: int | None = None) -> GroundTruth:
+    """Computes (or resumes, or reads) the ground truth of the run in ``workdir``.
+
+    Args:
+      workdir: a training workdir (or a loaded :class:`tracin_jax.run.Run`).
+      subsets: M (default 64; 6 with ``small``). fraction: alpha (default 0.5).
+      seeds: R training seeds per subset (default 1). seed: draws the subsets and training seeds.
+      mode: ``auto`` | ``sequential`` | ``vmap`` (see :func:`~tracin_jax.evaluate.retrain.train_models`).
+      small: the test suite's preset (``SMALL``) for settings not given.
+      group: models trained together in vmap mode (default 8; sequential trains one at a time).
+    Returns:
+      :class:`GroundTruth`; its folder is ``<workdir>/ground_truth/<key>/``.
+    """
+    preset = SMALL if small else DEFAULTS
+    subsets = preset["subsets"] if subsets is None else subsets
+    fraction = preset["fraction"] if fraction is None else fraction
+    seeds = preset["seeds"] if seeds is None else seeds
+    _check_settings(subsets, fraction, seeds)
+    mode = resolve_mode(mode)
+    run = _as_run(workdir)
+    patients, _ = run_patients(run)
+    _check_patients(run, patients)
+    settings = ground_truth_settings(run, subsets=subsets, fraction=fraction, seeds=seeds, seed=seed)
+    out = Path(run.workdir) / GROUND_TRUTH_DIR / _digest(settings)
+    if (out / "meta.json").exists():
+        return load_ground_truth(out)
+
+    masks = patient_subsets(len(patients), int(subsets), float(fraction), int(seed))
+    tseeds = training_seeds(seed, int(seeds))
+    (out / "units").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "settings.json", settings)
+    units = [(m, r) for m in range(int(subsets)) for r in range(int(seeds))]
+    path = {u: out / "units" / f"m{u[0]:04d}_r{u[1]:02d}.npz" for u in units}
+    missing = [u for u in units if not path[u].exists()]
+    bar = tqdm(total=len(units), initial=len(units) - len(missing), desc="ground truth",
+               unit="model", disable=not progress, dynamic_ncols=True)
+    size = 1 if mode == "sequential" else int(group or VMAP_GROUP)
+    _train_and_save(run, [(masks[m], tseeds[r], path[(m, r)]) for m, r in missing], mode, size, bar)
+    bar.close()
+
+    outs = {u: _load_outputs(path[u]) for u in units}
+    m_, r_ = int(subsets), int(seeds)
+    arrays = {"masks": masks}
+    for name in OUTPUT_KEYS:
+        arrays[name] = np.stack([np.stack([outs[(m, r)][name] for r in range(r_)])
+                                 for m in range(m_)]).astype(np.float32)
+    for name, value in arrays.items():
+        save_npy_atomic(out / f"{name}.npy", value)
+    meta = {
+        "patients": patients, "test_ids": settings["test_ids"], "M": m_, "R": r_,
+        "alpha": float(fraction), "seed": int(seed), "training_seeds": tseeds,
+        "subset_size": int(masks[0].sum()), "config": settings["config"],
+        "workdir": str(Path(run.workdir).resolve()),
+        "unit_seconds": [[float(outs[(m, r)]["seconds"]) for r in range(r_)] for m in range(m_)],
+        "unit_modes": [[str(outs[(m, r)]["mode"]) for r in range(r_)] for m in range(m_)],
+    }
+    write_json_atomic(out / "meta.json", meta)
+    return GroundTruth(path=out, meta=meta, **arrays)
+
+
+def _removal_key(run, removed: Sequence[str], seed: int) -> str:
+    return _digest({"config": run.config.to_dict(), "train_ids": list(run.train.ids),
+                    "test_ids": list(run.test.ids), "removed": sorted(removed), "seed": int(seed)})
+
+
+def _removal_mask(patients: Sequence[str], removed: Sequence[str], where) -> np.ndarray:
+    """bool[P]: True for every patient not in ``removed``; InputError on unknown ids or k >= P."""
+    unknown = sorted(set(map(str, removed)) - set(patients))
+    if unknown:
+        raise InputError(f"{where}: patient {unknown[0]!r} is not a training patient of the run")
+    if len(set(map(str, removed))) >= len(patients):
+        raise InputError(f"{where}: removing {len(set(removed))} patients leaves none of the "
+                         f"{len(patients)} training patients")
+    return np.array([p not in set(map(str, removed)) for p in patients], bool)
+
+
+def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: int, *,
+                         mode: str = "auto", progress: bool = True,
+                         group: int | None = None) -> list[dict]:
+    """Models trained on every training patient except each removal set (training seed ``seed``).
+
+    Returns one :func:`~tracin_jax.evaluate.retrain.test_outputs` dict per removal set (plus
+    ``seconds``); trains only those not yet cached in ``<workdir>/ground_truth/leave_out/``.
+    """
+    mode = resolve_mode(mode)
+    run = _as_run(workdir)
+    patients, _ = run_patients(run)
+    _check_patients(run, patients)
+    masks = [_removal_mask(patients, r, run.workdir) for r in removal_sets]
+    folder = Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
+    paths = [folder / f"{_removal_key(run, [str(p) for p in r], seed)}.npz" for r in removal_sets]
+    todo, seen = [], set()
+    for mask, p in zip(masks, paths):
+        if not p.exists() and p not in seen:
+            todo.append((mask, int(seed), p))
+            seen.add(p)
+    if todo:
+        folder.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(todo), desc="leave-out retraining", unit="model",
+                   disable=not progress, dynamic_ncols=True)
+        size = 1 if mode == "sequential" else int(group or VMAP_GROUP)
+        _train_and_save(run, todo, mode, size, bar)
+        bar.close()
+    return [_load_outputs(p) for p in paths]
+
+
+def retrain_without(workdir, removed: Sequence[str], seed: int, *, mode: str = "auto",
+                    progress: bool = True) -> dict:
+    """The test outputs of a model trained without the patients ``removed`` (cached)."""
+    return retrain_without_many(workdir, [removed], seed, mode=mode, progress=progress)[0]

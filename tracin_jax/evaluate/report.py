@@ -1,0 +1,209 @@
+"""The evaluation's outputs: ``evaluation.json``, ``evaluation.md`` (one table) and figures.
+
+Every file is written to a temporary name and renamed, so an interrupted run leaves either the
+previous complete outputs or none.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from tracin_jax.atomic import write_json_atomic
+
+CLASS_NAMES = ("NCR/NET", "ED", "ET")
+
+
+def _f(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return ""
+    return f"{x:+.{digits}f}"
+
+
+def _ci(ci) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def verdict(result: dict) -> str:
+    """One sentence naming the attribution with the highest LDS and whether its paired
+    interval against every other attribution excludes zero."""
+    variants = result["variants"]
+    scored = [(v["lds"]["mean"], name) for name, v in variants.items() if v["lds"]["mean"] is not None]
+    if not scored:
+        return "No attribution could be scored (no targets)."
+    best_val, best = max(scored)
+    if len(variants) == 1:
+        return f"One variant scored: `{best}`, LDS {best_val:+.2f}."
+    beaten, tied = [], []
+    for name, v in variants.items():
+        if name == best:
+            continue
+        # vs_best is LDS(name) - LDS(best): separated when its whole interval is below 0.
+        hi = ((v.get("vs_best") or {}).get("ci") or [None, None])[1]
+        (beaten if hi is not None and hi < 0 else tied).append(name)
+    text = f"Highest LDS: `{best}` ({best_val:+.2f})"
+    if not tied:
+        return text + ", separated from every other variant (paired 95% intervals exclude 0)."
+    if not beaten:
+        return text + ", but not separated from any other variant (every paired 95% interval " \
+                      "includes 0): with this ground truth the variants cannot be told apart."
+    return text + f"; separated from {', '.join(f'`{n}`' for n in beaten)}, not from " \
+                  f"{', '.join(f'`{n}`' for n in tied)} (paired 95% intervals)."
+
+
+def markdown(result: dict) -> str:
+    """The table a person reads, with the settings it depends on."""
+    gt = result["ground_truth"]
+    ks = result.get("leave_out", {}).get("k", [])
+    kmax = max(ks) if ks else None
+    lines = [
+        "# Evaluation: class-wise LDS, leave-top-k-out, sanity checks", "",
+        f"Run `{result['workdir']}`: {gt['patients']} training patients, {gt['n_test']} test "
+        f"slices, {gt['targets']} (slice, class) targets. Ground truth: {gt['subsets']} subsets of "
+        f"{gt['fraction']:.0%} of the patients x {gt['seeds']} training seed(s), seed {gt['seed']}.",
+        "",
+    ]
+    ceil = gt.get("noise_ceiling") or {}
+    if any(v is not None for v in ceil.values()):
+        lines.append("Noise ceiling (mean of R-1 seeds predicting the held-out seed): "
+                     + ", ".join(f"{loss} loss {_f(v['mean'])}" for loss, v in ceil.items() if v)
+                     + ".")
+    else:
+        lines.append("Noise ceiling: needs --seeds 2 or more (not measured).")
+    lines += ["", verdict(result), ""]
+    head = ["variant", "gradient", "LDS [95% CI]", *CLASS_NAMES, "LDS - best [95% CI]"]
+    if kmax:
+        head += [f"remove top-{kmax}: prop. / random / opp."]
+    head += ["randomisation rho", "mislabel AUC"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in result["variants"].items():
+        l = v["lds"]
+        row = [f"`{name}`", v["gradient"], f"{_f(l['mean'])} {_ci(l['ci'])}",
+               *(_f(l["per_class"][c]["mean"]) for c in CLASS_NAMES),
+               (f"{_f(v['vs_best']['mean'])} {_ci(v['vs_best']['ci'])}" if v.get("vs_best")
+                else "best")]
+        if kmax:
+            lo = v.get("leave_out", {}).get(str(kmax)) or v.get("leave_out", {}).get(kmax)
+            row.append(" / ".join(_f(lo[s]["mean"], 3) for s in ("proponents", "random", "opponents"))
+                       if lo else "")
+        rnd = v.get("randomisation")
+        row += [_f(rnd["mean"]) if rnd else "", f"{v['mislabel_auc']:.2f}"
+                if v.get("mislabel_auc") is not None else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "LDS: mean over targets of the Spearman correlation, over the retrained subsets, between "
+        "the loss the scores predict and the loss measured (each variant against the loss it "
+        "differentiates); intervals: percentile bootstrap over subsets. LDS - best: paired "
+        "difference with the highest-LDS variant on the same subsets.",
+    ]
+    if kmax:
+        lo = result["leave_out"]
+        lines.append(
+            f"Leave-top-k-out: mean change of the query's class loss after retraining without "
+            f"its top-{kmax} proponent patients / {kmax} random patients / top-{kmax} opponents "
+            f"({lo['queries_n']} queries, seed {lo['seed']}; positive = loss rises). A faithful "
+            "attribution: proponents > random > opponents.")
+    lines.append("Randomisation rho: mean Spearman over patients between the scores of the trained "
+                 "checkpoints and of re-initialised weights (low is good).")
+    lines.append("Mislabel AUC: slice ROC-AUC of class-wise self-influence for corrupted labels, "
+                 "from `experiments.mislabel` (blank: not given or not computed there).")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_lds(result: dict, path: Path) -> None:
+    """LDS per variant with its 95% interval, per class beside overall; noise ceiling dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["variants"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 3.4))
+    groups = ("overall", *CLASS_NAMES)
+    width = 0.8 / len(groups)
+    for g, group in enumerate(groups):
+        for n, name in enumerate(names):
+            l = result["variants"][name]["lds"]
+            entry = l if group == "overall" else l["per_class"][group]
+            if entry["mean"] is None:
+                continue
+            x = n + (g - (len(groups) - 1) / 2) * width
+            ci = entry.get("ci") or [None, None]
+            err = None
+            if ci[0] is not None:
+                err = [[entry["mean"] - ci[0]], [ci[1] - entry["mean"]]]
+            ax.errorbar(x, entry["mean"], yerr=err, fmt="o", color=f"C{g}", capsize=2,
+                        label=group if n == 0 else None)
+    for loss, c in (result["ground_truth"].get("noise_ceiling") or {}).items():
+        if c and c["mean"] is not None:
+            ax.axhline(c["mean"], ls="--", color="grey", lw=0.8)
+            ax.text(len(names) - 0.5, c["mean"], f"noise ceiling ({loss})", fontsize=7,
+                    ha="right", va="bottom", color="grey")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("class-wise LDS (Spearman)")
+    ax.set_title("Linear datamodeling score, 95% bootstrap intervals over subsets", fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
+    _save_fig(fig, path)
+
+
+def plot_leave_out(result: dict, path: Path) -> None:
+    """Mean loss change after removing top-k proponents / k random / top-k opponents vs k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, v in result["variants"].items() if v.get("leave_out")]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 0.5, 2.8),
+                             sharey=True, squeeze=False)
+    colours = {"proponents": "#D55E00", "random": "#777777", "opponents": "#0072B2"}
+    for ax, name in zip(axes[0], names):
+        lo = result["variants"][name]["leave_out"]
+        ks = sorted(int(k) for k in lo)
+        for side, colour in colours.items():
+            m = [lo[str(k)][side]["mean"] for k in ks]
+            ci = [lo[str(k)][side]["ci"] for k in ks]
+            err = [[(mm - c[0]) if c[0] is not None and mm is not None else 0 for mm, c in zip(m, ci)],
+                   [(c[1] - mm) if c[1] is not None and mm is not None else 0 for mm, c in zip(m, ci)]]
+            ax.errorbar(ks, [mm if mm is not None else float("nan") for mm in m], yerr=err,
+                        marker="o", color=colour, capsize=2, label=side)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(ks)
+        ax.set_xlabel("k patients removed")
+        ax.set_title(name, fontsize=8)
+    axes[0][0].set_ylabel("change of the query's class loss")
+    axes[0][0].legend(fontsize=7)
+    _save_fig(fig, path)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """evaluation.json, evaluation.md, lds.png and (with leave-out) leave_out.png; json last."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_lds(result, out / "lds.png")
+    plot_leave_out(result, out / "leave_out.png")
+    _write_text_atomic(out / "evaluation.md", markdown(result))
+    write_json_atomic(out / "evaluation.json", result, indent=1)
