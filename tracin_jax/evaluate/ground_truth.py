@@ -242,7 +242,7 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
         "unit_modes": [[str(outs[(m, r)]["mode"]) for r in range(r_)] for m in range(m_)],
     }
     write_json_atomic(out / "meta.json", meta)
-    return GroundTruth(path=out, meta=meta, **arrays)
+    return load_ground_truth(out)  # the same object a later call reads
 
 
 def _removal_key(run, removed: Sequence[str], seed: int) -> str:
