@@ -242,12 +242,19 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
         "unit_modes": [[str(outs[(m, r)]["mode"]) for r in range(r_)] for m in range(m_)],
     }
     write_json_atomic(out / "meta.json", meta)
-    return GroundTruth(path=out, meta=meta, **arrays)
+    return load_ground_truth(out)  # the same object a later call reads
 
 
 def _removal_key(run, removed: Sequence[str], seed: int) -> str:
     return _digest({"config": run.config.to_dict(), "train_ids": list(run.train.ids),
                     "test_ids": list(run.test.ids), "removed": sorted(removed), "seed": int(seed)})
+
+
+def leave_out_path(workdir, removed: Sequence[str], seed: int) -> Path:
+    """Cache file of the model trained without ``removed`` (exists once that model is trained)."""
+    run = _as_run(workdir)
+    return (Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
+            / f"{_removal_key(run, [str(p) for p in removed], seed)}.npz")
 
 
 def _removal_mask(patients: Sequence[str], removed: Sequence[str], where) -> np.ndarray:
@@ -275,7 +282,7 @@ def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: i
     _check_patients(run, patients)
     masks = [_removal_mask(patients, r, run.workdir) for r in removal_sets]
     folder = Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
-    paths = [folder / f"{_removal_key(run, [str(p) for p in r], seed)}.npz" for r in removal_sets]
+    paths = [leave_out_path(run, r, seed) for r in removal_sets]
     todo, seen = [], set()
     for mask, p in zip(masks, paths):
         if not p.exists() and p not in seen:
