@@ -137,9 +137,12 @@ def plot_lds(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tracin_jax.explain.figures import class_colors
+
     names = list(result["variants"])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 3.4))
     groups = ("overall", *CLASS_NAMES)
+    colours = ["black", *class_colors(CLASS_NAMES)]  # the report's class colours
     width = 0.8 / len(groups)
     for g, group in enumerate(groups):
         for n, name in enumerate(names):
@@ -152,7 +155,7 @@ def plot_lds(result: dict, path: Path) -> None:
             err = None
             if ci[0] is not None:
                 err = [[entry["mean"] - ci[0]], [ci[1] - entry["mean"]]]
-            ax.errorbar(x, entry["mean"], yerr=err, fmt="o", color=f"C{g}", capsize=2,
+            ax.errorbar(x, entry["mean"], yerr=err, fmt="o", color=colours[g], capsize=2,
                         label=group if n == 0 else None)
     for loss, c in (result["ground_truth"].get("noise_ceiling") or {}).items():
         if c and c["mean"] is not None:
