@@ -135,12 +135,13 @@ def test_train_says_what_it_does_before_each_long_step(tiny_data, tmp_path):
 def test_absent_classes_are_warned_about_by_name():
     from types import SimpleNamespace
 
-    from tracin_jax.training.train import absent_class_warnings, class_slices
+    from tracin_jax.data.dataset import class_slice_counts
+    from tracin_jax.training.train import absent_class_warnings
 
     labels = np.zeros((3, 4, 4), int)
     labels[0, 0, 0], labels[1, 1, 1] = 2, 2
     labels[2, 2, 2] = 1
-    assert class_slices(labels) == {"NCR/NET": 1, "ED": 2, "ET": 0}
+    assert class_slice_counts(labels) == {"NCR/NET": 1, "ED": 2, "ET": 0}
     split = lambda lab: SimpleNamespace(labels=lab)  # noqa: E731
     ds = SimpleNamespace(info={}, train=split(labels), test=split(labels[:2]))
     warn = absent_class_warnings(ds)

@@ -51,3 +51,15 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Writes ``arrays`` as one ``.npz`` to a temporary file, fsyncs it, then renames it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

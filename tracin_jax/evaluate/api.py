@@ -122,8 +122,7 @@ def _unit_seconds(gt) -> float | None:
 
 def _cached_without(gt_mod, run, removed: Sequence[str], seed: int) -> bool:
     """Whether the model trained without ``removed`` is already in the leave-out cache."""
-    folder = Path(run.workdir) / gt_mod.GROUND_TRUTH_DIR / gt_mod.LEAVE_OUT_DIR
-    return (folder / f"{gt_mod._removal_key(run, list(removed), seed)}.npz").exists()
+    return gt_mod.leave_out_path(run, removed, seed).exists()
 
 
 def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None = None,

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from tracin_jax.atomic import fsync_dir, save_npy_atomic, write_json_atomic
+from tracin_jax.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
 from tracin_jax.errors import InputError
+from tracin_jax.progress import tqdm
 from tracin_jax.evaluate.retrain import (patient_subsets, resolve_mode, run_patients, test_outputs,
                                          train_models, unstack)
 
@@ -120,16 +120,6 @@ def _check_patients(run, patients: Sequence[str]) -> None:
                          f"evaluation needs at least {MIN_PATIENTS}")
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _load_outputs(path: Path) -> dict:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
@@ -161,7 +151,7 @@ def _train_and_save(run, jobs: list[tuple[np.ndarray, int, Path]], mode: str, gr
         outs = [test_outputs(run, unstack(variables, k)) for k in range(len(chunk))]
         seconds = (time.perf_counter() - t0) / len(chunk)
         for (_, _, path), out in zip(chunk, outs):
-            _save_npz_atomic(path, seconds=np.float64(seconds), mode=np.array(mode), **out)
+            save_npz_atomic(path, seconds=np.float64(seconds), mode=np.array(mode), **out)
             written += 1
             bar.update(1)
             _fault_injection(written)

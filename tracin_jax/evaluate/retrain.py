@@ -35,12 +35,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from tracin_jax.config import Config
 from tracin_jax.errors import InputError
 from tracin_jax.influence.scores import patient_index
 from tracin_jax.models import build_unet
+from tracin_jax.progress import tqdm
 from tracin_jax.training.losses import (dice_from_counts, hard_dice_counts, tumour_cross_entropy,
                                         tumour_dice_loss)
 from tracin_jax.training.train import epoch_order, init_variables, make_optimizer, make_train_step

@@ -30,10 +30,11 @@ from tracin_jax.progress import tqdm
 from tracin_jax import checkpoints
 from tracin_jax.atomic import write_json_atomic
 from tracin_jax.config import Config, config_from_dict
+from tracin_jax.data.dataset import class_slice_counts
 from tracin_jax.errors import InputError
 from tracin_jax.models import build_unet, count_params
 from tracin_jax.training import augment
-from tracin_jax.training.losses import (CLASS_NAMES, TUMOUR_CLASSES, absent_class_predictions,
+from tracin_jax.training.losses import (CLASS_NAMES, absent_class_predictions,
                                         classwise_dice_loss, dice_from_counts, hard_dice_counts,
                                         training_loss)
 
@@ -204,18 +205,11 @@ def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch
             "loss": total / n}
 
 
-def class_slices(labels: np.ndarray) -> dict[str, int]:
-    """Number of slices containing each tumour class. labels: int[N, H, W] (0..3) -> {name: n}."""
-    labels = np.asarray(labels)
-    return {name: int(np.any(labels == c, axis=(1, 2)).sum()) if len(labels) else 0
-            for c, name in zip(TUMOUR_CLASSES, CLASS_NAMES)}
-
-
 def absent_class_warnings(dataset) -> list[str]:
     """One-line warnings for tumour classes absent from every slice of a split.
 
     Uses ``dataset.info["class_slices"][split]`` where the loader provides it, else counts the
-    labels (:func:`class_slices`).
+    labels (:func:`~tracin_jax.data.dataset.class_slice_counts`).
     """
     known = dataset.info.get("class_slices") or {}
     out = []
@@ -223,7 +217,7 @@ def absent_class_warnings(dataset) -> list[str]:
         part = getattr(dataset, split)
         if len(part.labels) == 0:
             continue
-        counts = known.get(split) or class_slices(part.labels)
+        counts = known.get(split) or class_slice_counts(np.asarray(part.labels))
         absent = [name for name in CLASS_NAMES if counts.get(name, 0) == 0]
         if absent:
             effect = ("its test Dice is undefined, shown '-'" if split == "test"
