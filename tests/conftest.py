@@ -29,6 +29,18 @@ TINY_SHAPE = (80, 80, 48)
 TINY_OVERRIDES = ["data.crop=8,72,8,72", "data.downsample=2", "data.slices=26:30", "train.epochs=3"]
 
 
+# The toy influence problem shared by the store and semantics tests (a depth-1 U-Net on 8 x 8
+# images, 7 training and 3 test examples, 2 checkpoints).
+TOY = dict(n_train=7, n_test=3, size=8, n_checkpoints=2, seed=3, depth=1)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    from tracin_jax.influence.reference import toy_problem
+
+    return toy_problem(**TOY)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _XLA_CACHE is not None:
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)

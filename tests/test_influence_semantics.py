@@ -15,14 +15,6 @@ from tracin_jax.influence.grads import ClassGradFunction, unique_name
 from tracin_jax.influence.reference import toy_problem
 from tracin_jax.training.losses import classwise_cross_entropy, classwise_dice_loss
 
-TOY = dict(n_train=7, n_test=3, size=8, n_checkpoints=2, seed=3, depth=1)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return toy_problem(**TOY)
-
-
 @pytest.fixture(scope="module")
 def head(toy):
     return resolve_subset(toy.checkpoints[0].variables["params"], "head")

@@ -15,15 +15,9 @@ import pytest
 from tracin_jax.errors import InputError
 from tracin_jax.influence import (aggregate_by_patient, class_tracin, compute_influence,
                                   make_class_grad_fn, resolve_subset, topk_from_scores)
-from tracin_jax.influence.reference import toy_problem
+from conftest import TOY
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = dict(n_train=7, n_test=3, size=8, n_checkpoints=2, seed=3, depth=1)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return toy_problem(**TOY)
 
 
 @pytest.fixture(scope="module")
