@@ -132,3 +132,35 @@ def test_read_only_out_and_store_fail_before_computing(tiny_run, tmp_path, monke
                           capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "is a file" in proc.stderr
+
+
+def test_only_orbax_read_debris_is_muted(monkeypatch):
+    """The filter behind the one-line error drops Orbax's leftover read coroutines and nothing
+    else: an unrelated unraisable exception still reaches the previous hook."""
+    from tracin_jax import checkpoints
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoints._mute_orbax_read_debris()
+    checkpoints._mute_orbax_read_debris()  # idempotent: one filter, not a chain
+
+    class Unraisable:
+        def __init__(self, obj, exc):
+            self.object, self.exc_value, self.exc_type = obj, exc, type(exc)
+            self.exc_traceback = exc.__traceback__
+
+    async def _read_array_index_and_device_put():  # stands in for Orbax's coroutine
+        pass
+
+    coro = _read_array_index_and_device_put()
+    coro.close()
+    orbax_code = coro.cr_code.replace(co_filename="/site-packages/orbax/checkpoint/serialization.py")
+
+    class OrbaxCoroutine:
+        cr_code = orbax_code
+
+    sys.unraisablehook(Unraisable(OrbaxCoroutine(), GeneratorExit()))
+    assert seen == []
+    mine = Unraisable(None, ValueError("a user's own error"))
+    sys.unraisablehook(mine)
+    assert seen == [mine]

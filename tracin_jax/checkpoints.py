@@ -95,6 +95,49 @@ def _missing_files(workdir, epoch: int, items: tuple[str, ...]) -> list[str]:
             if not (root / item / name).is_file()]
 
 
+def _is_orbax_read_debris(unraisable) -> bool:
+    """True for what a failed Orbax/TensorStore read leaves behind in other threads: pending read
+    coroutines collected after their event loop closed ("Exception ignored in: <coroutine
+    _read_array_index_and_device_put>", "RuntimeError: Event loop is closed")."""
+    import traceback
+
+    code = getattr(getattr(unraisable, "object", None), "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return any("orbax" in f.filename or f.filename.endswith(("asyncio/base_events.py",))
+               for f in frames)
+
+
+class _OrbaxReadDebrisFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for Orbax's read coroutines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("never retrieved" in text and "orbax" in text)
+
+
+def _mute_orbax_read_debris() -> None:
+    """A damaged checkpoint makes one Orbax read fail while others are still pending in
+    TensorStore's threads; those print tracebacks, interleaved with (even before) the one-line
+    error. This drops exactly that debris (see :func:`_is_orbax_read_debris`); any other
+    unraisable exception still reaches the previous hook. Installed once per process, before the
+    first read, because the debris can appear before the failure reaches the caller."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_tracin_jax_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_orbax_read_debris(unraisable):
+            previous(unraisable)
+
+    hook._tracin_jax_filter = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrbaxReadDebrisFilter())
+
+
 def _restore(workdir, epoch: int, args: dict) -> dict:
     """Restores the items ``args`` of checkpoint ``epoch``; any damage -> one-line InputError
     naming the checkpoint (a deleted or truncated file, a missing item, an unreadable manifest)."""
@@ -103,6 +146,7 @@ def _restore(workdir, epoch: int, args: dict) -> dict:
     if missing:
         raise InputError(f"{where} is damaged: missing {', '.join(missing)}")
     mngr = None
+    _mute_orbax_read_debris()
     try:
         mngr = _manager(workdir, read_only=True)
         out = mngr.restore(epoch, args=ocp.args.Composite(**args))
