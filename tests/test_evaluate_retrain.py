@@ -192,3 +192,25 @@ def test_retrain_without_cached_and_checked(run):
     assert cached.stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(again["dice_loss"], out["dice_loss"])
     shutil.rmtree(folder)
+
+
+def test_more_seeds_reuse_the_models_of_fewer(tiny_run, tmp_path, monkeypatch):
+    """--seeds 2 after --seeds 1: the seed-0 models are reused (same numbers), only seed 1 trains."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("features", "ground_truth"))
+    one = gt.compute_ground_truth(workdir, subsets=2, seeds=1, mode="sequential", progress=False)
+    trained = []
+    real = gt.train_models
+
+    def counting(run, masks, seeds, **kw):
+        trained.extend(seeds)
+        return real(run, masks, seeds, **kw)
+
+    monkeypatch.setattr(gt, "train_models", counting)
+    two = gt.compute_ground_truth(workdir, subsets=2, seeds=2, mode="sequential", progress=False)
+    assert two.path != one.path
+    assert trained == [gt.training_seeds(0, 2)[1]] * 2  # two subsets, the new seed only
+    np.testing.assert_array_equal(two.masks, one.masks)
+    for name in ("dice_loss", "ce_loss", "dice"):
+        np.testing.assert_array_equal(getattr(two, name)[:, :1], getattr(one, name))
+    assert np.abs(two.dice_loss[:, 1] - two.dice_loss[:, 0]).max() > 1e-6

@@ -18,7 +18,9 @@ units already written and trains only the missing ones; the result is the same.
 
 Training seeds: retraining seed r (0 <= r < R) is shared by all subsets (common random numbers:
 the differences between subsets' models come from their data, not from their initialisation) and
-derived from ``seed`` (``training_seeds``).
+derived from ``seed`` (``training_seeds``). The seeds are a prefix-stable sequence, so a ground
+truth with more seeds reuses the finished models of one with fewer (``--seeds 2`` after
+``--seeds 1`` trains only the second seed).
 
 ``retrain_without(workdir, removed, seed)``: a model trained on every training patient except
 ``removed``, cached in ``<workdir>/ground_truth/leave_out/<hash>.npz`` so every caller asking
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +137,16 @@ def _fault_injection(done_in_process: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes the same finished model file as ``src`` (a hard link, else an atomic copy)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
 def _groups(items: list, size: int) -> Iterable[list]:
     for s in range(0, len(items), size):
         yield items[s:s + size]
@@ -172,6 +185,31 @@ def ground_truth_settings(run, *, subsets: int, fraction: float, seeds: int, see
     }
 
 
+def _reusable_units(root: Path, settings: dict) -> dict[tuple[int, int], Path]:
+    """Finished model files of sibling ground truths that differ from ``settings`` only in R.
+
+    Subsets do not depend on R and the training seeds are a prefix-stable sequence
+    (:func:`training_seeds`), so model (m, r) of a ground truth with R' seeds is the same model as
+    (m, r) of one with R seeds, for r < min(R, R'): ``--seeds 2`` after ``--seeds 1`` trains only
+    the second seed. Returns {(m, r): file}.
+    """
+    found: dict[tuple[int, int], Path] = {}
+    if not root.is_dir():
+        return found
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
+    for folder in sorted(root.iterdir()):
+        try:
+            other = json.loads((folder / "settings.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(other, dict) or {**other, "seeds": settings["seeds"]} != settings:
+            continue
+        for f in (folder / "units").glob("m*_r*.npz"):
+            m, r = f.stem[1:].split("_r")
+            found.setdefault((int(m), int(r)), f)
+    return found
+
+
 def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float | None = None,
                          seeds: int | None = None, seed: int = 0, mode: str = "auto",
                          progress: bool = True, small: bool = False,
@@ -208,6 +246,10 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
     write_json_atomic(out / "settings.json", settings)
     units = [(m, r) for m in range(int(subsets)) for r in range(int(seeds))]
     path = {u: out / "units" / f"m{u[0]:04d}_r{u[1]:02d}.npz" for u in units}
+    reusable = _reusable_units(out.parent, settings)
+    for u in units:
+        if not path[u].exists() and u in reusable:
+            _link_or_copy(reusable[u], path[u])
     missing = [u for u in units if not path[u].exists()]
     bar = tqdm(total=len(units), initial=len(units) - len(missing), desc="ground truth",
                unit="model", disable=not progress, dynamic_ncols=True)
