@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trak-models-from", default="seeds",
                    help="TRAK: seeds (last checkpoint + full-data retrainings, cached in "
                    "WORKDIR/trak/models) | checkpoints (the run's --checkpoints)")
-    i.add_argument("--trak-damping", type=float, default=1e-2,
+    i.add_argument("--trak-damping", type=float, default=1.0,
                    help="TRAK: kernel damping relative to its mean eigenvalue")
     i.set_defaults(func=_cmd_influence)
 

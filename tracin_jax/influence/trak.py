@@ -77,7 +77,7 @@ from tracin_jax.progress import tqdm
 
 MODEL_SOURCES = ("seeds", "checkpoints")
 DEFAULT_MODELS = 4
-DEFAULT_DAMPING = 1e-2
+DEFAULT_DAMPING = 1.0
 MAX_KERNEL_DIM = 16384  # D x D float64 kernel: 2 GiB at this size
 
 
