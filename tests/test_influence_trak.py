@@ -247,3 +247,23 @@ def test_cli_trak_and_its_errors(trak_workdir, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tracin-jax: error:") and match in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_evaluation_knows_a_trak_folder(trak_workdir, tmp_path):
+    """The evaluation's table names TRAK, pairs it with no mislabel method, and randomises it
+    by recomputing TRAK (not Dice TracIn) with re-initialised models."""
+    from tracin_jax import load_run
+    from tracin_jax.evaluate import sanity
+
+    out = tmp_path / "trak"
+    meta = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
+                    progress=False, log=lambda s: None)
+    spec = sanity.gradient_spec(meta)
+    assert spec.describe() == "TRAK head, 2 models" and spec.loss == "dice"
+    assert sanity.mislabel_method(spec, 3) is None
+    run = load_run(trak_workdir)
+    res = sanity.model_randomisation(run, out, tmp_path / "rnd", progress=False)
+    rnd = json.loads((tmp_path / "rnd" / sanity.randomised_key(meta, 0) / "meta.json").read_text())
+    assert rnd["method"] == "trak" and rnd["trak"]["models"] == ["random init 0", "random init 1"]
+    assert rnd["trak"]["damping"] == meta["trak"]["damping"]
+    assert res["n_targets"] > 0 and np.isfinite(res["mean"])

@@ -328,8 +328,7 @@ def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MOD
 
 
 def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any, test: Any,
-                 out, *,
-                 models: str = "custom", damping: float = DEFAULT_DAMPING, topk=None,
+                 out, *, models: str = "custom", damping: float = DEFAULT_DAMPING, topk=None,
                  batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
                  progress: bool = True, workdir=None, store_dir=None, run_checkpoints=(),
                  extra_timings: dict | None = None, mesh=None) -> dict:
