@@ -24,6 +24,7 @@ What it does:
    - ``head-cos``: cosine TracIn (``--normalised``) on the head;
    - ``all-proj-cos``: cosine TracIn on every parameter with projection;
    - ``head-dice-last``: the last checkpoint only;
+   - ``head-trak``: class-wise TRAK on the head, 4 full-data models (trains 3 of them);
 
 3. runs ``tracin-jax evaluate`` on all of them: class-wise LDS against ``--subsets`` retrainings
    on random halves of the training patients x ``--seeds`` training seeds, leave-top-k-out for
@@ -48,6 +49,7 @@ VARIANTS = {
     "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
+    "head-trak": {"method": "trak", "params": "head", "n_models": 4},  # run_trak keywords
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)
@@ -84,6 +86,7 @@ def run(args) -> dict:
     from tracin_jax.errors import InputError
     from tracin_jax.evaluate.api import run_evaluate
     from tracin_jax.influence import run_influence
+    from tracin_jax.influence.trak import run_trak
     from tracin_jax.training.train import train_and_evaluate
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -119,7 +122,10 @@ def run(args) -> dict:
             continue
         print(f"[3/4] influence '{name}' -> {folder}", file=sys.stderr)
         t = time.perf_counter()
-        run_influence(root / "run", folder, **kw)
+        if kw.pop("method", "tracin") == "trak":
+            run_trak(root / "run", folder, **kw, log=lambda s: print(s, file=sys.stderr))
+        else:
+            run_influence(root / "run", folder, **kw)
         timings[f"influence_{name}_s"] = time.perf_counter() - t
 
     lo_variants = [n for n in args.leave_out_variants.split(",") if n.strip() in names]

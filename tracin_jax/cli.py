@@ -57,6 +57,10 @@ def _parse_checkpoints(raw: str):
 def _cmd_influence(args) -> dict:
     from tracin_jax.influence import run_influence
 
+    if args.method not in ("tracin", "trak"):
+        raise InputError(f"--method {args.method!r} is not one of tracin, trak")
+    if args.method == "trak":
+        return _cmd_trak(args)
     meta = run_influence(
         args.workdir, args.out,
         checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
@@ -65,6 +69,22 @@ def _cmd_influence(args) -> dict:
         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
     )
     print(f"influence written to {args.out}")
+    return meta
+
+
+def _cmd_trak(args) -> dict:
+    from tracin_jax.influence.trak import run_trak
+
+    if args.loss != "dice" or args.normalised or args.split != "test":
+        raise InputError("--method trak differentiates the region log-odds margin of the test "
+                         "split: --loss, --normalised and --split do not apply to it")
+    meta = run_trak(
+        args.workdir, args.out, models=args.trak_models_from, n_models=args.trak_models,
+        checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
+        proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
+        damping=args.trak_damping, topk=args.topk, batch_size=args.batch_size,
+        memory_budget_gb=args.memory_budget_gb, data_dir=args.data)
+    print(f"TRAK influence written to {args.out}")
     return meta
 
 
@@ -150,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--memory-budget-gb", type=float, default=2.0)
     i.add_argument("--data", default=None, help="data folder, if moved since training")
+    i.add_argument("--method", default="tracin",
+                   help="tracin (class-wise TracIn, the paper) | trak (class-wise TRAK)")
+    i.add_argument("--trak-models", type=int, default=4,
+                   help="TRAK: models ensembled with --trak-models-from seeds (default 4)")
+    i.add_argument("--trak-models-from", default="seeds",
+                   help="TRAK: seeds (last checkpoint + full-data retrainings, cached in "
+                   "WORKDIR/trak/models) | checkpoints (the run's --checkpoints)")
+    i.add_argument("--trak-damping", type=float, default=1.0,
+                   help="TRAK: kernel damping relative to its mean eigenvalue")
     i.set_defaults(func=_cmd_influence)
 
     x = sub.add_parser("explain", help="HTML report: proponents/opponents, global patterns, "

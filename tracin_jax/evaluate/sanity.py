@@ -13,7 +13,9 @@ Mislabel AUC: read from the ``results.json`` of ``python -m experiments.mislabel
 on its own run with corrupted labels), matched by gradient: Dice or CE loss, ``head`` or
 ``all`` parameters, all checkpoints or the last only; the slice-level ROC-AUC of the
 "classwise sum" self-influence. Variants the experiment does not compute (cosine, other
-subsets) get no value.
+subsets, TRAK) get no value. A TRAK folder (meta.json ``method: trak``) is randomised by
+recomputing TRAK with as many re-initialised models as it ensembles
+(:func:`tracin_jax.influence.trak.randomised_trak`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ class GradientSpec:
     normalise: bool
     projection: dict | None  # {dim, seed, kind} or None (exact)
     epochs: tuple[int, ...]
+    method: str = "tracin"  # tracin | trak
+    models: int = 0  # TRAK: models ensembled
 
     def describe(self) -> str:
         proj = f" + {self.projection['kind']} {self.projection['dim']}" if self.projection else ""
+        if self.method == "trak":
+            return f"TRAK {self.params}{proj}, {self.models} models"
         cos = ", cosine" if self.normalise else ""
         ck = f", epoch {self.epochs[0]} only" if len(self.epochs) == 1 else ""
         return f"{self.loss} {self.params}{proj}{cos}{ck}"
@@ -56,7 +62,9 @@ def gradient_spec(meta: dict) -> GradientSpec:
         loss="ce" if "cross_entropy" in tag else "dice",
         normalise=tag.startswith("normalised("),
         projection=meta.get("projection"),
-        epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])))
+        epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])),
+        method=str(meta.get("method", "tracin")),
+        models=len((meta.get("trak") or {}).get("models", [])))
 
 
 @dataclass
@@ -115,11 +123,16 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     meta = json.loads((influence_dir / "meta.json").read_text())
     spec = gradient_spec(meta)
     out_dir = out_dir / randomised_key(meta, seed)
-    proj = spec.projection or {}
-    grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
-                          proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
-                          loss=spec.loss, normalise=spec.normalise)
-    if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
+    if spec.method == "trak":
+        from tracin_jax.influence.trak import randomised_trak
+
+        if not (out_dir / "patient_scores.npy").exists():
+            randomised_trak(run, meta, out_dir, seed=seed, progress=progress)
+    elif not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
+        proj = spec.projection or {}
+        grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
+                              proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
+                              loss=spec.loss, normalise=spec.normalise)
         compute_influence(grad_fn, randomised_checkpoints(run, spec, seed), run.train, run.test,
                           out_dir, store_dir=out_dir / "features", progress=progress)
         shutil.rmtree(out_dir / "features", ignore_errors=True)
@@ -132,7 +145,7 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
 
 def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
     """The name ``experiments.mislabel`` gives the same gradient, or None if it has none."""
-    if spec.normalise or spec.params not in ("head", "all"):
+    if spec.method != "tracin" or spec.normalise or spec.params not in ("head", "all"):
         return None
     last = len(spec.epochs) == 1 and spec.epochs[0] == last_epoch
     if last and spec.params != "head":

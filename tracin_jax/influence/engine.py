@@ -299,6 +299,43 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     return meta
 
 
+def write_score_files(out: Path, result: dict, test_present: np.ndarray,
+                      train_present: np.ndarray, *, topk: int | None = None,
+                      scores_tmp: Path | None = None) -> dict[str, list[int]]:
+    """Stage 3's arrays, each written atomically into ``out``; returns {file name: shape}.
+
+    ``result``: :func:`~.scores.score_blocks`' dict (``self_influence`` f32[n_train, C] or None,
+    ``topk_state``, ``patient_scores`` f32[n_test, C, n_patients, C] or None); ``scores_tmp``:
+    a finished, flushed ``scores.npy.tmp`` to rename to ``scores.npy`` (None: no slice scores).
+    Files of :data:`OUTPUT_FILES` not written now are removed (no stale file of an earlier run).
+    """
+    written: dict[str, list[int]] = {}
+    arrays = {"test_present.npy": test_present, "train_present.npy": train_present}
+    if result.get("self_influence") is not None:
+        arrays["self_influence.npy"] = result["self_influence"]
+    if result["topk_state"] is not None:
+        for name, arr in finalise_topk(result["topk_state"], test_present).items():
+            arrays[f"topk_{name}.npy"] = arr
+    if result["patient_scores"] is not None:
+        pat = sharding.to_host(result["patient_scores"])
+        arrays["patient_scores.npy"] = pat
+        if topk is not None:
+            for name, arr in topk_from_scores(pat, topk, test_present).items():
+                arrays[f"topk_patients_{name}.npy"] = arr
+    if sharding.is_writer():
+        if scores_tmp is not None:
+            shape = list(np.load(scores_tmp, mmap_mode="r").shape)
+            os.replace(scores_tmp, out / "scores.npy")
+            written["scores.npy"] = shape
+        for name, arr in arrays.items():
+            save_npy_atomic(out / name, np.asarray(arr))
+            written[name] = list(np.shape(arr))
+        for name in OUTPUT_FILES:
+            if name not in written:
+                (out / name).unlink(missing_ok=True)
+    return written
+
+
 def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any,
                       out: str | os.PathLike, *, split: str = "test", topk: int | None = None,
                       batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
@@ -406,7 +443,6 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     pat_fits = estimate["total"] + 4 * n_test * c * len(patients) * c <= budget
     test_present = class_present(test.labels, class_labels)
     train_present = class_present(train.labels, class_labels)
-    written: dict[str, list[int]] = {}
     scores_tmp = out / "scores.npy.tmp"
     scores_out = None
     if fits and sharding.is_writer():
@@ -424,29 +460,11 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
 
     # Stage 3: files (each atomic), meta.json last.
     t = time.perf_counter()
-    arrays = {"self_influence.npy": result["self_influence"],
-              "test_present.npy": test_present, "train_present.npy": train_present}
-    if result["topk_state"] is not None:
-        for name, arr in finalise_topk(result["topk_state"], test_present).items():
-            arrays[f"topk_{name}.npy"] = arr
-    if result["patient_scores"] is not None:
-        pat = sharding.to_host(result["patient_scores"])
-        arrays["patient_scores.npy"] = pat
-        if topk is not None:
-            for name, arr in topk_from_scores(pat, topk, test_present).items():
-                arrays[f"topk_patients_{name}.npy"] = arr
-    if sharding.is_writer():
-        if scores_out is not None:
-            scores_out.flush()
-            del scores_out
-            os.replace(scores_tmp, out / "scores.npy")
-            written["scores.npy"] = [n_test, c, n_train, c]
-        for name, arr in arrays.items():
-            save_npy_atomic(out / name, np.asarray(arr))
-            written[name] = list(np.shape(arr))
-        for name in OUTPUT_FILES:
-            if name not in written:
-                (out / name).unlink(missing_ok=True)
+    if scores_out is not None:
+        scores_out.flush()
+        del scores_out
+    written = write_score_files(out, result, test_present, train_present, topk=topk,
+                                scores_tmp=scores_tmp if fits else None)
     timings["write_s"] = round(time.perf_counter() - t, 3)
     if "load_s" in timings:
         timings["total_s"] = round(sum(v for key, v in timings.items()

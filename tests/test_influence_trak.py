@@ -1,0 +1,269 @@
+"""Class-wise TRAK: the region output and Q by hand, the closed form on a linear model, the
+stage end to end on the tiny run (checkpoints and retrained seeds, resume), and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tracin_jax.errors import InputError
+from tracin_jax.influence import resolve_subset
+from tracin_jax.influence.trak import (TrakModel, compute_trak, out_to_loss, region_margin,
+                                       run_trak, trak_grad_fn, trak_scores)
+
+
+class Linear1x1(nn.Module):
+    """logits = x @ W + b pixel by pixel (a 1x1 conv named ``head``); its features are x."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        logits = nn.Conv(4, (1, 1), name="head")(x)
+        return (logits, x) if return_features else logits
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_region_margin_and_out_to_loss_by_hand():
+    logits = np.zeros((1, 1, 2, 4), np.float32)
+    logits[0, 0, 0] = [0.0, 2.0, 0.0, 0.0]  # pixel of label 1
+    logits[0, 0, 1] = [1.0, 0.0, 3.0, -1.0]  # pixel of label 2
+    labels = np.array([[[1, 2]]], np.int32)  # label 3 absent
+    m = np.asarray(region_margin(jnp.asarray(logits), jnp.asarray(labels)))
+    want1 = 2.0 - np.log(3.0)  # logit_1 - log(e^0 + e^0 + e^0)
+    want2 = 3.0 - np.log(np.exp(1.0) + 1.0 + np.exp(-1.0))
+    np.testing.assert_allclose(m, [[want1, want2, 0.0]], rtol=1e-5)
+    q = np.asarray(out_to_loss(jnp.asarray(logits), jnp.asarray(labels)))
+    p = _softmax(logits[0, 0].astype(np.float64))
+    np.testing.assert_allclose(q, [[1 - p[0, 1], 1 - p[1, 2], 0.0]], rtol=1e-5)
+
+
+def _linear_problem(n_train=6, n_test=3, size=4, n_models=2, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def examples(n, prefix):
+        labels = rng.integers(0, 4, (n, size, size)).astype(np.int32)
+        labels[0][labels[0] == 3] = 0  # one slice without ET
+        return SimpleNamespace(images=rng.normal(size=(n, size, size, 4)).astype(np.float32),
+                               labels=labels, ids=[f"{prefix}{k}" for k in range(n)],
+                               cases=[f"{prefix}case{k // 2}" for k in range(n)])
+
+    model = Linear1x1()
+    models = [TrakModel(k, f"m{k}", None, {"params": {"head": {
+        "kernel": jnp.asarray(rng.normal(size=(1, 1, 4, 4)), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}}) for k in range(n_models)]
+    return model, models, examples(n_train, "tr"), examples(n_test, "te")
+
+
+def _analytic_features(variables, ex):
+    """phi[n, C, 16]: d(region margin)/dW of the linear model, by hand (no autodiff).
+
+    margin_c(x) = logit_c - logsumexp_{k != c} logit_k, so d/dlogits = e_c - softmax over the
+    other classes (0 at c), and d/dW[f, k] = x_f * that, summed over the region."""
+    w = np.asarray(variables["params"]["head"]["kernel"], np.float64)[0, 0]
+    b = np.asarray(variables["params"]["head"]["bias"], np.float64)
+    x = ex.images.astype(np.float64)
+    logits = x @ w + b
+    out = np.zeros((len(x), 3, 16))
+    for ci, c in enumerate((1, 2, 3)):
+        others = [k for k in range(4) if k != c]
+        q = np.zeros_like(logits)
+        q[..., others] = _softmax(logits[..., others])
+        d = np.eye(4)[c] - q  # [n, H, W, 4]
+        d = d * (ex.labels == c)[..., None]
+        out[:, ci] = np.einsum("nhwf,nhwk->nfk", x, d).reshape(len(x), 16)
+    return out
+
+
+def _analytic_q(variables, ex):
+    w = np.asarray(variables["params"]["head"]["kernel"], np.float64)[0, 0]
+    b = np.asarray(variables["params"]["head"]["bias"], np.float64)
+    p = _softmax(ex.images.astype(np.float64) @ w + b)
+    q = np.zeros((len(p), 3))
+    for ci, c in enumerate((1, 2, 3)):
+        region = ex.labels == c
+        n = region.sum(axis=(1, 2))
+        q[:, ci] = np.where(n > 0, ((1 - p[..., c]) * region).sum(axis=(1, 2)) / np.maximum(n, 1), 0)
+    return q
+
+
+def _closed_form(models, train, test, damping):
+    total = 0.0
+    for mdl in models:
+        phi = _analytic_features(mdl.variables, train)
+        rows = phi.reshape(-1, 16)
+        gram = rows.T @ rows
+        lam = damping * np.trace(gram) / 16
+        kinv = np.linalg.inv(gram + lam * np.eye(16))
+        total = total + np.einsum("aid,de,bje->aibj", _analytic_features(mdl.variables, test),
+                                  kinv, phi)
+    qbar = np.mean([_analytic_q(m.variables, train) for m in models], axis=0)
+    return total / len(models) * qbar[None, None]
+
+
+def test_trak_equals_closed_form_on_linear_model(tmp_path):
+    model, models, train, test = _linear_problem()
+    subset = resolve_subset(models[0].variables["params"], "head")
+    grad_fn = trak_grad_fn(model, subset)
+    damping = 0.05
+    meta = compute_trak(model, grad_fn, models, train, test, tmp_path / "out",
+                        store_dir=tmp_path / "store", damping=damping, batch_size=4,
+                        chunk_size=4, progress=False)
+    want = _closed_form(models, train, test, damping)
+    scores = np.load(tmp_path / "out" / "scores.npy")
+    np.testing.assert_allclose(scores, want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
+    # patients: the sum over each patient's slices (sorted case ids)
+    pat = np.load(tmp_path / "out" / "patient_scores.npy")
+    np.testing.assert_allclose(pat, want.reshape(3, 3, 3, 2, 3).sum(axis=3), rtol=2e-3,
+                               atol=1e-5 * np.abs(want).max())
+    # self-score: phi^T K^-1 phi Q, averaged over the models
+    lev = []
+    for mdl in models:
+        phi = _analytic_features(mdl.variables, train)
+        rows = phi.reshape(-1, 16)
+        gram = rows.T @ rows
+        kinv = np.linalg.inv(gram + damping * np.trace(gram) / 16 * np.eye(16))
+        lev.append(np.einsum("bjd,de,bje->bj", phi, kinv, phi))
+    qbar = np.mean([_analytic_q(m.variables, train) for m in models], axis=0)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "self_influence.npy"),
+                               np.mean(lev, axis=0) * qbar, rtol=2e-3, atol=1e-6)
+    assert meta["method"] == "trak" and meta["trak"]["damping"] == damping
+    assert not np.load(tmp_path / "out" / "train_present.npy")[0, 2]  # no ET in slice 0
+    np.testing.assert_array_equal(scores[:, :, 0, 2], 0.0)  # an absent class scores 0
+    # the in-memory function gives the same numbers from the same features
+    tr = [_analytic_features(m.variables, train) for m in models]
+    te = [_analytic_features(m.variables, test) for m in models]
+    q = [_analytic_q(m.variables, train) for m in models]
+    np.testing.assert_allclose(trak_scores(te, tr, q, damping), want, rtol=1e-4,
+                               atol=1e-6 * np.abs(want).max())
+
+
+def test_trak_scores_rejects_mismatched_inputs():
+    with pytest.raises(InputError, match="same positive number"):
+        trak_scores([np.zeros((1, 3, 2))], [], [])
+
+
+@pytest.fixture(scope="module")
+def trak_workdir(tiny_run, tmp_path_factory):
+    """A private copy of the tiny run (the seed models are cached inside the workdir)."""
+    wd = tmp_path_factory.mktemp("trak_run") / "run"
+    shutil.copytree(tiny_run, wd)
+    return wd
+
+
+def test_run_trak_checkpoints_end_to_end(trak_workdir, tmp_path):
+    from tracin_jax import load_run
+    from tracin_jax.evaluate.api import _load_influence
+
+    out = tmp_path / "trak"
+    meta = run_trak(trak_workdir, out, models="checkpoints", params="head", progress=False,
+                    log=lambda s: None)
+    run = load_run(trak_workdir)
+    patients = sorted({str(c) for c in run.train.cases})
+    loaded = _load_influence(out, patients, [str(i) for i in run.train.ids],
+                             [str(i) for i in run.test.ids], trak_workdir)
+    assert loaded["scores"].shape == (len(run.test.ids), 3, len(patients), 3)
+    assert np.isfinite(loaded["scores"]).all()
+    assert [c["epoch"] for c in meta["checkpoints"]] == [c.epoch for c in run.checkpoints]
+    assert meta["trak"]["models"] == [f"run epoch {c.epoch}" for c in run.checkpoints]
+    # rerun after a lost meta.json and a lost store chunk: same scores
+    first = np.load(out / "scores.npy")
+    (out / "meta.json").unlink()
+    chunk = next(iter(sorted((trak_workdir / "features").glob("trak-checkpoints-*/epoch_*/*.npy"))))
+    chunk.unlink()
+    meta2 = run_trak(trak_workdir, out, models="checkpoints", params="head", progress=False,
+                     log=lambda s: None)
+    assert meta2["timings"]["train_features"]["chunks_computed"] == 1
+    np.testing.assert_allclose(np.load(out / "scores.npy"), first, rtol=1e-5, atol=1e-7)
+
+
+def test_run_trak_seeds_trains_once(trak_workdir, tmp_path):
+    logs = []
+    meta = run_trak(trak_workdir, tmp_path / "a", models="seeds", n_models=2, params="head",
+                    progress=False, log=logs.append)
+    files = sorted((trak_workdir / "trak" / "models").glob("*.npz"))
+    assert len(files) == 1 and any("training 1 full-data model" in s for s in logs)
+    assert meta["trak"]["models"][1] == "seed 1" and len(meta["checkpoints"]) == 1
+    stamp = files[0].stat().st_mtime_ns
+    logs.clear()
+    run_trak(trak_workdir, tmp_path / "b", models="seeds", n_models=2, params="head",
+             progress=False, log=logs.append)
+    assert files[0].stat().st_mtime_ns == stamp and not logs  # reused, not retrained
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "patient_scores.npy"),
+                               np.load(tmp_path / "a" / "patient_scores.npy"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"models": "bagging"}, "--trak-models-from 'bagging'"),
+    ({"n_models": 0}, "--trak-models 0"),
+    ({"damping": -1.0}, "--trak-damping -1.0"),
+    ({"params": "head", "max_dim": 8}, "use --proj-dim 4096"),
+])
+def test_run_trak_bad_input(trak_workdir, tmp_path, monkeypatch, kw, match):
+    from tracin_jax.influence import trak
+
+    if "max_dim" in kw:  # features larger than the kernel allows (the tiny head has 32)
+        monkeypatch.setattr(trak, "MAX_KERNEL_DIM", kw.pop("max_dim"))
+    models = trak_workdir / "trak" / "models"
+    before = sorted(models.glob("*")) if models.exists() else []
+    with pytest.raises(InputError, match=match):
+        run_trak(trak_workdir, tmp_path / "x", progress=False, **kw)
+    assert not (tmp_path / "x").exists()
+    after = sorted(models.glob("*")) if models.exists() else []
+    assert after == before  # nothing trained before the error
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "tracin_jax.cli", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_cli_trak_and_its_errors(trak_workdir, tmp_path):
+    out = tmp_path / "cli"
+    r = _cli("influence", "--workdir", str(trak_workdir), "--out", str(out), "--method", "trak",
+             "--trak-models-from", "checkpoints", "--checkpoints", "2,3")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["method"] == "trak" and [c["epoch"] for c in meta["checkpoints"]] == [2, 3]
+    for extra, match in ((["--method", "bogus"], "--method 'bogus'"),
+                         (["--method", "trak", "--normalised"], "do not apply"),
+                         (["--method", "trak", "--trak-models", "0"], "--trak-models 0")):
+        r = _cli("influence", "--workdir", str(trak_workdir), "--out", str(tmp_path / "bad"),
+                 *extra)
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tracin-jax: error:") and match in lines[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_evaluation_knows_a_trak_folder(trak_workdir, tmp_path):
+    """The evaluation's table names TRAK, pairs it with no mislabel method, and randomises it
+    by recomputing TRAK (not Dice TracIn) with re-initialised models."""
+    from tracin_jax import load_run
+    from tracin_jax.evaluate import sanity
+
+    out = tmp_path / "trak"
+    meta = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
+                    progress=False, log=lambda s: None)
+    spec = sanity.gradient_spec(meta)
+    assert spec.describe() == "TRAK head, 2 models" and spec.loss == "dice"
+    assert sanity.mislabel_method(spec, 3) is None
+    run = load_run(trak_workdir)
+    res = sanity.model_randomisation(run, out, tmp_path / "rnd", progress=False)
+    rnd = json.loads((tmp_path / "rnd" / sanity.randomised_key(meta, 0) / "meta.json").read_text())
+    assert rnd["method"] == "trak" and rnd["trak"]["models"] == ["random init 0", "random init 1"]
+    assert rnd["trak"]["damping"] == meta["trak"]["damping"]
+    assert res["n_targets"] > 0 and np.isfinite(res["mean"])
