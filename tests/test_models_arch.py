@@ -199,3 +199,35 @@ def test_pipeline_runs_on_each_architecture(arch_pipeline):
     assert sel["n_filters"] == run.config.model.width
     assert set(sel["per_class"]) == {"NCR/NET", "ED", "ET"}
 
+
+def test_selected_vs_other_log_fi():
+    from experiments.architectures import selected_vs_other
+
+    gap = np.array([np.e, np.e**3, 1.0, 0.0, np.nan, -np.e])
+    sel = np.array([False, True, False, False, True, False])
+    r = selected_vs_other(gap, sel)  # zero and NaN gaps have no log and are left out
+    assert r["selected_mean_log_fi"] == pytest.approx(3.0)
+    assert r["other_mean_log_fi"] == pytest.approx((1 + 0 + 1) / 3)
+    assert r["difference"] == pytest.approx(3.0 - 2 / 3)
+    assert (r["n_selected"], r["n_filters"]) == (2, 6)
+    assert np.isnan(selected_vs_other(gap, np.zeros(6, bool))["selected_mean_log_fi"])
+
+
+def test_experiment_table_and_panel_from_a_report(arch_pipeline, tmp_path):
+    from experiments.architectures import architecture_row, plot_panel, summary_table
+
+    arch, root, meta, metrics = arch_pipeline
+    row = architecture_row(metrics)
+    sel = metrics["selection"]
+    for c, name in enumerate(("NCR/NET", "ED", "ET")):
+        assert row[name]["n_selected"] == sel["per_class"][name]["n_selected"]
+        assert row[name]["test_dice"] == sel["baseline_dice"]["test"]["baseline"][name]
+        assert row[name]["n_filters"] == sel["n_filters"]
+    entry = {"parameters": 1234, "classes": row,
+             "gap": {n: sel["per_class"][n]["gap"] for n in row},
+             "selected": {n: np.isin(np.arange(sel["n_filters"]), sel["per_class"][n]["selected"])
+                          for n in row}}
+    table = summary_table({arch: entry})
+    assert table.count("\n") == 1 + 3 and "1,234" in table
+    plot_panel({arch: entry, "other": entry}, tmp_path / "panel.png")
+    assert (tmp_path / "panel.png").stat().st_size > 0
