@@ -10,7 +10,8 @@ Named configs (``get_config(name)``):
   U-Net with BatchNorm momentum 0.9, 6 epochs of soft Dice + cross-entropy.
 - ``tiny``: for tests: 4 slices per case downsampled 6x to 32x32, width-4 U-Net of depth 2.
 
-Overrides use dotted keys, e.g. ``train.epochs=3``, ``model.width=16``, ``data.slices=tumour``.
+Overrides use dotted keys, e.g. ``train.epochs=3``, ``model.width=16``, ``data.slices=tumour``,
+``model.arch=resunet`` (unet | deepseg | resunet | attention_unet; see :mod:`tracin_jax.models`).
 A key that does not exist, or a value that does not parse as the field's type, raises
 :class:`~tracin_jax.errors.InputError`.
 """
@@ -50,6 +51,9 @@ class ModelConfig:
     norm: str = "batch"  # batch | group | none
     num_classes: int = 4
     bn_momentum: float = 0.99  # BatchNorm running statistics (Keras' default, the paper's model)
+    # unet (the paper's) | deepseg | resunet | attention_unet, or a registered name
+    # (tracin_jax.models.register_architecture)
+    arch: str = "unet"
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,11 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
 
 def validate(config: Config) -> None:
     """Checks values a typo could break; raises InputError naming the value."""
+    from tracin_jax.models.registry import known_architectures
+
     d, m, t = config.data, config.model, config.train
     choices = {
+        "model.arch": (m.arch, known_architectures()),
         "data.layout": (d.layout, ("auto", "brats2019", "brats2020", "brats2021", "brats2023", "msd")),
         "data.normalise": (d.normalise, ("paper", "zscore")),
         "data.crop_space": (d.crop_space, ("stored", "canonical")),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from tracin_jax import checkpoints
 from tracin_jax.errors import InputError
-from tracin_jax.models import build_unet
+from tracin_jax.models import build_model, features_apply, head_name
 from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
 from tracin_jax.training.train import RUN_FILE, init_variables, load_config
 
@@ -62,7 +62,7 @@ class Run:
         run_file = self.workdir / RUN_FILE
         self.info = json.loads(run_file.read_text()) if run_file.exists() else {}
         self.data_dir = Path(data_dir) if data_dir else Path(self.info.get("data_dir", ""))
-        self.model = build_unet(self.config.model)
+        self.model = build_model(self.config.model)
         epochs = checkpoints.list_epochs(self.workdir)
         if not epochs:
             raise InputError(f"{self.workdir}: no checkpoints found (train first)")
@@ -92,7 +92,12 @@ class Run:
 
     def features(self, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(logits f32[B,H,W,4], last hidden features f32[B,H,W,width]) in inference mode."""
-        return self.model.apply(variables, images, train=False, return_features=True)
+        return features_apply(self.model, variables, images)
+
+    @property
+    def head_name(self) -> str:
+        """The model's final 1x1 conv in the params tree (``head`` for every built-in model)."""
+        return head_name(self.model)
 
     def classwise_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         """Per-example soft Dice of the tumour classes: f32[B, 3] (NCR/NET, ED, ET)."""

@@ -39,7 +39,7 @@ import numpy as np
 from tracin_jax.config import Config
 from tracin_jax.errors import InputError
 from tracin_jax.influence.scores import patient_index
-from tracin_jax.models import build_unet
+from tracin_jax.models import build_model
 from tracin_jax.progress import tqdm
 from tracin_jax.training.losses import (dice_from_counts, hard_dice_counts, tumour_cross_entropy,
                                         tumour_dice_loss)
@@ -102,7 +102,7 @@ def model_schedule(examples: np.ndarray, seed: int, epochs: int, batch_size: int
 @functools.lru_cache(maxsize=8)
 def _train_fns(config: Config, image_shape: tuple[int, int, int]):
     """(model, tx, jitted single-model step, jitted K-model vmapped step) for a config."""
-    model = build_unet(config.model)
+    model = build_model(config.model)
     tx = make_optimizer(config.train)
     step = make_train_step(model, tx, config.train, image_shape[:2], config.data.downsample)
     raw = getattr(step, "__wrapped__", step)
@@ -252,7 +252,7 @@ def unstack(variables: Any, k: int) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _eval_fn(model_config, eps: float):
-    model = build_unet(model_config)
+    model = build_model(model_config)
 
     @jax.jit
     def fn(variables, images, labels):

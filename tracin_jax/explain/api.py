@@ -29,6 +29,7 @@ from tracin_jax.explain.features import SIMILARITIES, FeatureStore
 from tracin_jax.explain.global_view import global_explanations
 from tracin_jax.explain.inputs import PRESENT_FILE, Influence, classes_of, load_influence
 from tracin_jax.explain.local import local_explanations
+from tracin_jax.models.interface import head_name
 
 LEVELS = ("patient", "slice")
 
@@ -142,7 +143,7 @@ def _faithfulness(infl, store, query, train, reps, *, similarity, n_extremes, n_
 
 
 def _selection(curves, store, test, train, variables, *, names, labels, n_extremes, n_permutations,
-               seed, z_min, alpha, random_seeds) -> dict:
+               seed, z_min, alpha, random_seeds, head="head") -> dict:
     n_f = curves[0].shape[1]
     n_cls = len(names)
     sel = [selection.select_filters(curves[c], n_extremes, n_permutations, seed, z_min, alpha)
@@ -165,9 +166,9 @@ def _selection(curves, store, test, train, variables, *, names, labels, n_extrem
             zero.append(selection.group_mask(n_f, r))
         groups_idx.append((g, rows))
     zero = np.stack(zero)
-    head = variables["params"]["head"]
+    head = variables["params"][head]
     kernel = np.asarray(head["kernel"]).reshape(n_f, -1)
-    bias = np.asarray(head["bias"])
+    bias = np.asarray(head["bias"]) if "bias" in head else np.zeros(kernel.shape[1], np.float32)
     per_filter, groups, dice, comparisons = {}, {}, {}, {}
     for split, ex in (("train", train), ("test", test)):
         d = selection.dice_table(selection.ablation_counts(store, split, ex.images, ex.labels,
@@ -244,7 +245,8 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
         steps.update()
         sel = _selection(curves, store, run.test, train, ckpt.variables, n_extremes=n_extremes,
                          n_permutations=n_permutations, seed=seed, z_min=z_min, alpha=alpha,
-                         random_seeds=random_seeds, names=names, labels=infl.class_labels)
+                         random_seeds=random_seeds, names=names, labels=infl.class_labels,
+                         head=head_name(getattr(run, "model", None)))
         steps.update()
         steps.close()
         metrics = _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, tmp, t0,

@@ -51,6 +51,7 @@ from tracin_jax.influence.store import (FeatureStore, compute_features, feature_
                                         featurise_checkpoint, finish_stats, make_header,
                                         store_key)
 from tracin_jax.influence.subsets import resolve_subset
+from tracin_jax.models.interface import head_name
 from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 
 DEFAULT_TOPK = 10
@@ -225,7 +226,7 @@ def run_grad_fn(run, params="head", *, proj_dim=None, proj_seed=0, proj_kind=DEF
 
     _check_loss(loss)
     shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
-    subset = resolve_subset(shapes["params"], params)
+    subset = resolve_subset(shapes["params"], params, head=head_name(run.model))
     projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
     loss_fn = (partial(tumour_dice_loss, eps=run.config.train.dice_eps) if loss == "dice"
                else tumour_cross_entropy)

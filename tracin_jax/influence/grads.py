@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from tracin_jax.errors import InputError
 from tracin_jax.influence.projection import Projector
 from tracin_jax.influence.subsets import ParamSubset
+from tracin_jax.models.interface import features_apply, has_features, head_name
 from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
 
 ClassGradFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -175,18 +176,16 @@ def _finish(leaves, projector: Projector | None) -> jax.Array:
 
 
 def is_head_subset(model: Any, subset: ParamSubset) -> bool:
-    """True when every chosen parameter belongs to the final 1x1 conv ``head`` and the model
-    can return the head's input (``return_features=True``)."""
-    if not set(subset.paths) <= set(HEAD_PATHS):
+    """True when every chosen parameter belongs to the model's final 1x1 conv (named by the
+    model, :func:`tracin_jax.models.head_name`) and the model can return the head's input
+    (``return_features=True``; see :mod:`tracin_jax.models.interface`)."""
+    head = head_name(model)
+    if not set(subset.paths) <= {f"{head}/bias", f"{head}/kernel"}:
         return False
-    kernel = dict(zip(subset.paths, subset.shapes)).get("head/kernel")
+    kernel = dict(zip(subset.paths, subset.shapes)).get(f"{head}/kernel")
     if kernel is not None and tuple(kernel[:2]) != (1, 1):
         return False
-    call = getattr(type(model), "__call__", None)
-    try:
-        return "return_features" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
+    return has_features(model)
 
 
 def default_examples_mode() -> str:
@@ -201,8 +200,9 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
     """Builds the jitted ClassGradFn for a Flax model and parameter subset.
 
     Args:
-      model: a Flax linen module called as ``model.apply(variables, x, train=False)``
-        (the ``head`` method also needs ``return_features=True`` -> (logits, features)).
+      model: a Flax linen module following :mod:`tracin_jax.models.interface`, called as
+        ``model.apply(variables, x, train=False)`` (the ``head`` method also needs
+        ``return_features=True`` -> (logits, features), and reads the head's name from it).
       subset: the parameters to differentiate (see :func:`resolve_subset`).
       loss_fn: ``(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]``.
       projector: None for exact flattened gradients (D = subset.size), else a Projector
@@ -240,11 +240,11 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
         return model.apply(variables, x, train=False)
 
     def head_grads(variables, images, labels):
-        logits, feats = model.apply(variables, images, train=False, return_features=True)
+        logits, feats = features_apply(model, variables, images)
         dlog = class_logit_grads(loss_fn, logits, labels)  # [B, C, H, W, K]
         leaves = []
         for path in subset.paths:
-            if path == "head/kernel":
+            if path.endswith("/kernel"):
                 gk = jnp.einsum("bhwf,bchwk->bcfk", feats, dlog,
                                 precision=jax.lax.Precision.HIGHEST)
                 leaves.append(gk[:, :, None, None])  # [B, C, 1, 1, F, K] like the kernel

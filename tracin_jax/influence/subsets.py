@@ -70,15 +70,17 @@ class ParamSubset:
                 "shapes": [list(s) for s in self.shapes], "size": self.size}
 
 
-def _choices_line(paths: Sequence[str]) -> str:
-    shown = [p for p in paths if p.startswith("dec")][:1] + [p for p in paths if p.startswith("head/")]
+def _choices_line(paths: Sequence[str], head: str = "head") -> str:
+    shown = [p for p in paths if p.startswith("dec")][:1] + [p for p in paths if p.startswith(f"{head}/")]
     examples = ", ".join(shown or list(paths[:3]))
     return (f"choose head, decoder, all, or a regular expression matching whole parameter "
             f"paths (e.g. {examples}; {len(paths)} paths in all)")
 
 
-def resolve_subset(params: Any, spec: str) -> ParamSubset:
+def resolve_subset(params: Any, spec: str, head: str = "head") -> ParamSubset:
     """Resolves ``spec`` (head | decoder | all | REGEX) against a params tree (arrays or shapes).
+
+    ``head``: the name of the model's final 1x1 conv (:func:`tracin_jax.models.head_name`).
 
     Raises InputError (one line naming the value and the valid choices) when the spec names an
     unknown subset or a regular expression that matches nothing or does not compile.
@@ -87,10 +89,10 @@ def resolve_subset(params: Any, spec: str) -> ParamSubset:
     paths = list(flat)
     spec = str(spec).strip()
     if spec == "head":
-        chosen = [p for p in paths if p == "head/kernel"]
+        chosen = [p for p in paths if p == f"{head}/kernel"]
     elif spec == "decoder":
         chosen = [p for p in paths
-                  if re.match(r"(dec|up)\d*/", p) or p in ("head/kernel", "head/bias")]
+                  if re.match(r"(dec|up)\d*/", p) or p in (f"{head}/kernel", f"{head}/bias")]
     elif spec == "all":
         chosen = paths
     else:
@@ -98,10 +100,10 @@ def resolve_subset(params: Any, spec: str) -> ParamSubset:
             pattern = re.compile(spec)
         except re.error as e:
             raise InputError(f"--params {spec!r} is not a valid regular expression ({e}); "
-                             f"{_choices_line(paths)}") from None
+                             f"{_choices_line(paths, head)}") from None
         chosen = [p for p in paths if pattern.fullmatch(p)]
     if not chosen:
         what = "matches no parameter" if spec not in NAMED_SUBSETS else "is empty for this model"
-        raise InputError(f"--params {spec!r} {what}: {_choices_line(paths)}")
+        raise InputError(f"--params {spec!r} {what}: {_choices_line(paths, head)}")
     return ParamSubset(name=spec, paths=tuple(chosen),
                        shapes=tuple(tuple(int(d) for d in flat[p].shape) for p in chosen))

@@ -32,7 +32,7 @@ from tracin_jax.atomic import write_json_atomic
 from tracin_jax.config import Config, config_from_dict
 from tracin_jax.data.dataset import class_slice_counts
 from tracin_jax.errors import InputError
-from tracin_jax.models import build_unet, count_params
+from tracin_jax.models import build_model, count_params
 from tracin_jax.training import augment
 from tracin_jax.training.losses import (CLASS_NAMES, absent_class_predictions,
                                         classwise_dice_loss, dice_from_counts, hard_dice_counts,
@@ -339,10 +339,11 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
         write_json_atomic(workdir / RUN_FILE, record)
 
     tcfg = config.train
-    model = build_unet(config.model)
+    model = build_model(config.model)
     tx = make_optimizer(tcfg)
     key = jax.random.key(tcfg.seed)
-    log(f"initialising the U-Net (width {config.model.width}, depth {config.model.depth}) ...")
+    arch = "U-Net" if config.model.arch == "unet" else config.model.arch
+    log(f"initialising the {arch} (width {config.model.width}, depth {config.model.depth}) ...")
     variables = init_variables(model, key, train.images.shape[1:])
     opt_state = jax.jit(tx.init)(variables["params"])  # one program, not one per leaf shape
     jax.block_until_ready(opt_state)

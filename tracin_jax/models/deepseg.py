@@ -1,0 +1,64 @@
+"""DeepSeg (Zeineldin et al. 2020, IJCARS 15:909) adapted to 4-channel slices and 4 classes.
+
+The encoder-decoder of that paper's ``UNet-Mod`` configuration: encoder widths
+``width * 2**k`` for k < depth, bottleneck ``width * 2**depth``, each block twice
+[3x3 conv (same) -> norm -> ReLU] and a 2x2 max-pool; the decoder goes up by nearest-neighbour
+2x upsampling followed by a 2x2 conv (same padding, bias) and ReLU -- not a transposed conv as in
+the U-Net of :mod:`.unet` -- then concatenates the skip (skip first) and applies a block as in
+the encoder. DeepSeg used one FLAIR channel at 224x224, width 32 and 2 classes; here the input
+is the project's 4 modalities at 192x192 (any size divisible by ``2**depth``) and the output 4
+classes. Two more departures, both for the class-wise analysis: the output layer is a 1x1 conv
+``head`` to ``num_classes`` logits (DeepSeg's is a 3x3 conv -> BatchNorm -> ReLU before the
+softmax, which has no linear readout of a hidden feature map), and the bottleneck has no dropout
+(DeepSeg: 0.5), so a training step is a deterministic function of its batch. Convolutions
+followed by BatchNorm carry no bias (it would be cancelled by the norm's shift).
+
+Trainable parameters, 4 input channels, 4 classes, depth 4 (``jax.eval_shape``, no init):
+width 64 (the project's paper width): 31,038,404, as many as the U-Net (a 2x2 conv after
+upsampling has the weights of a 2x2 transposed conv); width 32 (DeepSeg's): 7,763,428.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from tracin_jax.models.unet import ConvBlock
+
+
+def upsample2(x):
+    """Nearest-neighbour 2x upsampling: f32[B,H,W,C] -> f32[B,2H,2W,C]."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class DeepSeg(nn.Module):
+    """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
+
+    width: int = 32
+    depth: int = 4
+    norm: str = "batch"
+    num_classes: int = 4
+    bn_momentum: float = 0.99
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        skips = []
+        for k in range(self.depth):
+            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"enc{k}")(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = ConvBlock(self.width * 2**self.depth, self.norm, self.bn_momentum, name="bridge")(x, train)
+        for k in reversed(range(self.depth)):
+            x = nn.relu(nn.Conv(self.width * 2**k, (2, 2), padding="SAME", name=f"up{k}")(upsample2(x)))
+            x = jnp.concatenate([skips[k], x], axis=-1)
+            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"dec{k}")(x, train)
+        features = x
+        logits = nn.Conv(self.num_classes, (1, 1), name="head")(features)
+        if return_features:
+            return logits, features
+        return logits
+
+
+def build_deepseg(cfg) -> DeepSeg:
+    return DeepSeg(width=cfg.width, depth=cfg.depth, norm=cfg.norm, num_classes=cfg.num_classes,
+                   bn_momentum=cfg.bn_momentum)
