@@ -401,7 +401,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="projection seeds per (kind, d)")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--identity-examples", default="6,24", help="test,train examples of the independent check")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="gradient batch of the in-memory features and of the engine runs")
     p.add_argument("--max-memory-gb", type=float, default=4.0, help="limit for the exact 'all' features")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -530,7 +531,8 @@ def run(args) -> dict:
     t = time.perf_counter()
     last = epochs[-1]
     eng = {}
-    engine = partial(run_influence, workdir, data_dir=args.data if args.workdir else None, progress=progress)
+    engine = partial(run_influence, workdir, data_dir=args.data if args.workdir else None,
+                     batch_size=args.batch_size, progress=progress)
     meta = engine(out / "engine-head", params="head", split="test", store_dir=out / "features-head")
     eng["head_all_checkpoints_vs_in_memory"] = rel_err(np.load(out / "engine-head" / "scores.npy"),
                                                        exact_all["head"])

@@ -47,7 +47,7 @@ def _compute(out: Path, mesh):
 
 def test_eight_devices_agree_with_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
     script = SCRIPT.format(toy=TOY, settings=SETTINGS)
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "eight")], env=env,
                           capture_output=True, text=True, timeout=300)
