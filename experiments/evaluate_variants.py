@@ -24,6 +24,7 @@ What it does:
    - ``head-cos``: cosine TracIn (``--normalised``) on the head;
    - ``all-proj-cos``: cosine TracIn on every parameter with projection;
    - ``head-dice-last``: the last checkpoint only;
+   - ``ekfac-dice``: EK-FAC influence functions on every conv layer (``--method ekfac``);
 
 3. runs ``tracin-jax evaluate`` on all of them: class-wise LDS against ``--subsets`` retrainings
    on random halves of the training patients x ``--seeds`` training seeds, leave-top-k-out for
@@ -48,6 +49,7 @@ VARIANTS = {
     "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
+    "ekfac-dice": {"params": "all", "method": "ekfac"},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)

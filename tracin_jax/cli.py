@@ -63,6 +63,7 @@ def _cmd_influence(args) -> dict:
         proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
         loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
+        method=args.method, damping=args.damping, fisher=args.fisher,
     )
     print(f"influence written to {args.out}")
     return meta
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dice (the training loss, the paper) | ce (region cross-entropy)")
     i.add_argument("--normalised", action="store_true",
                    help="unit-norm class gradients (cosine TracIn)")
+    i.add_argument("--method", default="tracin",
+                   help="tracin (gradient inner products) | ekfac (EK-FAC influence functions)")
+    i.add_argument("--damping", type=float, default=None,
+                   help="ekfac: damping = this x mean corrected eigenvalue per layer (default 0.1)")
+    i.add_argument("--fisher", default="sampled",
+                   help="ekfac: sampled (true Fisher, labels drawn from the model) | empirical")
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)

@@ -40,12 +40,14 @@ class GradientSpec:
     normalise: bool
     projection: dict | None  # {dim, seed, kind} or None (exact)
     epochs: tuple[int, ...]
+    method: str = "tracin"  # tracin | ekfac (meta.json's "ekfac" entry)
 
     def describe(self) -> str:
         proj = f" + {self.projection['kind']} {self.projection['dim']}" if self.projection else ""
         cos = ", cosine" if self.normalise else ""
         ck = f", epoch {self.epochs[0]} only" if len(self.epochs) == 1 else ""
-        return f"{self.loss} {self.params}{proj}{cos}{ck}"
+        how = "EK-FAC " if self.method == "ekfac" else ""
+        return f"{how}{self.loss} {self.params}{proj}{cos}{ck}"
 
 
 def gradient_spec(meta: dict) -> GradientSpec:
@@ -56,7 +58,8 @@ def gradient_spec(meta: dict) -> GradientSpec:
         loss="ce" if "cross_entropy" in tag else "dice",
         normalise=tag.startswith("normalised("),
         projection=meta.get("projection"),
-        epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])))
+        epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])),
+        method="ekfac" if meta.get("ekfac") else "tracin")
 
 
 @dataclass
@@ -116,11 +119,25 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     spec = gradient_spec(meta)
     out_dir = out_dir / randomised_key(meta, seed)
     proj = spec.projection or {}
-    grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
-                          proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
-                          loss=spec.loss, normalise=spec.normalise)
+    checkpoints = randomised_checkpoints(run, spec, seed)
+    if spec.method == "ekfac":  # factors refitted at the random weights
+        from tracin_jax.influence.ekfac import ekfac_setup, factored_checkpoints
+
+        e = meta["ekfac"]
+        setup = ekfac_setup(run, spec.params, loss=spec.loss, damping=e["damping"],
+                            fisher=e["fisher"], fisher_seed=e["fisher_seed"],
+                            proj_dim=proj.get("dim", 0) if proj else 0,
+                            proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
+                            normalise=spec.normalise)
+        grad_fn = setup.grad_fn
+    else:
+        grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
+                              proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
+                              loss=spec.loss, normalise=spec.normalise)
     if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
-        compute_influence(grad_fn, randomised_checkpoints(run, spec, seed), run.train, run.test,
+        if spec.method == "ekfac":
+            checkpoints = factored_checkpoints(run, setup, checkpoints, out_dir / "ekfac_factors")
+        compute_influence(grad_fn, checkpoints, run.train, run.test,
                           out_dir, store_dir=out_dir / "features", progress=progress)
         shutil.rmtree(out_dir / "features", ignore_errors=True)
     trained = np.load(influence_dir / "patient_scores.npy")
@@ -132,7 +149,7 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
 
 def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
     """The name ``experiments.mislabel`` gives the same gradient, or None if it has none."""
-    if spec.normalise or spec.params not in ("head", "all"):
+    if spec.normalise or spec.method != "tracin" or spec.params not in ("head", "all"):
         return None
     last = len(spec.epochs) == 1 and spec.epochs[0] == last_epoch
     if last and spec.params != "head":
