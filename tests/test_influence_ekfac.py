@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -26,7 +27,7 @@ SHAPE = (8, 8, 4)
 
 @pytest.fixture(scope="module")
 def small():
-    """A width-2, depth-2 U-Net, 3 random examples, trained-looking random weights."""
+    """A width-2, depth-2 U-Net at random weights, 3 random examples (batches of 2: one padded)."""
     model = UNet(width=2, depth=2)
     x = jax.random.normal(jax.random.key(1), (3, *SHAPE))
     y = jax.random.randint(jax.random.key(2), (3, *SHAPE[:2]), 0, 4)
@@ -97,36 +98,33 @@ def _dense_inverse_scores(layers, factors, damping, mats_a, mats_b):
 
 
 def test_whitened_class_gradients_equal_dense_damped_inverse_fisher(small):
-    """Scores of the EK-FAC gradient function = g'^T (F + lambda I)^-1 g with F the
-    eigen-corrected Kronecker Fisher formed densely, layer by layer; summed over both class
-    axes they equal the influence of the total loss."""
+    """The corrected eigenvalues are E_n[(Q_A^T G_n Q_S)^2] of the per-example gradients, the
+    same however the examples are batched (a padded last batch included); the scores of the
+    EK-FAC gradient function are g'^T (F + lambda I)^-1 g with F the eigen-corrected Kronecker
+    Fisher formed densely, layer by layer; summed over both class axes they equal the influence
+    of the total loss."""
     model, v, x, y = small
-    full_subset, _ = E.ekfac_subset(v["params"], "up0/.*|head/.*")
-    layers = E.conv_layers(model, v, SHAPE, full_subset)
+    subset, _ = E.ekfac_subset(v["params"], "up0/.*|head/.*")
+    layers = E.conv_layers(model, v, SHAPE, subset)
     loss_fn = tumour_dice_loss
-    factors = E.fit_ekfac(model, v, x, y, layers, loss_fn=loss_fn, fisher="sampled",
-                          batch_size=2, seed=3)
-    for l in layers:
-        assert factors[l.name]["lam"].shape == (l.in_dim, l.out_dim)
-        assert np.all(factors[l.name]["lam"] >= 0) and np.mean(factors[l.name]["lam"]) > 0
-    damping = 0.1
-    fn = E.make_ekfac_grad_fn(model, full_subset, layers, loss_fn, damping=damping, proj_dim=0,
-                              tag="test")
-    vf = E.with_factors(v, factors)
-    w = np.asarray(fn(vf, x, y), np.float64)  # [B, C, D]
-    got = np.einsum("aid,bjd->aibj", w, w)
+    fit = partial(E.fit_ekfac, model, v, x, y, layers, loss_fn=loss_fn, fisher="empirical")
+    factors, unpadded = fit(batch_size=2), fit(batch_size=3)
+    # The head's factors have distinct eigenvalues, so its EK-FAC Fisher is unique. (Those of a
+    # stride-2 transposed conv do not: each input pixel feeds one output pixel per kernel tap,
+    # so A holds four equal tap blocks, and the corrected eigenvalues depend on the basis
+    # eigh picks inside each repeated eigenspace.)
+    head = layers[-1]
+    assert head.name == "head"
+    want = E.dense_ekfac_fisher(unpadded, head)
+    np.testing.assert_allclose(E.dense_ekfac_fisher(factors, head), want, rtol=1e-4,
+                               atol=1e-6 * np.abs(want).max())
 
-    raw = np.asarray(make_class_grad_fn(model, full_subset, loss_fn, None, method="vjp")(v, x, y))
     def mats(g):
-        leaves = _split(g, full_subset)
-        return [E.kernel_matrix(l, leaves[f"{l.name}/kernel"], leaves[f"{l.name}/bias"])
+        leaves = _split(g, subset)
+        return [np.asarray(E.kernel_matrix(l, leaves[f"{l.name}/kernel"],
+                                           leaves[f"{l.name}/bias"]), np.float64)
                 for l in layers]
 
-    ms = [np.asarray(m).reshape(-1, *m.shape[-2:]) for m in mats(jnp.asarray(raw))]
-    want = _dense_inverse_scores(layers, factors, damping, ms, ms).reshape(got.shape)
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
-
-    # Class-wise scores summed over both class axes = the total loss's influence.
     def total_loss(params, xi, yi):
         return jnp.sum(loss_fn(model.apply(dict(v, params=params), xi[None], train=False),
                                yi[None]))
@@ -134,8 +132,24 @@ def test_whitened_class_gradients_equal_dense_damped_inverse_fisher(small):
     tot = []
     for b in range(len(x)):
         g = traverse_util.flatten_dict(jax.grad(total_loss)(v["params"], x[b], y[b]), sep="/")
-        tot.append(np.concatenate([np.ravel(g[p]) for p in full_subset.paths]))
-    tm = [np.asarray(m) for m in mats(jnp.asarray(np.stack(tot)))]
+        tot.append(np.concatenate([np.ravel(g[p]) for p in subset.paths]))
+    tm = mats(np.stack(tot))  # per-example gradients of the loss the empirical Fisher uses
+    for l, m in zip(layers, tm):
+        f = factors[l.name]
+        want = np.mean(np.einsum("ia,nij,jb->nab", f["qa"], m, f["qs"]) ** 2, axis=0)
+        np.testing.assert_allclose(f["lam"], want, rtol=1e-3, atol=1e-6 * want.max())
+
+    damping = 0.1
+    fn = E.make_ekfac_grad_fn(model, subset, layers, loss_fn, damping=damping, proj_dim=0,
+                              tag="test")
+    w = np.asarray(fn(E.with_factors(v, factors), x, y), np.float64)  # [B, C, D]
+    got = np.einsum("aid,bjd->aibj", w, w)
+    raw = np.asarray(make_class_grad_fn(model, subset, loss_fn, None, method="vjp")(v, x, y))
+    ms = [m.reshape(-1, *m.shape[-2:]) for m in mats(raw)]
+    want = _dense_inverse_scores(layers, factors, damping, ms, ms).reshape(got.shape)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+
+    # Class-wise scores summed over both class axes = the total loss's influence.
     want_total = _dense_inverse_scores(layers, factors, damping, tm, tm)
     np.testing.assert_allclose(got.sum(axis=(1, 3)), want_total, rtol=2e-3,
                                atol=1e-6 * np.abs(want_total).max())

@@ -31,6 +31,12 @@ pixel from the model's own softmax, the summed pixel cross-entropy differentiate
 slice and pass, as in Kronfluence) or of the empirical Fisher (``fisher="empirical"``: the sum
 of the class losses being scored, at the true labels).
 
+One property to know: a 2x2 stride-2 transposed conv feeds each input pixel to exactly one output
+pixel per kernel tap, so its A is four equal tap blocks and has repeated eigenvalues; the
+eigenvalue correction then depends on the basis ``eigh`` picks inside each repeated eigenspace
+(the same data batched differently can give a slightly different F for those layers, never for
+the layers with distinct eigenvalues; the test checks the head).
+
 Scores through the existing engine: each class gradient is *whitened*,
 ``w = (Q_A^T G Q_S) / sqrt(Lambda + lambda)`` per layer, so that ``<w', w> = g'^T (F + lambda
 I)^-1 g`` exactly; these features go through the feature store and the blocked contraction of
