@@ -25,6 +25,7 @@ What it does:
    - ``all-proj-cos``: cosine TracIn on every parameter with projection;
    - ``head-dice-last``: the last checkpoint only;
    - ``ekfac-dice``: EK-FAC influence functions on every conv layer (``--method ekfac``);
+   - ``head-ekfac-cos``: EK-FAC on the head, cosine in the F^-1 metric;
 
 3. runs ``tracin-jax evaluate`` on all of them: class-wise LDS against ``--subsets`` retrainings
    on random halves of the training patients x ``--seeds`` training seeds, leave-top-k-out for
@@ -50,6 +51,7 @@ VARIANTS = {
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
     "ekfac-dice": {"params": "all", "method": "ekfac"},
+    "head-ekfac-cos": {"params": "head", "method": "ekfac", "normalise": True},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)

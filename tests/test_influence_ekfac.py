@@ -240,3 +240,15 @@ def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path
     assert [f.stat().st_mtime_ns for f in sorted((out / "ekfac_factors").iterdir())] == stamps
     assert meta2["timings"]["train_features"]["examples_computed"] == 0
     np.testing.assert_array_equal(np.load(out / "patient_scores.npy"), pat)
+
+    # The evaluation names the method, matches no TracIn mislabel row, and its randomisation
+    # check refits the factors at random weights.
+    from tracin_jax import load_run
+    from tracin_jax.evaluate import sanity
+
+    spec = sanity.gradient_spec(meta)
+    assert spec.method == "ekfac" and spec.describe().startswith("EK-FAC dice all")
+    assert sanity.mislabel_method(spec, 3) is None
+    rnd = sanity.model_randomisation(load_run(tiny_run), out, tmp_path / "rnd")
+    assert -1 <= rnd["mean"] <= 1
+    assert len(list((tmp_path / "rnd").glob("*/ekfac_factors/*.npz"))) == 2
