@@ -25,6 +25,8 @@ What it does:
    - ``all-proj-cos``: cosine TracIn on every parameter with projection;
    - ``head-dice-last``: the last checkpoint only;
    - ``head-trak``: class-wise TRAK on the head, 4 full-data models (trains 3 of them);
+   - ``ekfac-dice``: EK-FAC influence functions on every conv layer (``--method ekfac``);
+   - ``head-ekfac-cos``: EK-FAC on the head, cosine in the F^-1 metric;
 
 3. runs ``tracin-jax evaluate`` on all of them: class-wise LDS against ``--subsets`` retrainings
    on random halves of the training patients x ``--seeds`` training seeds, leave-top-k-out for
@@ -50,6 +52,8 @@ VARIANTS = {
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
     "head-trak": {"method": "trak", "params": "head", "n_models": 4},  # run_trak keywords
+    "ekfac-dice": {"params": "all", "method": "ekfac"},
+    "head-ekfac-cos": {"params": "head", "method": "ekfac", "normalise": True},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)

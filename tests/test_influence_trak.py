@@ -208,7 +208,7 @@ def test_run_trak_seeds_trains_once(trak_workdir, tmp_path):
 @pytest.mark.parametrize("kw, match", [
     ({"models": "bagging"}, "--trak-models-from 'bagging'"),
     ({"n_models": 0}, "--trak-models 0"),
-    ({"damping": -1.0}, "--trak-damping -1.0"),
+    ({"damping": -1.0}, "--damping -1.0"),
     ({"params": "head", "max_dim": 8}, "use --proj-dim 4096"),
 ])
 def test_run_trak_bad_input(trak_workdir, tmp_path, monkeypatch, kw, match):

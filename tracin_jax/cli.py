@@ -57,8 +57,8 @@ def _parse_checkpoints(raw: str):
 def _cmd_influence(args) -> dict:
     from tracin_jax.influence import run_influence
 
-    if args.method not in ("tracin", "trak"):
-        raise InputError(f"--method {args.method!r} is not one of tracin, trak")
+    if args.method not in ("tracin", "trak", "ekfac"):
+        raise InputError(f"--method {args.method!r} is not one of tracin, trak, ekfac")
     if args.method == "trak":
         return _cmd_trak(args)
     meta = run_influence(
@@ -67,6 +67,7 @@ def _cmd_influence(args) -> dict:
         proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
         loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
+        method=args.method, damping=args.damping, fisher=args.fisher,
     )
     print(f"influence written to {args.out}")
     return meta
@@ -82,8 +83,8 @@ def _cmd_trak(args) -> dict:
         args.workdir, args.out, models=args.trak_models_from, n_models=args.trak_models,
         checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
         proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
-        damping=args.trak_damping, topk=args.topk, batch_size=args.batch_size,
-        memory_budget_gb=args.memory_budget_gb, data_dir=args.data)
+        damping=1.0 if args.damping is None else args.damping, topk=args.topk,
+        batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data)
     print(f"TRAK influence written to {args.out}")
     return meta
 
@@ -165,20 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dice (the training loss, the paper) | ce (region cross-entropy)")
     i.add_argument("--normalised", action="store_true",
                    help="unit-norm class gradients (cosine TracIn)")
+    i.add_argument("--method", default="tracin",
+                   help="tracin (class-wise TracIn, the paper) | trak (class-wise TRAK) | ekfac "
+                   "(EK-FAC influence functions)")
+    i.add_argument("--damping", type=float, default=None,
+                   help="damping relative to the mean eigenvalue: ekfac, per layer (default 0.1); "
+                   "trak, of the kernel (default 1.0)")
+    i.add_argument("--fisher", default="sampled",
+                   help="ekfac: sampled (true Fisher, labels drawn from the model) | empirical")
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)
     i.add_argument("--memory-budget-gb", type=float, default=2.0)
     i.add_argument("--data", default=None, help="data folder, if moved since training")
-    i.add_argument("--method", default="tracin",
-                   help="tracin (class-wise TracIn, the paper) | trak (class-wise TRAK)")
     i.add_argument("--trak-models", type=int, default=4,
                    help="TRAK: models ensembled with --trak-models-from seeds (default 4)")
     i.add_argument("--trak-models-from", default="seeds",
                    help="TRAK: seeds (last checkpoint + full-data retrainings, cached in "
                    "WORKDIR/trak/models) | checkpoints (the run's --checkpoints)")
-    i.add_argument("--trak-damping", type=float, default=1.0,
-                   help="TRAK: kernel damping relative to its mean eigenvalue")
     i.set_defaults(func=_cmd_influence)
 
     x = sub.add_parser("explain", help="HTML report: proponents/opponents, global patterns, "

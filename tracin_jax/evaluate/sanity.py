@@ -42,7 +42,7 @@ class GradientSpec:
     normalise: bool
     projection: dict | None  # {dim, seed, kind} or None (exact)
     epochs: tuple[int, ...]
-    method: str = "tracin"  # tracin | trak
+    method: str = "tracin"  # tracin | trak | ekfac (meta.json's "method" / "ekfac" entry)
     models: int = 0  # TRAK: models ensembled
 
     def describe(self) -> str:
@@ -51,7 +51,8 @@ class GradientSpec:
             return f"TRAK {self.params}{proj}, {self.models} models"
         cos = ", cosine" if self.normalise else ""
         ck = f", epoch {self.epochs[0]} only" if len(self.epochs) == 1 else ""
-        return f"{self.loss} {self.params}{proj}{cos}{ck}"
+        how = "EK-FAC " if self.method == "ekfac" else ""
+        return f"{how}{self.loss} {self.params}{proj}{cos}{ck}"
 
 
 def gradient_spec(meta: dict) -> GradientSpec:
@@ -63,7 +64,7 @@ def gradient_spec(meta: dict) -> GradientSpec:
         normalise=tag.startswith("normalised("),
         projection=meta.get("projection"),
         epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])),
-        method=str(meta.get("method", "tracin")),
+        method="ekfac" if meta.get("ekfac") else str(meta.get("method", "tracin")),
         models=len((meta.get("trak") or {}).get("models", [])))
 
 
@@ -123,18 +124,33 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     meta = json.loads((influence_dir / "meta.json").read_text())
     spec = gradient_spec(meta)
     out_dir = out_dir / randomised_key(meta, seed)
+    proj = spec.projection or {}
     if spec.method == "trak":
         from tracin_jax.influence.trak import randomised_trak
 
         if not (out_dir / "patient_scores.npy").exists():
             randomised_trak(run, meta, out_dir, seed=seed, progress=progress)
-    elif not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
-        proj = spec.projection or {}
-        grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
-                              proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
-                              loss=spec.loss, normalise=spec.normalise)
-        compute_influence(grad_fn, randomised_checkpoints(run, spec, seed), run.train, run.test,
-                          out_dir, store_dir=out_dir / "features", progress=progress)
+    else:
+        checkpoints = randomised_checkpoints(run, spec, seed)
+        if spec.method == "ekfac":  # factors refitted at the random weights
+            from tracin_jax.influence.ekfac import ekfac_setup, factored_checkpoints
+
+            e = meta["ekfac"]
+            setup = ekfac_setup(run, spec.params, loss=spec.loss, damping=e["damping"],
+                                fisher=e["fisher"], fisher_seed=e["fisher_seed"],
+                                proj_dim=proj.get("dim", 0) if proj else 0,
+                                proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
+                                normalise=spec.normalise)
+            grad_fn = setup.grad_fn
+        else:
+            grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
+                                  proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
+                                  loss=spec.loss, normalise=spec.normalise)
+        if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
+            if spec.method == "ekfac":
+                checkpoints = factored_checkpoints(run, setup, checkpoints, out_dir / "ekfac_factors")
+            compute_influence(grad_fn, checkpoints, run.train, run.test,
+                              out_dir, store_dir=out_dir / "features", progress=progress)
         shutil.rmtree(out_dir / "features", ignore_errors=True)
     trained = np.load(influence_dir / "patient_scores.npy")
     randomised = np.load(out_dir / "patient_scores.npy")

@@ -237,7 +237,8 @@ def run_grad_fn(run, params="head", *, proj_dim=None, proj_seed=0, proj_kind=DEF
 def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=None, proj_seed=0,
                   split="test", topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
                   data_dir=None, progress=True, grad_fn=None, proj_kind=DEFAULT_PROJ_KIND,
-                  loss="dice", normalise=False, store_dir=None) -> dict:
+                  loss="dice", normalise=False, store_dir=None, method="tracin",
+                  damping=None, fisher="sampled") -> dict:
     """Class-wise TracIn of the run in ``workdir``; writes the files listed above into ``out``.
 
     Args:
@@ -264,10 +265,31 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       grad_fn: a ClassGradFn to use instead of the one built from ``params``/``proj_dim``/
         ``loss``/``normalise``; give it a ``tag`` so its store is its own.
       store_dir: feature store folder (default ``<workdir>/features/<key>``).
+      method: ``tracin`` (gradient inner products) or ``ekfac`` (EK-FAC influence functions,
+        :func:`~tracin_jax.influence.ekfac.run_ekfac_influence`, with ``damping`` (default 0.1)
+        and ``fisher`` (``sampled`` | ``empirical``); ``params`` then keeps conv layers only).
     Returns:
       the meta dict written to ``out/meta.json``.
     """
     from tracin_jax import load_run
+
+    if method == "ekfac":
+        from tracin_jax.influence.ekfac import DEFAULT_DAMPING, run_ekfac_influence
+
+        if grad_fn is not None:
+            raise InputError("method='ekfac' builds its own gradient function; grad_fn is for "
+                             "method='tracin'")
+        return run_ekfac_influence(
+            workdir, out, checkpoints=checkpoints, params=params, proj_dim=proj_dim,
+            proj_seed=proj_seed, proj_kind=proj_kind, loss=loss, normalise=normalise,
+            damping=DEFAULT_DAMPING if damping is None else damping, fisher=fisher, split=split,
+            topk=topk, batch_size=batch_size, chunk_size=chunk_size,
+            memory_budget_gb=memory_budget_gb, data_dir=data_dir, progress=progress,
+            store_dir=store_dir)
+    if method != "tracin":
+        raise InputError(f"--method {method!r} is not one of tracin, ekfac")
+    if damping is not None:
+        raise InputError("--damping applies to --method ekfac only")
 
     t0 = time.perf_counter()
     _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)

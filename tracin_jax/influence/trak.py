@@ -279,7 +279,7 @@ def _check_trak_args(models, n_models, damping) -> None:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise InputError(f"--trak-damping {damping!r} must be a positive number")
+        raise InputError(f"--damping {damping!r} must be a positive number")
 
 
 def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MODELS,
