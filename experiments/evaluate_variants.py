@@ -48,6 +48,12 @@ VARIANTS = {
     "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
+    "head-adam": {"params": "head", "precondition": "adam"},
+    "head-adam-cos": {"params": "head", "precondition": "adam", "normalise": True},
+    "head-relatif": {"params": "head", "relatif": True},
+    "head-adam-relatif": {"params": "head", "precondition": "adam", "relatif": True},
+    "all-proj-adam": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
+                      "precondition": "adam"},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)

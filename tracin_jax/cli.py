@@ -63,6 +63,7 @@ def _cmd_influence(args) -> dict:
         proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
         loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
+        precondition=args.precondition, relatif=args.relatif,
     )
     print(f"influence written to {args.out}")
     return meta
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dice (the training loss, the paper) | ce (region cross-entropy)")
     i.add_argument("--normalised", action="store_true",
                    help="unit-norm class gradients (cosine TracIn)")
+    i.add_argument("--precondition", default="none",
+                   help="none | adam (Adam-aware TracIn: gradients scaled by 1/(sqrt(v_hat)+eps) "
+                        "of each checkpoint's saved Adam state)")
+    i.add_argument("--relatif", action="store_true",
+                   help="divide each training slice's class scores by the square root of its "
+                        "class self-influence (RelatIF-style)")
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)
