@@ -54,6 +54,12 @@ VARIANTS = {
     "head-trak": {"method": "trak", "params": "head", "n_models": 4},  # run_trak keywords
     "ekfac-dice": {"params": "all", "method": "ekfac"},
     "head-ekfac-cos": {"params": "head", "method": "ekfac", "normalise": True},
+    "head-adam": {"params": "head", "precondition": "adam"},
+    "head-adam-cos": {"params": "head", "precondition": "adam", "normalise": True},
+    "head-relatif": {"params": "head", "relatif": True},
+    "head-adam-relatif": {"params": "head", "precondition": "adam", "relatif": True},
+    "all-proj-adam": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
+                      "precondition": "adam"},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)

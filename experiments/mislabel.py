@@ -31,7 +31,9 @@ What it does:
    (countsketch projection to 4096, the cheapest projection on CPU), and with region
    cross-entropy class gradients (``CE``,
    :func:`tracin_jax.training.losses.tumour_cross_entropy`, plugged into the engine
-   as a ``grad_fn``) for ``head``;
+   as a ``grad_fn``) for ``head``; and both losses again with Adam-aware gradients for ``head``
+   (``Dice head adam``, ``CE head adam``: each checkpoint's gradients preconditioned by its
+   saved Adam state, :mod:`tracin_jax.influence.precondition`; ``--adam-subsets``);
 4. ranks training slices and patients (patient = sum, or max, over its slices) and reports, per
    corruption type and overall, the fraction of corrupted items found vs the fraction
    inspected, ROC-AUC (with a 5-95% patient-bootstrap interval) and whether the class with the
@@ -94,11 +96,14 @@ FIGURE_METHODS = {
     "CE head classwise sum": ("#E69F00", "-"),
     "CE head total": ("#E69F00", "--"),
     "CE all classwise sum": ("#8C564B", "-"),
+    "Dice head adam classwise sum": ("#009E73", "-"),
+    "CE head adam classwise sum": ("#D55E00", "-"),
     "loss sum": ("#333333", "-"),
     "loss max-q": ("#333333", ":"),
 }
 SOURCE_COLOURS = {"Dice head": "#0072B2", "Dice head last": "#56A0D3", "Dice all": "#CC79A7",
-                  "CE head": "#E69F00", "CE all": "#8C564B", "loss": "#333333", "random": "#999999"}
+                  "CE head": "#E69F00", "CE all": "#8C564B", "Dice head adam": "#009E73",
+                  "CE head adam": "#D55E00", "loss": "#333333", "random": "#999999"}
 RANDOM_STYLE = ("#999999", (0, (1, 2)))
 SHORT = {"all": "all corruptions", "swap": "swap ED<->NCR", "rim": "rim ET->NCR",
          "shift": "shifted mask", "foreign": "foreign mask"}
@@ -539,6 +544,9 @@ def parse_args(argv=None):
     p.add_argument("--subsets", default="head,all", help="parameter subsets (Dice gradients): head and/or all")
     p.add_argument("--ce-subsets", default="head",
                    help="subsets also run with region cross-entropy gradients ('' for none; 'head,all')")
+    p.add_argument("--adam-subsets", default="head",
+                   help="subsets also scored with Adam-preconditioned gradients (Dice and CE; "
+                        "empty: none)")
     p.add_argument("--proj-dim", type=int, default=4096, help="projection dimension for 'all'")
     p.add_argument("--proj-kind", default="countsketch",
                    help="projection for 'all' (countsketch is cheapest on CPU; rademacher, gaussian)")
@@ -564,6 +572,7 @@ def run(args) -> dict:
             raise SystemExit(f"--kinds: unknown corruption {k!r} (one of {', '.join(CORRUPTIONS)})")
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     ce_subsets = [s.strip() for s in args.ce_subsets.split(",") if s.strip()]
+    adam_subsets = [s.strip() for s in args.adam_subsets.split(",") if s.strip()]
     timings: dict[str, float] = {}
     config = build_config(args)
 
@@ -618,21 +627,26 @@ def run(args) -> dict:
     variants = []
     for loss in ("Dice", "CE"):
         for s in (subsets if loss == "Dice" else ce_subsets):
-            variants.append((f"{loss} {s}", s, loss, ckpts))
+            variants.append((f"{loss} {s}", s, loss, ckpts, None))
             if s == "head" and loss == "Dice" and len(ckpts) > 1:
-                variants.append(("Dice head last", "head", loss, [ckpts[-1]]))
-    for name, subset, loss, eps in variants:
+                variants.append(("Dice head last", "head", loss, [ckpts[-1]], None))
+        # Adam-aware TracIn: each checkpoint's gradients preconditioned by its Adam state.
+        for s in adam_subsets:
+            variants.append((f"{loss} {s} adam", s, loss, ckpts, "adam"))
+    for name, subset, loss, eps, precondition in variants:
         t = time.perf_counter()
         folder = out / f"influence-{name.replace(' ', '-')}"
         proj = (args.proj_dim, args.proj_kind) if subset == "all" else (None, None)
         grad_fn = class_grad_fn(run_, subset, loss, *proj)
         meta = run_influence(workdir, folder, checkpoints=eps, split="train", grad_fn=grad_fn,
-                             batch_size=args.batch_size, progress=progress)
+                             batch_size=args.batch_size, progress=progress,
+                             precondition=precondition)
         S, self_inf, present = self_influence_matrices(folder)
         diag_err = float(np.max(np.abs(np.einsum("bii->bi", S) - self_inf)) /
                          max(float(np.max(np.abs(self_inf))), 1e-30))
         blocks[name] = (S, self_inf)
         metas[name] = {"checkpoints": eps, "params": subset, "loss": loss,
+                       "precondition": precondition,
                        "param_count": meta["params"].get("size"), "projection": meta["projection"],
                        "gradient_tag": meta["gradient"]["tag"],
                        "timings": meta["timings"], "wall_s": time.perf_counter() - t,

@@ -183,6 +183,19 @@ def test_gradient_spec_and_mislabel_method():
     assert "epoch 6 only" in last.describe()
 
 
+def test_preconditioned_and_relatif_folders_are_told_apart():
+    meta = {"gradient": {"tag": "tumour_dice_loss(eps=1e-06)|head|exact"},
+            "params": {"name": "head"}, "projection": None,
+            "checkpoints": [{"epoch": 2}, {"epoch": 4}, {"epoch": 6}]}
+    adam = sanity.gradient_spec({**meta, "precondition": {"kind": "adam"}})
+    assert adam.precondition == "adam" and "adam-preconditioned" in adam.describe()
+    assert sanity.mislabel_method(adam, 6) == "Dice head adam classwise sum"
+    rel = sanity.gradient_spec({**meta, "relatif": True})
+    assert rel.relatif and "RelatIF" in rel.describe()
+    assert sanity.mislabel_method(rel, 6) is None  # self-influence is not what it ranks by
+    assert sanity.gradient_spec(meta).precondition is None
+
+
 def test_read_mislabel(tmp_path):
     good = tmp_path / "results.json"
     good.write_text(json.dumps({"results": {"slices": {"methods": {

@@ -68,6 +68,7 @@ def _cmd_influence(args) -> dict:
         loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
         method=args.method, damping=args.damping, fisher=args.fisher,
+        precondition=args.precondition, relatif=args.relatif,
     )
     print(f"influence written to {args.out}")
     return meta
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "trak, of the kernel (default 1.0)")
     i.add_argument("--fisher", default="sampled",
                    help="ekfac: sampled (true Fisher, labels drawn from the model) | empirical")
+    i.add_argument("--precondition", default="none",
+                   help="none | adam (Adam-aware TracIn: gradients scaled by 1/(sqrt(v_hat)+eps) "
+                        "of each checkpoint's saved Adam state)")
+    i.add_argument("--relatif", action="store_true",
+                   help="divide each training slice's class scores by the square root of its "
+                        "class self-influence (RelatIF-style)")
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)

@@ -44,15 +44,19 @@ class GradientSpec:
     epochs: tuple[int, ...]
     method: str = "tracin"  # tracin | trak | ekfac (meta.json's "method" / "ekfac" entry)
     models: int = 0  # TRAK: models ensembled
+    precondition: str | None = None  # None | adam | identity
+    relatif: bool = False
 
     def describe(self) -> str:
         proj = f" + {self.projection['kind']} {self.projection['dim']}" if self.projection else ""
         if self.method == "trak":
             return f"TRAK {self.params}{proj}, {self.models} models"
+        pre = f", {self.precondition}-preconditioned" if self.precondition else ""
         cos = ", cosine" if self.normalise else ""
+        rel = ", RelatIF" if self.relatif else ""
         ck = f", epoch {self.epochs[0]} only" if len(self.epochs) == 1 else ""
         how = "EK-FAC " if self.method == "ekfac" else ""
-        return f"{how}{self.loss} {self.params}{proj}{cos}{ck}"
+        return f"{how}{self.loss} {self.params}{proj}{pre}{cos}{rel}{ck}"
 
 
 def gradient_spec(meta: dict) -> GradientSpec:
@@ -65,7 +69,9 @@ def gradient_spec(meta: dict) -> GradientSpec:
         projection=meta.get("projection"),
         epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])),
         method="ekfac" if meta.get("ekfac") else str(meta.get("method", "tracin")),
-        models=len((meta.get("trak") or {}).get("models", [])))
+        models=len((meta.get("trak") or {}).get("models", [])),
+        precondition=(meta.get("precondition") or {}).get("kind"),
+        relatif=bool(meta.get("relatif", False)))
 
 
 @dataclass
@@ -119,6 +125,7 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     ones (:func:`rank_agreement`).
     """
     from tracin_jax.influence import compute_influence, run_grad_fn
+    from tracin_jax.influence.precondition import make_preconditioner
 
     influence_dir, out_dir = Path(influence_dir), Path(out_dir)
     meta = json.loads((influence_dir / "meta.json").read_text())
@@ -149,8 +156,11 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
         if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
             if spec.method == "ekfac":
                 checkpoints = factored_checkpoints(run, setup, checkpoints, out_dir / "ekfac_factors")
+            # A preconditioner stays that of the trained checkpoints (read by epoch from the run).
             compute_influence(grad_fn, checkpoints, run.train, run.test,
-                              out_dir, store_dir=out_dir / "features", progress=progress)
+                              out_dir, store_dir=out_dir / "features", progress=progress,
+                              precondition=make_preconditioner(spec.precondition, run),
+                              relatif=spec.relatif)
         shutil.rmtree(out_dir / "features", ignore_errors=True)
     trained = np.load(influence_dir / "patient_scores.npy")
     randomised = np.load(out_dir / "patient_scores.npy")
@@ -161,12 +171,17 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
 
 def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
     """The name ``experiments.mislabel`` gives the same gradient, or None if it has none."""
-    if spec.method != "tracin" or spec.normalise or spec.params not in ("head", "all"):
+    if (spec.method != "tracin" or spec.normalise or spec.relatif
+            or spec.params not in ("head", "all")):
+        return None
+    if spec.precondition not in (None, "adam"):
         return None
     last = len(spec.epochs) == 1 and spec.epochs[0] == last_epoch
-    if last and spec.params != "head":
+    if last and (spec.params != "head" or spec.precondition):
         return None
-    return f"{'CE' if spec.loss == 'ce' else 'Dice'} {spec.params}{' last' if last else ''} classwise sum"
+    adam = " adam" if spec.precondition else ""
+    return (f"{'CE' if spec.loss == 'ce' else 'Dice'} {spec.params}{adam}"
+            f"{' last' if last else ''} classwise sum")
 
 
 def read_mislabel(path: str | Path) -> dict:

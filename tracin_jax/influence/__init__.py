@@ -4,7 +4,8 @@ Five separable parts; swapping one never touches the others:
 
 1. :mod:`.subsets`: which parameters (``head``, ``decoder``, ``all`` or a regex over paths);
 2. :mod:`.grads`: the class-gradient function ``(variables, images, labels) -> f32[B, C, D]``
-   (pluggable loss; :func:`normalised` wraps one for cosine TracIn);
+   (pluggable loss; :func:`normalised` wraps one for cosine TracIn; :mod:`.precondition`
+   scales it per checkpoint by the saved Adam state, and normalises training rows RelatIF-style);
 3. :mod:`.projection`: optional JL projection to d numbers, generated on the fly;
 4. :mod:`.store`: sqrt(eta)-scaled training features on disk, chunked and resumable;
 5. :mod:`.scores`: blocked contraction, streaming top-K, patient sums, self-influence,
@@ -33,6 +34,9 @@ from tracin_jax.influence.engine import (DEFAULT_TOPK, class_present, class_trac
 from tracin_jax.influence.grads import (ClassGradFn, ClassGradFunction, class_logit_grads,
                                         default_examples_mode, is_head_subset,
                                         make_class_grad_fn, normalised)
+from tracin_jax.influence.precondition import (AdamPreconditioner, IdentityPreconditioner,
+                                               RelatIFBlocks, adam_diagonal,
+                                               adam_preconditioner)
 from tracin_jax.influence.projection import (DEFAULT_PROJ_DIM, DEFAULT_PROJ_KIND, EXACT_MAX_PARAMS,
                                              Projector, make_projector)
 from tracin_jax.influence.scores import (aggregate_by_patient, contract, finalise_topk,
@@ -45,6 +49,8 @@ from tracin_jax.influence.subsets import NAMED_SUBSETS, ParamSubset, param_paths
 
 __all__ = [
     "DEFAULT_PROJ_DIM", "DEFAULT_PROJ_KIND", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "NAMED_SUBSETS",
+    "AdamPreconditioner", "IdentityPreconditioner", "RelatIFBlocks", "adam_diagonal",
+    "adam_preconditioner",
     "ClassGradFn", "ClassGradFunction", "FeatureStore", "ParamSubset", "Projector",
     "aggregate_by_patient", "class_logit_grads", "class_present", "class_tracin",
     "compute_features", "compute_influence", "contract", "default_examples_mode", "featurise",

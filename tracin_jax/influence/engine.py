@@ -44,6 +44,8 @@ from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, class_axis, make_class_grad_fn,
                                         normalised)
+from tracin_jax.influence.precondition import (RelatIFBlocks, checkpoint_diagonal,
+                                               make_preconditioner)
 from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
 from tracin_jax.influence.scores import (contract, finalise_topk, patient_index, score_blocks,
                                          squared_norms, topk_from_scores)
@@ -238,7 +240,7 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
                   split="test", topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
                   data_dir=None, progress=True, grad_fn=None, proj_kind=DEFAULT_PROJ_KIND,
                   loss="dice", normalise=False, store_dir=None, method="tracin",
-                  damping=None, fisher="sampled") -> dict:
+                  damping=None, fisher="sampled", precondition=None, relatif=False) -> dict:
     """Class-wise TracIn of the run in ``workdir``; writes the files listed above into ``out``.
 
     Args:
@@ -268,6 +270,11 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       method: ``tracin`` (gradient inner products) or ``ekfac`` (EK-FAC influence functions,
         :func:`~tracin_jax.influence.ekfac.run_ekfac_influence`, with ``damping`` (default 0.1)
         and ``fisher`` (``sampled`` | ``empirical``); ``params`` then keeps conv layers only).
+      precondition: ``None``/``"none"`` (plain TracIn), ``"adam"`` (Adam-aware TracIn: each
+        checkpoint's gradients preconditioned by its saved Adam state, see
+        :mod:`tracin_jax.influence.precondition`) or a preconditioner object.
+      relatif: divide each training slice's class-j scores by the square root of its class-j
+        self-influence (RelatIF-style normalisation).
     Returns:
       the meta dict written to ``out/meta.json``.
     """
@@ -279,6 +286,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
         if grad_fn is not None:
             raise InputError("method='ekfac' builds its own gradient function; grad_fn is for "
                              "method='tracin'")
+        if precondition not in (None, "none") or relatif:
+            raise InputError("--precondition and --relatif apply to --method tracin only")
         return run_ekfac_influence(
             workdir, out, checkpoints=checkpoints, params=params, proj_dim=proj_dim,
             proj_seed=proj_seed, proj_kind=proj_kind, loss=loss, normalise=normalise,
@@ -289,7 +298,7 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
     if method != "tracin":
         raise InputError(f"--method {method!r} is not one of tracin, ekfac")
     if damping is not None:
-        raise InputError("--damping applies to --method ekfac only")
+        raise InputError("--damping applies to --method ekfac or trak only")
 
     t0 = time.perf_counter()
     _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
@@ -314,11 +323,13 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
             raise InputError(f"{workdir}: checkpoint {c.epoch} records learning rate {c.lr}")
     for c in chosen:  # a damaged checkpoint fails here, before any file or folder is made
         c.check()
+    precondition = make_preconditioner(precondition, run)
     load_s = time.perf_counter() - t0
     meta = compute_influence(
         grad_fn, chosen, train, test, out, split=split, topk=topk, batch_size=batch_size,
         chunk_size=chunk_size, memory_budget_gb=memory_budget_gb, progress=progress,
-        store_dir=store_dir, workdir=workdir, extra_timings={"load_s": round(load_s, 3)})
+        store_dir=store_dir, workdir=workdir, extra_timings={"load_s": round(load_s, 3)},
+        precondition=precondition, relatif=relatif)
     return meta
 
 
@@ -364,7 +375,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                       batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
                       progress: bool = True, store_dir: str | os.PathLike | None = None,
                       workdir: str | os.PathLike | None = None, class_names=None,
-                      class_labels=None, extra_timings: dict | None = None, mesh=None) -> dict:
+                      class_labels=None, extra_timings: dict | None = None, mesh=None,
+                      precondition=None, relatif: bool = False) -> dict:
     """The engine without the workdir: gradient function, checkpoints and examples given.
 
     ``checkpoints``: objects with ``epoch``, ``lr``, ``variables``; ``train``/``test``: objects
@@ -374,7 +386,13 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     the training axis over (default: all visible, :func:`~.sharding.train_mesh`).
     ``class_names``/``class_labels``: the names and label values of the gradient function's C
     classes (default: its own ``class_names``/``class_labels``, else NCR/NET, ED, ET <- 1, 2, 3);
-    their count must equal C. Returns the meta dict.
+    their count must equal C. ``precondition``: a per-checkpoint diagonal preconditioner
+    (``(checkpoint, subset) -> arrays shaped like the subset's leaves``, with ``name`` and
+    ``describe()``; e.g. :class:`~.precondition.AdamPreconditioner`, which reads
+    ``checkpoint.opt_state`` when the checkpoint has one), applied to test and training
+    gradients alike as ``sqrt(diag)`` before projection (:func:`~.store.compute_features`).
+    ``relatif``: RelatIF-style normalisation of the training side (:class:`~.precondition.
+    RelatIFBlocks`); ``self_influence.npy`` keeps the un-normalised values. Returns the meta dict.
     """
     timings = dict(extra_timings or {})
     out = Path(out)
@@ -399,6 +417,9 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                          f"(and class_names=) with {c} entries to make_class_grad_fn, e.g. "
                          "class_labels=(0, 1, 2, 3) for a loss with background first")
     header = make_header(grad_fn, train_ids, chunk_size, c, dim)
+    precondition = make_preconditioner(precondition)
+    if precondition is not None:  # plain stores keep their header (and key) unchanged
+        header["precondition"] = precondition.describe()
     if store_dir is None:
         if workdir is None:
             raise ValueError("compute_influence needs store_dir or workdir")
@@ -426,16 +447,18 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     for ckpt in checkpoints:
         bar.set_postfix(epoch=ckpt.epoch)
         variables = ckpt.variables
+        diag = (checkpoint_diagonal(precondition, ckpt, subset) if precondition is not None
+                else None)
         stats = featurise_checkpoint(store, grad_fn, ckpt.epoch, ckpt.lr, variables,
                                      train.images, train.labels, batch_size=batch_size,
-                                     mesh=mesh, bar=bar)
+                                     mesh=mesh, bar=bar, precond=diag)
         for key, v in stats.items():
             train_stats[key] = train_stats.get(key, 0) + v
         if split != "train":
             ts = time.perf_counter()
             test_parts.append(compute_features(grad_fn, sharding.replicate(variables, mesh),
                                                ckpt.lr, test.images, test.labels, batch_size,
-                                               mesh))
+                                               mesh, precond=diag))
             test_parts[-1].block_until_ready()
             test_s += time.perf_counter() - ts
     bar.close()
@@ -471,14 +494,19 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     if fits and sharding.is_writer():
         scores_out = np.lib.format.open_memmap(scores_tmp, mode="w+", dtype=np.float32,
                                                shape=(n_test, c, n_train, c))
+    read_train = partial(store.read_block, epochs)
+    if relatif:
+        read_train = RelatIFBlocks(read_train, blocks)
     parts = []
     for qs, qe, read_query in queries:
         parts.append(score_blocks(
-            read_query(), lambda kb: store.read_block(epochs, kb), blocks, mesh=mesh,
+            read_query(), read_train, blocks, mesh=mesh,
             scores_out=scores_out[qs:qe] if scores_out is not None else None,
             collect_scores=fits, topk=k, patient_of=patient_of if pat_fits else None,
             n_patients=len(patients), progress=progress, self_influence=not parts))
     result = _join_query_blocks(parts)
+    if relatif:  # the normalised self-influence is 1 by construction; keep the raw one
+        result["self_influence"] = read_train.self_influence()
     timings["scores_s"] = round(time.perf_counter() - t, 3)
 
     # Stage 3: files (each atomic), meta.json last.
@@ -511,6 +539,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
         "gradient": {"tag": getattr(grad_fn, "tag", None), "feature_dim": dim},
         "projection": projector.describe() if projector is not None else None,
+        "precondition": precondition.describe() if precondition is not None else None,
+        "relatif": bool(relatif),
         "topk": k,
         "memory_budget_gb": float(memory_budget_gb),
         "scores_bytes": full_bytes,
@@ -528,22 +558,27 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
 
 
 def class_tracin(grad_fn, checkpoints: Sequence[Any], train_images, train_labels, test_images,
-                 test_labels, *, batch_size: int = 16, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+                 test_labels, *, batch_size: int = 16, mesh=None, precondition=None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """In-memory class-wise TracIn (no store, no files), for small sets and notebooks.
 
-    Returns (scores f32[n_test, C, n_train, C], self_influence f32[n_train, C]).
+    ``precondition``: as in :func:`compute_influence`. Returns (scores f32[n_test, C, n_train,
+    C], self_influence f32[n_train, C]).
     """
     chex.assert_rank([train_images, train_labels, test_images, test_labels], [4, 3, 4, 3])
     chex.assert_equal_shape_prefix([train_images, train_labels], 3)
     chex.assert_equal_shape_prefix([test_images, test_labels], 3)
     mesh = mesh if mesh is not None else sharding.train_mesh()
+    precondition = make_preconditioner(precondition)
     tr, te = [], []
     for ckpt in checkpoints:
         variables = sharding.replicate(ckpt.variables, mesh)
+        diag = (checkpoint_diagonal(precondition, ckpt, getattr(grad_fn, "subset", None))
+                if precondition is not None else None)
         tr.append(compute_features(grad_fn, variables, ckpt.lr, train_images, train_labels,
-                                   batch_size, mesh))
+                                   batch_size, mesh, precond=diag))
         te.append(compute_features(grad_fn, variables, ckpt.lr, test_images, test_labels,
-                                   batch_size, mesh))
+                                   batch_size, mesh, precond=diag))
     train_feats = jnp.concatenate(tr, axis=-1)
     test_feats = jnp.concatenate(te, axis=-1)
     return (sharding.to_host(contract(test_feats, train_feats)),

@@ -97,6 +97,11 @@ class ClassGradFunction:
     projector: Projector | None = None
     class_names: tuple[str, ...] = CLASS_NAMES
     class_labels: tuple[int, ...] = DEFAULT_CLASS_LABELS
+    # ((variables, scale), images, labels) -> f32[B, C, dim]: the same features with every class
+    # gradient multiplied elementwise by ``scale`` (a list of arrays shaped like the subset's
+    # leaves, in ``subset.paths`` order) BEFORE projection; None when ``fn`` cannot do that
+    # (a custom function). The feature store's diagonal preconditioner hook calls it.
+    scaled_fn: Callable | None = field(default=None, repr=False)
 
     def __post_init__(self):
         names, labels = class_axis(self.class_names, self.class_labels)
@@ -239,7 +244,7 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
     def apply(variables, x):
         return model.apply(variables, x, train=False)
 
-    def head_grads(variables, images, labels):
+    def head_grads(variables, images, labels, scale=None):
         logits, feats = features_apply(model, variables, images)
         dlog = class_logit_grads(loss_fn, logits, labels)  # [B, C, H, W, K]
         leaves = []
@@ -250,10 +255,13 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
                 leaves.append(gk[:, :, None, None])  # [B, C, 1, 1, F, K] like the kernel
             else:
                 leaves.append(jnp.sum(dlog, axis=(2, 3)))  # [B, C, K]
+        if scale is not None:
+            leaves = [l * s[None, None] for l, s in zip(leaves, scale)]
         return leaves
 
-    def vjp_per_example(variables, x, y):
-        """x f32[H,W,Cin], y int[H,W] -> tuple of [C, *leaf_shape] (subset order)."""
+    def vjp_per_example(variables, x, y, scale=None):
+        """x f32[H,W,Cin], y int[H,W] -> tuple of [C, *leaf_shape] (subset order), each leaf
+        multiplied by ``scale`` (leaf-shaped) when given."""
         params = variables["params"]
         others = {k: v for k, v in variables.items() if k != "params"}
 
@@ -263,30 +271,43 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
 
         out, vjp = jax.vjp(class_losses, subset.select(params))
         (g,) = jax.vmap(vjp)(jnp.eye(out.shape[0], dtype=out.dtype))
+        if scale is not None:
+            g = type(g)(l * s[None] for l, s in zip(g, scale))
         return g
 
     sketch_each = projector is not None and projector.kind == "countsketch"
 
-    def vjp_features(variables, images, labels):
+    def vjp_features(variables, images, labels, scale=None):
         """-> f32[B, C, D]: exact or projected class gradients of every example."""
         if examples == "vmap":
-            leaves = list(jax.vmap(lambda x, y: vjp_per_example(variables, x, y))(images, labels))
+            leaves = list(jax.vmap(lambda x, y: vjp_per_example(variables, x, y, scale))(
+                images, labels))
             return _finish(leaves, projector)
         if sketch_each:
             state = projector.sketch_state(jax.random.key(projector.seed))
-            rows = [projector.apply_sketch(vjp_per_example(variables, images[b], labels[b]), state)
+            rows = [projector.apply_sketch(vjp_per_example(variables, images[b], labels[b], scale),
+                                           state)
                     for b in range(images.shape[0])]
             return jnp.stack(rows)
-        per = [vjp_per_example(variables, images[b], labels[b]) for b in range(images.shape[0])]
+        per = [vjp_per_example(variables, images[b], labels[b], scale)
+               for b in range(images.shape[0])]
         leaves = [jnp.stack(parts) for parts in zip(*per)]
         return _finish(leaves, projector)
 
-    @jax.jit
-    def fn(variables, images, labels):
+    def features(variables, images, labels, scale):
         images, labels = images.astype(jnp.float32), labels.astype(jnp.int32)
         if method == "head":
-            return _finish(head_grads(variables, images, labels), projector)
-        return vjp_features(variables, images, labels)
+            return _finish(head_grads(variables, images, labels, scale), projector)
+        return vjp_features(variables, images, labels, scale)
+
+    @jax.jit
+    def fn(variables, images, labels):
+        return features(variables, images, labels, None)
+
+    @jax.jit
+    def scaled_fn(variables_and_scale, images, labels):
+        variables, scale = variables_and_scale
+        return features(variables, images, labels, list(scale))
 
     dim = projector.dim if projector is not None else subset.size
     names, labels = class_axis(class_names, class_labels)
@@ -294,7 +315,7 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
         proj = "exact" if projector is None else f"{projector.kind}{projector.dim}s{projector.seed}"
         tag = f"{unique_name(loss_fn)}|{method}|{proj}"
     return ClassGradFunction(fn=fn, tag=tag, dim=dim, subset=subset, projector=projector,
-                             class_names=names, class_labels=labels)
+                             class_names=names, class_labels=labels, scaled_fn=scaled_fn)
 
 
 def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
@@ -304,11 +325,20 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
     ``sum_t eta_t cos(grad D_j(z), grad D_i(z'))``; self-influence becomes ``sum_t eta_t``.
     """
     inner = grad_fn
+    inner_scaled = getattr(grad_fn, "scaled_fn", None)
+
+    def unit(g):
+        return g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + eps)
 
     @jax.jit
     def fn(variables, images, labels):
-        g = inner(variables, images, labels)
-        return g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + eps)
+        return unit(inner(variables, images, labels))
+
+    scaled_fn = None
+    if inner_scaled is not None:
+        @jax.jit
+        def scaled_fn(variables_and_scale, images, labels):
+            return unit(inner_scaled(variables_and_scale, images, labels))
 
     inner_tag = getattr(grad_fn, "tag", None) or unique_name(grad_fn)
     return ClassGradFunction(
@@ -316,7 +346,8 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
         dim=getattr(grad_fn, "dim", -1), subset=getattr(grad_fn, "subset", None),
         projector=getattr(grad_fn, "projector", None),
         class_names=getattr(grad_fn, "class_names", CLASS_NAMES),
-        class_labels=getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS))
+        class_labels=getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS),
+        scaled_fn=scaled_fn)
 
 
 __all__ = ["DEFAULT_CLASS_LABELS", "LABEL_NAMES", "ClassGradFn", "ClassGradFunction", "LossFn",

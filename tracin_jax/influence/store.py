@@ -282,11 +282,36 @@ def _scale(x, s):
     return x * s
 
 
+def preconditioned_call(grad_fn: Callable, variables: Any, precond: Sequence[Any] | None
+                        ) -> tuple[Callable, Any]:
+    """(function, first argument) that compute ``grad_fn``'s features with the diagonal
+    preconditioner ``precond`` split symmetrically: every class gradient g becomes
+    ``sqrt(precond) * g`` in parameter space, before any projection, so the inner product of
+    two features is ``g1^T diag(precond) g2``.
+
+    ``precond``: None (plain features) or arrays shaped like ``grad_fn.subset``'s leaves, in
+    ``subset.paths`` order, all > 0. A function without ``scaled_fn`` (a custom ClassGradFn)
+    cannot apply it in parameter space and is refused with a one-line error.
+    """
+    if precond is None:
+        return grad_fn, variables
+    scaled = getattr(grad_fn, "scaled_fn", None)
+    if scaled is None:
+        raise InputError(f"the gradient function {getattr(grad_fn, 'tag', None)!r} cannot apply a "
+                         "preconditioner in parameter space (it has no scaled_fn); build it with "
+                         "make_class_grad_fn or normalised()")
+    return scaled, (variables, [jnp.sqrt(jnp.asarray(d, jnp.float32)) for d in precond])
+
+
 def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.ndarray,
-                     labels: np.ndarray, batch_size: int, mesh) -> jax.Array:
+                     labels: np.ndarray, batch_size: int, mesh,
+                     precond: Sequence[Any] | None = None) -> jax.Array:
     """sqrt(lr)-scaled class gradients of a set of examples, kept on device.
 
-    images f32[n,H,W,Cin], labels int[n,H,W] (host arrays) -> f32[n, C, D]. Batches are padded
+    images f32[n,H,W,Cin], labels int[n,H,W] (host arrays) -> f32[n, C, D]. ``precond``: the
+    checkpoint's diagonal preconditioner on the subset's leaves (see
+    :func:`preconditioned_call`; the features become ``sqrt(lr) * P(sqrt(precond) * g)``), None
+    for plain TracIn. Batches are padded
     to ``batch_size`` rounded up to the device count and split over the mesh; variables should
     already be replicated on it. A set smaller than one batch runs as one batch of its own size
     (rounded up to the device count): padded rows are computed in full, so a handful of test
@@ -297,6 +322,9 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
     n = len(images)
     bs = sharding.padded_size(max(1, min(batch_size, n)), mesh)
     scale = jnp.float32(math.sqrt(float(lr)))
+    grad_fn, variables = preconditioned_call(grad_fn, variables, precond)
+    if precond is not None:
+        variables = sharding.replicate(variables, mesh)
     run = grad_fn
     if mesh.devices.size > 1:
         try:
@@ -320,26 +348,33 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
 
 def featurise_checkpoint(store: FeatureStore, grad_fn: Callable, epoch: int, lr: float,
                          variables: Any, images: np.ndarray, labels: np.ndarray, *,
-                         batch_size: int, mesh, bar=None) -> dict:
+                         batch_size: int, mesh, bar=None,
+                         precond: Sequence[Any] | None = None) -> dict:
     """Computes and writes the missing chunks of one checkpoint.
 
     ``variables``: host (or device) variables of the checkpoint; they are replicated on the mesh.
+    ``precond``: the checkpoint's diagonal preconditioner (the per-checkpoint hook, see
+    :func:`compute_features`); it joins the checkpoint's fingerprint, so chunks computed with
+    another preconditioner are recomputed. Name the preconditioner in the store header.
     Returns {"chunks_computed", "chunks_reused", "examples_computed", "seconds"}.
     """
-    fingerprint = variables_fingerprint(variables)
+    fingerprint = variables_fingerprint(variables if precond is None
+                                        else {"variables": variables, "precond": list(precond)})
     with store.locked():
         return _featurise_locked(store, grad_fn, epoch, lr, variables, fingerprint, images,
-                                 labels, batch_size=batch_size, mesh=mesh, bar=bar)
+                                 labels, batch_size=batch_size, mesh=mesh, bar=bar,
+                                 precond=precond)
 
 
 def _featurise_locked(store, grad_fn, epoch, lr, variables, fingerprint, images, labels, *,
-                      batch_size, mesh, bar) -> dict:
+                      batch_size, mesh, bar, precond=None) -> dict:
     store.open_checkpoint(epoch, lr, fingerprint)
     sharding.barrier(f"store-opened-{epoch}")  # stale chunks are gone before anyone looks
     missing = set(store.missing_chunks(epoch))
     sharding.barrier(f"store-checked-{epoch}")  # nothing is written before everyone looked
     stats = {"chunks_computed": 0, "chunks_reused": 0, "examples_computed": 0, "seconds": 0.0}
     if missing:
+        grad_fn, variables = preconditioned_call(grad_fn, variables, precond)
         variables = sharding.replicate(variables, mesh)
     for k in range(store.n_chunks):
         start, stop = store.chunk_rows(k)
