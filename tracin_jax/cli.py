@@ -77,9 +77,11 @@ def _cmd_influence(args) -> dict:
 def _cmd_trak(args) -> dict:
     from tracin_jax.influence.trak import run_trak
 
-    if args.loss != "dice" or args.normalised or args.split != "test":
+    if (args.loss != "dice" or args.normalised or args.split != "test"
+            or args.precondition != "none" or args.relatif):
         raise InputError("--method trak differentiates the region log-odds margin of the test "
-                         "split: --loss, --normalised and --split do not apply to it")
+                         "split: --loss, --normalised, --split, --precondition and --relatif "
+                         "do not apply to it")
     meta = run_trak(
         args.workdir, args.out, models=args.trak_models_from, n_models=args.trak_models,
         checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
