@@ -116,7 +116,8 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     spec = gradient_spec(meta)
     out_dir = out_dir / randomised_key(meta, seed)
     proj = spec.projection or {}
-    grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
+    proj_dim = proj.get("rank", proj.get("dim", 0)) if proj else 0  # logra: per-layer rank
+    grad_fn = run_grad_fn(run, spec.params, proj_dim=proj_dim,
                           proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
                           loss=spec.loss, normalise=spec.normalise)
     if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():

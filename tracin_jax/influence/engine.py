@@ -246,7 +246,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       params: parameter subset: ``head`` | ``decoder`` | ``all`` | a regular expression.
       proj_dim: projection dimension; None = exact up to 65536 parameters, else 4096 (see
         :mod:`tracin_jax.influence.projection`); 0 = exact whatever the size.
-      proj_seed, proj_kind: projection seed and kind (countsketch | rademacher | gaussian).
+      proj_seed, proj_kind: projection seed and kind (countsketch | rademacher | gaussian |
+        logra; with logra, ``proj_dim`` is the per-layer rank, see :mod:`.logra`).
       split: the examples to explain: ``test`` or ``train`` (train-vs-train).
       topk: K of the streamed top-K proponents/opponents (default: only when the full tensor
         does not fit, then DEFAULT_TOPK).
