@@ -48,6 +48,8 @@ VARIANTS = {
     "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
+    "all-logra-dice": {"params": "all", "proj_dim": 16, "proj_kind": "logra"},
+    "all-logra-cos": {"params": "all", "proj_dim": 16, "proj_kind": "logra", "normalise": True},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)
