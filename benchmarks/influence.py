@@ -61,7 +61,9 @@ NUM_CLASSES = 3  # tumour classes NCR/NET, ED, ET
 class Case:
     """One benchmark case: a U-Net width, an image size, examples and checkpoints.
 
-    ``subsets``: ``head`` | ``all:exact`` | ``all:<kind><dim>`` (e.g. ``all:countsketch1024``).
+    ``subsets``: ``head`` | ``all:exact`` | ``all:<kind><dim>`` (e.g. ``all:countsketch1024``,
+    or ``all:logra16``: LoGra at per-layer rank 16). A LoGra subset listed after a CountSketch
+    one of the same feature dimension is compared with it (``classgrad_vs_countsketch_same_dim``).
     ``batch``: examples per gradient call (engine, training step, Captum head batches).
     """
 
@@ -80,14 +82,17 @@ class Case:
 
 CASES = {c.name: c for c in (
     Case("w16-96", 16, 96, 32, 8, subsets=("head", "all:countsketch1024", "all:exact")),
-    Case("w16-192", 16, 192, 12, 4),
-    Case("w64-96", 64, 96, 8, 2, batch=4),
+    Case("w16-192", 16, 192, 12, 4, subsets=("head", "all:countsketch1024", "all:logra16")),
+    Case("w64-96", 64, 96, 8, 2, batch=4, subsets=("head", "all:countsketch1024", "all:logra16")),
+    # Realistic set sizes: CountSketch at LoGra-16's feature dimension (8884 numbers), then LoGra.
+    Case("w16-96-large", 16, 96, 256, 64, subsets=("all:countsketch8884", "all:logra16"),
+         batch=16, naive=False),
     Case("w64-192", 64, 192, 4, 2, subsets=("head",), batch=2),
 )}
 DEFAULT_CASES = ("w16-96", "w16-192", "w64-96", "w64-192")
 QUICK_CASES = {c.name: c for c in (
-    Case("quick-w8-32", 8, 32, 8, 4, subsets=("head", "all:countsketch1024", "all:exact"),
-         batch=4, depth=3),
+    Case("quick-w8-32", 8, 32, 8, 4, subsets=("head", "all:countsketch1024", "all:exact",
+                                               "all:logra8"), batch=4, depth=3),
 )}
 
 # XLA settings tried by --xla-sweep: (label, extra environment).
@@ -103,12 +108,24 @@ XLA_SETTINGS = (
 
 def parse_subset(spec: str) -> tuple[str, str | None, int]:
     """``head`` -> ("head", None, 0); ``all:exact`` -> ("all", None, 0);
-    ``all:countsketch1024`` -> ("all", "countsketch", 1024)."""
+    ``all:countsketch1024`` -> ("all", "countsketch", 1024); ``all:logra16`` -> ("all",
+    "logra", 16) (16 is the per-layer rank)."""
     name, _, proj = spec.partition(":")
     if not proj or proj == "exact":
         return name, None, 0
     kind = proj.rstrip("0123456789")
     return name, kind, int(proj[len(kind):])
+
+
+def parse_scaling(spec: str) -> list[dict]:
+    """``"32x8,256x64"`` -> [{"n_train": 32, "n_test": 8}, {"n_train": 256, "n_test": 64}]."""
+    out = []
+    for pair in spec.split(","):
+        parts = pair.strip().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--scaling {spec!r}: expected n_train x n_test pairs, e.g. 32x8,64x16")
+        out.append({"n_train": int(parts[0]), "n_test": int(parts[1])})
+    return out
 
 
 # -- machine and memory ----------------------------------------------------------------------
@@ -609,6 +626,15 @@ def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def topk_agreement(scores: np.ndarray, ref: np.ndarray, k: int = 10) -> float:
+    """Mean over (test example, test class, train class) of |top-k(scores) & top-k(ref)| / k,
+    the top-k training examples of f[n_test, C, n_train, C] score tensors."""
+    top = lambda s: np.argsort(-np.moveaxis(s, 2, -1), axis=-1)[..., :k]  # noqa: E731
+    a, b = top(np.asarray(scores, np.float64)), top(np.asarray(ref, np.float64))
+    hits = (a[..., :, None] == b[..., None, :]).any(-1).sum(-1)
+    return float(hits.mean() / k)
+
+
 def prepare_case(case: Case, tmp: Path) -> SimpleNamespace:
     model = UNet(width=case.width, depth=case.depth)
     n_ck = case.checkpoints
@@ -690,7 +716,8 @@ def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
         if projector is None and subset.size > args.max_exact_params:
             continue
         grad_fn = inf.make_class_grad_fn(ctx.model, subset, tumour_dice_loss, projector)
-        method = "head" if inf.is_head_subset(ctx.model, subset) else "vjp"
+        method = ("logra" if kind == "logra" else "head" if inf.is_head_subset(ctx.model, subset)
+                  else "vjp")
         line: dict[str, Any] = {
             "case": case.name, "width": case.width, "depth": case.depth, "image": case.size,
             "subset": name, "projection": (f"{kind}{dim}" if kind else "exact"),
@@ -701,6 +728,11 @@ def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
         classgrad = rate_section(ctx, grad_fn, method, args.reps, ctx.step_s)
         line["train_step"] = dict(step_section(ctx), compile_s=step_compile["compile_s"])
         line["classgrad"] = classgrad
+        same_dim = ctx.__dict__.setdefault("countsketch_classgrad_s", {})
+        if kind == "countsketch":
+            same_dim[grad_fn.dim] = classgrad["s"]
+        elif kind == "logra" and grad_fn.dim in same_dim:
+            line["classgrad_vs_countsketch_same_dim"] = _r(same_dim[grad_fn.dim] / classgrad["s"], 2)
         if torch_rate:
             step_gf = line["train_step"]["gflop"]
             line["torch_train_step"] = dict(torch_rate, gflops_per_s=_r(
@@ -731,6 +763,8 @@ def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
             key = "naive_vs_engine_max_rel" if exact else "engine_projected_vs_naive_rel_fro"
             checks[key] = _r(max_rel_diff(naive_scores, scores) if exact
                              else rel_error(scores, naive_scores), 7)
+            if not exact and case.n_train >= 20:
+                checks["top10_agreement_vs_exact"] = _r(topk_agreement(scores, naive_scores), 4)
         if use_captum:
             captum_scores, cp = _cached(ctx, ("captum", name), lambda: run_captum(ctx, name, paths))
             cp["examples_per_s"] = _r(n_items / cp["s"], 2)
@@ -741,6 +775,8 @@ def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
                 checks["captum_vs_engine_max_rel"] = _r(max_rel_diff(captum_scores, scores), 7)
             else:
                 checks["engine_projected_vs_captum_rel_fro"] = _r(rel_error(scores, captum_scores), 5)
+                if case.n_train >= 20:
+                    checks["top10_agreement_vs_exact"] = _r(topk_agreement(scores, captum_scores), 4)
             checks["lr_weighting"] = ("both: sum_t lr_t <g_train, g_test> (Captum multiplies each "
                                       "checkpoint's dot product by lr once; the engine scales "
                                       "both sides by sqrt(lr))")
@@ -833,19 +869,24 @@ def xla_sweep(args, emit) -> None:
 
 
 def summary_table(lines: list[dict]) -> str:
-    cols = ["case", "subset", "proj", "step GF/s", "cgrad GF/s", "rate ratio", "engine s",
-            "naive s", "captum s", "x naive", "x captum", "agree"]
+    cols = ["case", "n_train/test", "subset", "proj", "step GF/s", "cgrad GF/s", "rate ratio",
+            "cgrad s", "engine s", "+compile", "naive s", "captum s", "x naive", "x captum",
+            "x captum incl", "agree", "top10"]
     rows = []
     for l in lines:
         if "case" not in l or "engine" not in l:
             continue
         ch = l.get("checks", {})
         agree = ch.get("captum_vs_engine_max_rel", ch.get("engine_projected_vs_captum_rel_fro"))
-        rows.append([l["case"], l["subset"], l["projection"], l["train_step"]["gflops_per_s"],
+        rows.append([l["case"], f"{l.get('n_train')}/{l.get('n_test')}", l["subset"],
+                     l["projection"], l["train_step"]["gflops_per_s"],
                      l["classgrad"]["gflops_per_s"], l["classgrad"]["flop_rate_vs_train_step"],
-                     l["engine"]["s"], (l.get("naive") or {}).get("s"),
-                     (l.get("captum") or {}).get("s"), l.get("speedup_vs_naive"),
-                     l.get("speedup_vs_captum"), agree])
+                     l["classgrad"].get("s"),
+                     l["engine"]["s"], l["engine"].get("compile_s"),
+                     (l.get("naive") or {}).get("s"), (l.get("captum") or {}).get("s"),
+                     l.get("speedup_vs_naive"), l.get("speedup_vs_captum"),
+                     l.get("speedup_vs_captum_incl_compile"), agree,
+                     ch.get("top10_agreement_vs_exact")])
     rows = [[("-" if v is None else str(v)) for v in r] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
@@ -866,6 +907,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=None, help="override n_train of every case")
     p.add_argument("--n-test", type=int, default=None, help="override n_test of every case")
     p.add_argument("--checkpoints", type=int, default=None, help="override the checkpoint count")
+    p.add_argument("--scaling", default=None, metavar="NxM,...",
+                   help="scaling sweep: run every selected case once per n_train x n_test pair, "
+                        "e.g. 32x8,64x16,128x32,256x64")
     p.add_argument("--batch", type=int, default=None, help="override the gradient batch size")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the rate timings (min)")
     p.add_argument("--no-captum", action="store_true", help="skip the Captum baseline")
@@ -911,6 +955,10 @@ def main(argv: list[str] | None = None) -> int:
                  if v is not None}
     if args.subsets:
         overrides["subsets"] = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
+    try:
+        sizes = parse_scaling(args.scaling) if args.scaling else [{}]
+    except ValueError as e:
+        p.error(str(e))
     if have_captum():
         import torch
 
@@ -923,9 +971,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     t0 = time.perf_counter()
     for n in names:
-        case = Case(**{**asdict(known[n]), **overrides})
-        machine["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        run_case(case, args, dict(machine), emit)
+        for size in sizes:
+            case = Case(**{**asdict(known[n]), **overrides, **size})
+            machine["load_avg_1m"] = (round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg")
+                                      else None)
+            run_case(case, args, dict(machine), emit)
     print(summary_table(lines), file=sys.stderr)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if out_f:

@@ -60,6 +60,8 @@ VARIANTS = {
     "head-adam-relatif": {"params": "head", "precondition": "adam", "relatif": True},
     "all-proj-adam": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
                       "precondition": "adam"},
+    "all-logra-dice": {"params": "all", "proj_dim": 16, "proj_kind": "logra"},
+    "all-logra-cos": {"params": "all", "proj_dim": 16, "proj_kind": "logra", "normalise": True},
 }
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)

@@ -29,6 +29,21 @@ def test_parse_subset():
     assert bench.parse_subset("head") == ("head", None, 0)
     assert bench.parse_subset("all:exact") == ("all", None, 0)
     assert bench.parse_subset("all:countsketch1024") == ("all", "countsketch", 1024)
+    assert bench.parse_subset("all:logra16") == ("all", "logra", 16)
+    assert bench.parse_scaling("32x8,256x64") == [{"n_train": 32, "n_test": 8},
+                                                  {"n_train": 256, "n_test": 64}]
+    for bad in ("32", "32x", "0x4", "ax4"):
+        with pytest.raises(ValueError, match="--scaling"):
+            bench.parse_scaling(bad)
+
+
+def test_topk_agreement():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 3, 40, 3))
+    assert bench.topk_agreement(ref, ref) == 1.0
+    assert bench.topk_agreement(-ref, ref) == 0.0  # top-10 of 40 against the bottom-10
+    noisy = ref + 1e-3 * rng.normal(size=ref.shape)
+    assert 0.8 < bench.topk_agreement(noisy, ref) <= 1.0
 
 
 def test_synthetic_examples_have_every_class():

@@ -161,10 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True)
     i.add_argument("--checkpoints", default="all", help="all | E1,E2,... (epochs)")
     i.add_argument("--params", default="head", help="head | decoder | all | REGEX over param paths")
-    i.add_argument("--proj-dim", type=int, default=None)
+    i.add_argument("--proj-dim", type=int, default=None,
+                   help="projected dimension (default: exact up to 65536 parameters, else 4096); "
+                   "with --proj-kind logra: the per-layer rank r (default 16)")
     i.add_argument("--proj-seed", type=int, default=0)
     i.add_argument("--proj-kind", default=None,
-                   help="countsketch (O(D), the default) | rademacher | gaussian (dense JL)")
+                   help="countsketch (O(D), the default) | rademacher | gaussian (dense JL) | "
+                   "logra (per-layer r x r projection from activations and output gradients, "
+                   "no weight-gradient pass)")
     i.add_argument("--loss", default="dice",
                    help="dice (the training loss, the paper) | ce (region cross-entropy)")
     i.add_argument("--normalised", action="store_true",

@@ -150,7 +150,8 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
                                 normalise=spec.normalise)
             grad_fn = setup.grad_fn
         else:
-            grad_fn = run_grad_fn(run, spec.params, proj_dim=proj.get("dim", 0) if proj else 0,
+            proj_dim = proj.get("rank", proj.get("dim", 0)) if proj else 0  # logra: its rank
+            grad_fn = run_grad_fn(run, spec.params, proj_dim=proj_dim,
                                   proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
                                   loss=spec.loss, normalise=spec.normalise)
         if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():

@@ -187,6 +187,16 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
     return parts
 
 
+def batch_params(grad_fn, dim: int) -> int:
+    """Numbers per (example, class) that a gradient batch holds before projection: the subset's
+    size, or D for LoGra (:mod:`.logra`: no weight gradients are formed; its output gradients,
+    like XLA's workspace, are not counted) and for a function without a subset."""
+    subset, projector = getattr(grad_fn, "subset", None), getattr(grad_fn, "projector", None)
+    if subset is None or getattr(projector, "kind", None) == "logra":
+        return dim
+    return subset.size
+
+
 def check_memory(estimate: dict, budget_bytes: float, projected: bool) -> None:
     """One-line InputError when the estimated peak exceeds the budget, with what to change."""
     if estimate["total"] <= budget_bytes:
@@ -250,7 +260,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
       params: parameter subset: ``head`` | ``decoder`` | ``all`` | a regular expression.
       proj_dim: projection dimension; None = exact up to 65536 parameters, else 4096 (see
         :mod:`tracin_jax.influence.projection`); 0 = exact whatever the size.
-      proj_seed, proj_kind: projection seed and kind (countsketch | rademacher | gaussian).
+      proj_seed, proj_kind: projection seed and kind (countsketch | rademacher | gaussian |
+        logra; with logra, ``proj_dim`` is the per-layer rank, see :mod:`.logra`).
       split: the examples to explain: ``test`` or ``train`` (train-vs-train).
       topk: K of the streamed top-K proponents/opponents (default: only when the full tensor
         does not fit, then DEFAULT_TOPK).
@@ -428,7 +439,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     estimate = memory_estimate(
         n_test=n_test, n_train=n_train, num_classes=c, dim=dim, n_checkpoints=len(checkpoints),
         chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, mesh),
-        grad_params=subset.size if subset is not None else dim, split=split)
+        grad_params=batch_params(grad_fn, dim), split=split)
     budget = float(memory_budget_gb) * 2**30
     check_memory(estimate, budget, projected=getattr(grad_fn, "projector", None) is not None)
     store = FeatureStore(store_dir, header, ids=train_ids)  # refuses another setting's store

@@ -212,7 +212,10 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
       loss_fn: ``(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]``.
       projector: None for exact flattened gradients (D = subset.size), else a Projector
         (D = projector.dim).
-      method: ``auto`` (``head`` when the subset allows it, else ``vjp``), ``head`` or ``vjp``.
+      method: ``auto`` (``logra`` with a LoGra projector, else ``head`` when the subset allows
+        it, else ``vjp``), ``head``, ``vjp`` or ``logra`` (:mod:`tracin_jax.influence.logra`:
+        projected gradients from layer inputs and output gradients, no weight gradients; ``vjp``
+        with a LoGra projector projects explicit per-example gradients, same numbers).
       examples: how ``vjp`` goes over the examples of a batch: ``auto`` (``unroll`` on CPU,
         ``vmap`` elsewhere), ``unroll`` or ``vmap``. Same numbers either way.
       tag: names the features for the store; default derived from the loss's name, method and
@@ -225,10 +228,13 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
     Returns:
       ClassGradFunction: ``(variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B,C,D]``.
     """
+    logra = projector is not None and projector.kind == "logra"
     if method == "auto":
-        method = "head" if is_head_subset(model, subset) else "vjp"
-    if method not in ("head", "vjp"):
-        raise ValueError(f"unknown gradient method {method!r} (auto, head or vjp)")
+        method = "logra" if logra else "head" if is_head_subset(model, subset) else "vjp"
+    if method not in ("head", "vjp", "logra"):
+        raise ValueError(f"unknown gradient method {method!r} (auto, head, vjp or logra)")
+    if method == "logra" and not logra:
+        raise ValueError("method='logra' needs a LoGra projector (make_projector(..., kind='logra'))")
     if method == "head" and not is_head_subset(model, subset):
         raise ValueError(f"subset {subset.name!r} is not inside the 1x1 head; use method='vjp'")
     if examples == "auto":
@@ -294,8 +300,18 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
         leaves = [jnp.stack(parts) for parts in zip(*per)]
         return _finish(leaves, projector)
 
+    if method == "logra":
+        from tracin_jax.influence.logra import make_logra_grad_fn
+
+        logra_features = make_logra_grad_fn(model, subset, loss_fn, projector)
+
     def features(variables, images, labels, scale):
         images, labels = images.astype(jnp.float32), labels.astype(jnp.int32)
+        if method == "logra":
+            if scale is not None:
+                raise InputError("--precondition scales parameter-space gradients, which "
+                                 "--proj-kind logra never forms; use countsketch or no projection")
+            return logra_features(variables, images, labels)
         if method == "head":
             return _finish(head_grads(variables, images, labels, scale), projector)
         return vjp_features(variables, images, labels, scale)
@@ -312,7 +328,8 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
     dim = projector.dim if projector is not None else subset.size
     names, labels = class_axis(class_names, class_labels)
     if tag is None and unique_name(loss_fn) is not None:
-        proj = "exact" if projector is None else f"{projector.kind}{projector.dim}s{projector.seed}"
+        proj = ("exact" if projector is None else f"logra-r{projector.rank}s{projector.seed}"
+                if logra else f"{projector.kind}{projector.dim}s{projector.seed}")
         tag = f"{unique_name(loss_fn)}|{method}|{proj}"
     return ClassGradFunction(fn=fn, tag=tag, dim=dim, subset=subset, projector=projector,
                              class_names=names, class_labels=labels, scaled_fn=scaled_fn)

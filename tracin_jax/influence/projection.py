@@ -20,6 +20,9 @@ seed, so test and training features of the same subset and seed always share it.
   (``rows x d`` entries at a time, block i from ``fold_in(key(seed), i)``, inside one
   ``lax.scan``), 32 signs per random word.
 - ``gaussian``: the same with N(0, 1/d) entries.
+- ``logra``: per-layer Kronecker projection of each kernel's gradient, computed from layer
+  inputs and output gradients without the weight gradients (:mod:`tracin_jax.influence.logra`;
+  there ``dim`` is the per-layer rank).
 
 Expected error. For one inner product, with cos = <g, g'> / (|g| |g'|):
 
@@ -55,7 +58,7 @@ from tracin_jax.influence.subsets import ParamSubset
 
 EXACT_MAX_PARAMS = 65536
 DEFAULT_PROJ_DIM = 4096
-KINDS = ("countsketch", "rademacher", "gaussian")
+KINDS = ("countsketch", "rademacher", "gaussian", "logra")
 DEFAULT_PROJ_KIND = "countsketch"
 # Elements of one on-the-fly block of a dense projection matrix (64 MiB in float32).
 BLOCK_ELEMENTS = 2**24
@@ -153,11 +156,16 @@ def make_projector(subset: ParamSubset, dim: int | None, seed: int = 0,
 
     ``dim=None`` chooses: exact when the subset has at most EXACT_MAX_PARAMS parameters, else
     ``DEFAULT_PROJ_DIM``. ``dim=0`` forces exact gradients whatever the size. ``kind=None`` is
-    ``DEFAULT_PROJ_KIND``.
+    ``DEFAULT_PROJ_KIND``. ``kind="logra"``: the per-layer projection of
+    :mod:`tracin_jax.influence.logra`, where ``dim`` is the per-layer rank (None: 16).
     """
     kind = DEFAULT_PROJ_KIND if kind is None else kind
     if kind not in KINDS:
         raise InputError(f"projection kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "logra":
+        from tracin_jax.influence.logra import make_logra_projector
+
+        return make_logra_projector(subset, dim, seed)
     if dim is None:
         dim = 0 if subset.size <= EXACT_MAX_PARAMS else DEFAULT_PROJ_DIM
     if int(dim) != dim or dim < 0:

@@ -1,0 +1,202 @@
+"""LoGra class gradients against explicit (P_in (x) P_out) projections of brute-force gradients."""
+
+import json
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tracin_jax
+from tracin_jax.errors import InputError
+from tracin_jax.influence import (class_tracin, make_class_grad_fn, make_projector, normalised,
+                                  resolve_subset)
+from tracin_jax.influence.logra import LograProjector, layer_ranks
+from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
+                                            toy_problem)
+from tracin_jax.models import UNet
+from tracin_jax.training.losses import tumour_dice_loss
+
+RANK = 5  # fan-in 9*4 and 9*8 are projected; the head's 4 inputs and 4 outputs stay exact
+
+
+def _close(got, want, rel=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.abs(want).max())
+
+
+def explicit_projection(subset, projector, grads: np.ndarray) -> np.ndarray:
+    """f64[n, C, P] flat exact gradients -> f64[n, C, D]: each kernel G (k x Cout) to
+    P_in^T G P_out (row-major), every other leaf unchanged; plain numpy, leaf by leaf."""
+    mats = {p: (np.asarray(a, np.float64), np.asarray(b, np.float64))
+            for p, (a, b) in projector.matrices().items()}
+    out, start = [], 0
+    for path, shape in zip(subset.paths, subset.shapes):
+        size = int(np.prod(shape))
+        g = grads[..., start:start + size]
+        start += size
+        if path in mats:
+            p_in, p_out = mats[path]
+            g = g.reshape(*g.shape[:2], p_in.shape[0], p_out.shape[0])
+            g = np.einsum("nckr,kp,rq->ncpq", g, p_in, p_out).reshape(*g.shape[:2], -1)
+        out.append(g)
+    return np.concatenate(out, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def setup(toy):
+    subset = resolve_subset(toy.checkpoints[0].variables["params"], "all")
+    projector = make_projector(subset, RANK, seed=7, kind="logra")
+    return subset, projector, make_class_grad_fn(toy.model, subset, projector=projector)
+
+
+def test_projector_shapes_identity_sides_and_tag(toy, setup):
+    subset, projector, fn = setup
+    assert isinstance(projector, LograProjector) and projector.rank == RANK
+    mats = projector.matrices()
+    kernels = [p for p in subset.paths if p.endswith("kernel")]
+    assert set(mats) == set(kernels)
+    p_in, p_out = mats["head/kernel"]  # 4 x 4 head: both sides exact
+    np.testing.assert_array_equal(p_in, np.eye(4)) and np.testing.assert_array_equal(p_out, np.eye(4))
+    p_in, p_out = mats["enc0/conv0/kernel"]
+    assert p_in.shape == (36, RANK) and p_out.shape == (4, 4)
+    np.testing.assert_allclose(np.abs(p_in), 1 / np.sqrt(RANK))
+    small = sum(int(np.prod(s)) for p, s in zip(subset.paths, subset.shapes) if p not in mats)
+    blocks = sum(int(np.prod(layer_ranks(s, RANK))) for p, s in zip(subset.paths, subset.shapes)
+                 if p in mats)
+    assert fn.dim == projector.dim == small + blocks < subset.size
+    assert fn.tag == f"tumour_dice_loss|logra|logra-r{RANK}s7"
+    other = make_class_grad_fn(toy.model, subset, projector=make_projector(subset, RANK, 8, "logra"))
+    assert other.tag != fn.tag and projector.describe()["rank"] == RANK
+
+
+def test_features_equal_explicit_projection_of_brute_force_gradients(toy, setup):
+    subset, projector, fn = setup
+    ck = toy.checkpoints[0]
+    exact = brute_force_class_grads(toy.model, subset, ck.variables, toy.train.images,
+                                    toy.train.labels)
+    want = explicit_projection(subset, projector, exact)
+    got = fn(ck.variables, toy.train.images, toy.train.labels)
+    _close(got, want)
+    # The same projection applied to explicit per-example VJP gradients (method="vjp").
+    slow = make_class_grad_fn(toy.model, subset, projector=projector, method="vjp")
+    _close(slow(ck.variables, toy.train.images, toy.train.labels), want)
+
+
+def test_tracin_scores_equal_explicit_and_class_sum_is_total_loss(toy, setup):
+    subset, projector, fn = setup
+    args = (toy.checkpoints, toy.train.images, toy.train.labels, toy.test.images,
+            toy.test.labels)
+    scores, self_inf = class_tracin(fn, *args, batch_size=4)
+    grads = []
+    for ck in toy.checkpoints:
+        tr, te = (explicit_projection(subset, projector, brute_force_class_grads(
+            toy.model, subset, ck.variables, x, y)) for x, y in
+            ((toy.train.images, toy.train.labels), (toy.test.images, toy.test.labels)))
+        grads.append((tr, te))
+    want, want_self = brute_force_tracin(toy.model, subset, *args, grads=grads)
+    _close(scores, want, 1e-4)
+    _close(self_inf, want_self, 1e-4)
+
+    def total(logits, labels):  # one "class": the summed loss
+        return jnp.sum(tumour_dice_loss(logits, labels), axis=1, keepdims=True)
+
+    total_fn = make_class_grad_fn(toy.model, subset, total, projector, tag="total",
+                                  class_labels=(1,))
+    ck = toy.checkpoints[1]
+    per_class = fn(ck.variables, toy.test.images, toy.test.labels)
+    _close(total_fn(ck.variables, toy.test.images, toy.test.labels)[:, 0], per_class.sum(1))
+    total_scores, _ = class_tracin(total_fn, *args, batch_size=4)
+    _close(total_scores[:, 0, :, 0], scores.sum(axis=(1, 3)), 1e-4)
+
+
+def test_group_norm_scale_and_unit_norm_wrapper():
+    toy = toy_problem(n_train=2, n_test=1, size=8, n_checkpoints=1, seed=1, depth=1)
+    model = UNet(width=4, depth=1, norm="group")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)))
+    subset = resolve_subset(variables["params"], r"dec0/.*|head/kernel")
+    assert any(p.endswith("norm0/scale") for p in subset.paths)
+    projector = make_projector(subset, 3, seed=2, kind="logra")
+    fn = make_class_grad_fn(model, subset, projector=projector)
+    exact = brute_force_class_grads(model, subset, variables, toy.train.images, toy.train.labels)
+    _close(fn(variables, toy.train.images, toy.train.labels),
+           explicit_projection(subset, projector, exact))
+    unit = normalised(fn)(variables, toy.train.images, toy.train.labels)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_compiles_once_per_shape(toy, setup):
+    _, projector, _ = setup
+    subset = resolve_subset(toy.checkpoints[0].variables["params"], "dec0/conv1/kernel")
+    from tracin_jax.influence.logra import make_logra_grad_fn
+
+    inner = chex.assert_max_traces(make_logra_grad_fn(
+        toy.model, subset, tumour_dice_loss, make_projector(subset, 2, 0, "logra")), n=1)
+    fn = jax.jit(inner)
+    for ck in toy.checkpoints:
+        fn(ck.variables, toy.train.images[:2], toy.train.labels[:2])
+
+
+class _Scaled(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        w = self.param("w", nn.initializers.ones, (x.shape[-1],))
+        return nn.Conv(4, (1, 1), name="head")(x * w)
+
+
+def test_refused_inputs_are_input_errors(toy):
+    subset = resolve_subset(toy.checkpoints[0].variables["params"], "all")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(InputError, match="per-layer rank"):
+            make_projector(subset, bad, 0, "logra")
+    model = _Scaled()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)))
+    sub = resolve_subset(variables["params"], "all")
+    fn = make_class_grad_fn(model, sub, projector=make_projector(sub, 2, 0, "logra"), tag="x")
+    with pytest.raises(InputError, match="parameter w belongs to a _Scaled module"):
+        fn(variables, toy.train.images[:1], toy.train.labels[:1])
+
+
+def test_command_line_logra_matches_python(tiny_run, tmp_path):
+    """`--proj-kind logra --proj-dim R` writes the scores the Python API computes."""
+    out = tmp_path / "logra"
+    cmd = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(tiny_run),
+           "--checkpoints", "3", "--params", "all", "--proj-kind", "logra", "--proj-dim", "4",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["projection"]["kind"] == "logra" and meta["projection"]["rank"] == 4
+    assert meta["gradient"]["tag"].endswith("|logra|logra-r4s0")
+    run = tracin_jax.load_run(tiny_run)
+    fn = tracin_jax.influence.run_grad_fn(run, "all", proj_dim=4, proj_kind="logra")
+    ck = run.checkpoint(3)
+    scores, _ = class_tracin(fn, [ck], run.train.images, run.train.labels, run.test.images,
+                             run.test.labels)
+    assert meta["gradient"]["feature_dim"] == fn.dim
+    _close(np.load(out / "scores.npy"), scores, 1e-4)
+    bad = subprocess.run(cmd[:-4] + ["--proj-dim", "0", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "per-layer rank" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_memory_check_counts_logra_features_not_weight_gradients(toy, setup, tmp_path):
+    """A budget that fits LoGra's batch (B x C x D) is accepted; weight gradients are never
+    formed, so the subset's size must not be charged for them."""
+    from tracin_jax.influence.engine import compute_influence, memory_estimate
+
+    subset, projector, fn = setup
+    common = dict(n_test=3, n_train=7, num_classes=3, dim=fn.dim, n_checkpoints=2,
+                  chunk_size=256, batch_size=4, split="test")
+    fits = memory_estimate(**common, grad_params=fn.dim)["total"]
+    assert memory_estimate(**common, grad_params=subset.size)["total"] > 1.5 * fits
+    meta = compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "out",
+                             store_dir=tmp_path / "store", batch_size=4, progress=False,
+                             memory_budget_gb=1.2 * fits / 2**30)
+    assert meta["projection"]["kind"] == "logra"
