@@ -214,3 +214,15 @@ def test_more_seeds_reuse_the_models_of_fewer(tiny_run, tmp_path, monkeypatch):
     for name in ("dice_loss", "ce_loss", "dice"):
         np.testing.assert_array_equal(getattr(two, name)[:, :1], getattr(one, name))
     assert np.abs(two.dice_loss[:, 1] - two.dice_loss[:, 0]).max() > 1e-6
+
+
+def test_cache_key_of_a_unet_run_predates_model_arch():
+    """Ground truths cached before `model.arch` existed stay valid for U-Net runs; another
+    architecture never shares their models."""
+    from tracin_jax.config import apply_overrides, get_config
+
+    unet = gt.config_identity(get_config("demo"))
+    assert "arch" not in unet["model"] and unet["model"]["width"] == 8
+    other = gt.config_identity(apply_overrides(get_config("demo"), ["model.arch=resunet"]))
+    assert other["model"]["arch"] == "resunet"
+    assert gt._digest(other) != gt._digest(unet)

@@ -170,11 +170,26 @@ def _train_and_save(run, jobs: list[tuple[np.ndarray, int, Path]], mode: str, gr
             _fault_injection(written)
 
 
+# Config keys added after ground truths were first cached, with the value every earlier run had:
+# left out of the cache key at that value, so caches written before the key existed stay valid.
+KEY_ADDED_LATER = {("model", "arch"): "unet"}
+
+
+def config_identity(config) -> dict:
+    """The run's config as the cache keys hash it (``config.to_dict()`` without the keys of
+    :data:`KEY_ADDED_LATER` at their original value)."""
+    d = json.loads(json.dumps(config.to_dict()))
+    for (section, key), value in KEY_ADDED_LATER.items():
+        if d.get(section, {}).get(key) == value:
+            d[section].pop(key)
+    return d
+
+
 def ground_truth_settings(run, *, subsets: int, fraction: float, seeds: int, seed: int) -> dict:
     """The settings a ground truth depends on (hashed into its folder name)."""
     patients, _ = run_patients(run)
     return {
-        "config": run.config.to_dict(),
+        "config": config_identity(run.config),
         "patients": patients,
         "train_ids": list(run.train.ids),
         "test_ids": list(run.test.ids),
@@ -278,7 +293,7 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
 
 
 def _removal_key(run, removed: Sequence[str], seed: int) -> str:
-    return _digest({"config": run.config.to_dict(), "train_ids": list(run.train.ids),
+    return _digest({"config": config_identity(run.config), "train_ids": list(run.train.ids),
                     "test_ids": list(run.test.ids), "removed": sorted(removed), "seed": int(seed)})
 
 
