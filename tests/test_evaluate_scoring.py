@@ -181,6 +181,14 @@ def test_gradient_spec_and_mislabel_method():
     last = sanity.gradient_spec({**meta, "checkpoints": [{"epoch": 6}]})
     assert sanity.mislabel_method(last, 6) == "Dice head last classwise sum"
     assert "epoch 6 only" in last.describe()
+    sketched = {**meta, "gradient": {"tag": "tumour_dice_loss(eps=1e-06)|vjp|countsketch4096s0"},
+                "params": {"name": "all"}}
+    assert sanity.mislabel_method(sanity.gradient_spec(
+        {**sketched, "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}}), 6) == \
+        "Dice all classwise sum"
+    # the experiment's `all` rows are CountSketch: a LoGra folder has no mislabel row
+    assert sanity.mislabel_method(sanity.gradient_spec(
+        {**sketched, "projection": {"dim": 6620, "rank": 16, "seed": 0, "kind": "logra"}}), 6) is None
 
 
 def test_preconditioned_and_relatif_folders_are_told_apart():

@@ -177,6 +177,8 @@ def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
         return None
     if spec.precondition not in (None, "adam"):
         return None
+    if spec.params == "all" and (spec.projection or {}).get("kind") != "countsketch":
+        return None  # the experiment's `all` gradients are CountSketch-projected
     last = len(spec.epochs) == 1 and spec.epochs[0] == last_epoch
     if last and (spec.params != "head" or spec.precondition):
         return None
