@@ -1,5 +1,7 @@
 # Two commands matter: `make demo` and `make test`. Both create .venv and install on first use.
 PYTHON ?= python3
+# Test processes (pytest-xdist); each takes whole test files, so module fixtures are built once.
+TEST_WORKERS ?= 2
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -16,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tracin-jax demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.influence
