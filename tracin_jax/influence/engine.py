@@ -535,6 +535,22 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     subset = getattr(grad_fn, "subset", None)
     projector = getattr(grad_fn, "projector", None)
     meta = {
+        **folder_meta(workdir, split, class_names, class_labels, test, train, patients),
+        "checkpoints": [{"epoch": int(ck.epoch), "lr": float(ck.lr)} for ck in checkpoints],
+        "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
+        "gradient": {"tag": getattr(grad_fn, "tag", None), "feature_dim": dim},
+        "projection": projector.describe() if projector is not None else None,
+        "precondition": precondition.describe() if precondition is not None else None,
+        "relatif": bool(relatif),
+        **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
+    }
+    return write_meta(out, meta, "influence-written")
+
+
+def folder_meta(workdir, split: str, class_names, class_labels, test, train, patients) -> dict:
+    """What every influence folder's ``meta.json`` says about its axes and slices (TracIn, TRAK
+    and EK-FAC alike): the evaluation and explain stages match scores to slices through it."""
+    return {
         "format": 1,
         "workdir": str(workdir) if workdir is not None else None,
         "split": split,
@@ -542,16 +558,17 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         "class_labels": list(class_labels),
         "score_axes": ["test example", "test class", "train example", "train class"],
         "topk_axes": ["test example", "test class", "train class", "rank"],
-        "n_test": n_test, "n_train": n_train,
-        "test_ids": test_ids, "test_cases": [str(x) for x in test.cases],
-        "train_ids": train_ids, "train_cases": [str(x) for x in train.cases],
+        "n_test": len(test.ids), "n_train": len(train.ids),
+        "test_ids": [str(x) for x in test.ids], "test_cases": [str(x) for x in test.cases],
+        "train_ids": [str(x) for x in train.ids], "train_cases": [str(x) for x in train.cases],
         "patients": patients,
-        "checkpoints": [{"epoch": int(ck.epoch), "lr": float(ck.lr)} for ck in checkpoints],
-        "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
-        "gradient": {"tag": getattr(grad_fn, "tag", None), "feature_dim": dim},
-        "projection": projector.describe() if projector is not None else None,
-        "precondition": precondition.describe() if precondition is not None else None,
-        "relatif": bool(relatif),
+    }
+
+
+def run_record(k: int, memory_budget_gb: float, full_bytes: int, store, written, timings: dict,
+               mesh) -> dict:
+    """How an influence folder was computed: top-K, memory, store, files, timings, devices."""
+    return {
         "topk": k,
         "memory_budget_gb": float(memory_budget_gb),
         "scores_bytes": full_bytes,
@@ -562,9 +579,14 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         "process_count": jax.process_count(),
         "backend": jax.default_backend(),
     }
+
+
+def write_meta(out: Path, meta: dict, barrier: str) -> dict:
+    """Writes ``out/meta.json`` last (its presence marks a complete folder) from the writer
+    process, then waits for every process."""
     if sharding.is_writer():
         write_json_atomic(out / "meta.json", meta, indent=1)
-    sharding.barrier("influence-written")
+    sharding.barrier(barrier)
     return meta
 
 

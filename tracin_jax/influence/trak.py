@@ -63,8 +63,9 @@ from tracin_jax.atomic import save_npz_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, check_memory,
-                                         check_writable_folder, class_present, memory_estimate,
-                                         parse_checkpoints, write_score_files)
+                                         check_writable_folder, class_present, folder_meta,
+                                         memory_estimate, parse_checkpoints, run_record,
+                                         write_meta, write_score_files)
 from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, ClassGradFunction, class_axis,
                                         make_class_grad_fn)
 from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
@@ -449,18 +450,8 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
     lrs = {int(ck.epoch): float(ck.lr) for ck in run_checkpoints}
     projector = getattr(grad_fn, "projector", None)
     meta = {
-        "format": 1,
+        **folder_meta(workdir, "test", class_names, class_labels, test, train, patients),
         "method": "trak",
-        "workdir": str(workdir) if workdir is not None else None,
-        "split": "test",
-        "class_names": list(class_names),
-        "class_labels": list(class_labels),
-        "score_axes": ["test example", "test class", "train example", "train class"],
-        "topk_axes": ["test example", "test class", "train class", "rank"],
-        "n_test": n_test, "n_train": n_train,
-        "test_ids": test_ids, "test_cases": [str(x) for x in test.cases],
-        "train_ids": train_ids, "train_cases": [str(x) for x in train.cases],
-        "patients": patients,
         # The run checkpoints among the models (their epochs and learning rates): what the
         # explain stage checks against the run and uses for the latent features.
         "checkpoints": [{"epoch": mdl.epoch, "lr": lrs[mdl.epoch]} for mdl in ensemble
@@ -474,20 +465,9 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
         "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
         "gradient": {"tag": f"trak({getattr(grad_fn, 'tag', None)})", "feature_dim": dim},
         "projection": projector.describe() if projector is not None else None,
-        "topk": k,
-        "memory_budget_gb": float(memory_budget_gb),
-        "scores_bytes": full_bytes,
-        "store": str(store.root),
-        "files": written,
-        "timings": timings,
-        "device_count": int(mesh.devices.size),
-        "process_count": jax.process_count(),
-        "backend": jax.default_backend(),
+        **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
     }
-    if sharding.is_writer():
-        write_json_atomic(out / "meta.json", meta, indent=1)
-    sharding.barrier("trak-written")
-    return meta
+    return write_meta(out, meta, "trak-written")
 
 
 def randomised_trak(run, meta: dict, out_dir, *, seed: int = 0, progress: bool = False) -> dict:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tracin_jax.models.unet import ConvBlock, _norm
+from tracin_jax.models.unet import ConvBlock, SegmentationNet, _norm, encoder, head
 
 
 class AttentionGate(nn.Module):
@@ -69,32 +69,17 @@ class AttentionDecoderBlock(nn.Module):
         return x
 
 
-class AttentionUNet(nn.Module):
+class AttentionUNet(SegmentationNet):
     """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
-
-    width: int = 64
-    depth: int = 4
-    norm: str = "batch"
-    num_classes: int = 4
-    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
-        skips = []
-        for k in range(self.depth):
-            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"enc{k}")(x, train)
-            skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(self.width * 2**self.depth, self.norm, self.bn_momentum, name="bridge")(x, train)
+        x, skips = encoder(self, x, train)
         for k in reversed(range(self.depth)):
             up = nn.ConvTranspose(self.width * 2**k, (2, 2), strides=(2, 2), name=f"up{k}")(x)
             x = AttentionDecoderBlock(self.width * 2**k, self.norm, self.bn_momentum,
                                       name=f"dec{k}")(up, skips[k], x, train)
-        features = x
-        logits = nn.Conv(self.num_classes, (1, 1), name="head")(features)
-        if return_features:
-            return logits, features
-        return logits
+        return head(self, x, return_features)
 
 
 def build_attention_unet(cfg) -> AttentionUNet:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tracin_jax.models.unet import ConvBlock
+from tracin_jax.models.unet import ConvBlock, SegmentationNet, encoder, head
 
 
 def upsample2(x):
@@ -31,32 +31,19 @@ def upsample2(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-class DeepSeg(nn.Module):
+class DeepSeg(SegmentationNet):
     """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
 
-    width: int = 32
-    depth: int = 4
-    norm: str = "batch"
-    num_classes: int = 4
-    bn_momentum: float = 0.99
+    width: int = 32  # DeepSeg's own width
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
-        skips = []
-        for k in range(self.depth):
-            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"enc{k}")(x, train)
-            skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(self.width * 2**self.depth, self.norm, self.bn_momentum, name="bridge")(x, train)
+        x, skips = encoder(self, x, train)
         for k in reversed(range(self.depth)):
             x = nn.relu(nn.Conv(self.width * 2**k, (2, 2), padding="SAME", name=f"up{k}")(upsample2(x)))
             x = jnp.concatenate([skips[k], x], axis=-1)
             x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"dec{k}")(x, train)
-        features = x
-        logits = nn.Conv(self.num_classes, (1, 1), name="head")(features)
-        if return_features:
-            return logits, features
-        return logits
+        return head(self, x, return_features)
 
 
 def build_deepseg(cfg) -> DeepSeg:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tracin_jax.models.deepseg import upsample2
-from tracin_jax.models.unet import _norm
+from tracin_jax.models.unet import SegmentationNet, _norm, head
 
 
 class ResBlock(nn.Module):
@@ -56,14 +56,8 @@ class ResBlock(nn.Module):
         return self._act(y, train, "out_norm") if self.out_norm else y
 
 
-class ResUNet(nn.Module):
+class ResUNet(SegmentationNet):
     """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
-
-    width: int = 64
-    depth: int = 4
-    norm: str = "batch"
-    num_classes: int = 4
-    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -77,11 +71,7 @@ class ResUNet(nn.Module):
         for k in reversed(range(self.depth)):
             x = jnp.concatenate([upsample2(x), skips[k]], axis=-1)
             x = ResBlock(self.width * 2**k, out_norm=k == 0, name=f"dec{k}", **kw)(x, train)
-        features = x
-        logits = nn.Conv(self.num_classes, (1, 1), name="head")(features)
-        if return_features:
-            return logits, features
-        return logits
+        return head(self, x, return_features)
 
 
 def build_resunet(cfg) -> ResUNet:

@@ -54,8 +54,33 @@ class ConvBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
-    """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
+def encoder(net: nn.Module, x, train: bool):
+    """The encoder the U-Net family shares (U-Net, DeepSeg, Attention U-Net): ``net.depth``
+    ConvBlocks ``enc{k}`` (width * 2**k features) each followed by 2x2 max-pooling, then the
+    ``bridge`` block. Called inside ``net``'s compact ``__call__``, so the blocks are its children.
+
+    x: f32[B,H,W,C] -> (f32[B,H/2**depth,W/2**depth,width*2**depth], skips: list of the depth
+    encoder outputs, f32[B,H/2**k,W/2**k,width*2**k]).
+    """
+    skips = []
+    for k in range(net.depth):
+        x = ConvBlock(net.width * 2**k, net.norm, net.bn_momentum, name=f"enc{k}")(x, train)
+        skips.append(x)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = ConvBlock(net.width * 2**net.depth, net.norm, net.bn_momentum, name="bridge")(x, train)
+    return x, skips
+
+
+def head(net: nn.Module, features, return_features: bool):
+    """The 1x1 classifier ``head`` every architecture ends with: features f32[B,H,W,F] ->
+    logits f32[B,H,W,num_classes] (and the features, with ``return_features``)."""
+    logits = nn.Conv(net.num_classes, (1, 1), name="head")(features)
+    return (logits, features) if return_features else logits
+
+
+class SegmentationNet(nn.Module):
+    """The fields every built-in architecture has; subclasses define ``__call__``:
+    x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
 
     width: int = 64
     depth: int = 4
@@ -63,23 +88,18 @@ class UNet(nn.Module):
     num_classes: int = 4
     bn_momentum: float = 0.99  # BatchNorm running-statistics momentum
 
+
+class UNet(SegmentationNet):
+    """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
+
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
-        skips = []
-        for k in range(self.depth):
-            x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"enc{k}")(x, train)
-            skips.append(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(self.width * 2**self.depth, self.norm, self.bn_momentum, name="bridge")(x, train)
+        x, skips = encoder(self, x, train)
         for k in reversed(range(self.depth)):
             x = nn.ConvTranspose(self.width * 2**k, (2, 2), strides=(2, 2), name=f"up{k}")(x)
             x = jnp.concatenate([x, skips[k]], axis=-1)
             x = ConvBlock(self.width * 2**k, self.norm, self.bn_momentum, name=f"dec{k}")(x, train)
-        features = x
-        logits = nn.Conv(self.num_classes, (1, 1), name="head")(features)
-        if return_features:
-            return logits, features
-        return logits
+        return head(self, x, return_features)
 
 
 def build_unet(cfg: ModelConfig) -> UNet:
