@@ -27,6 +27,11 @@ What it does:
    - ``head-trak``: class-wise TRAK on the head, 4 full-data models (trains 3 of them);
    - ``ekfac-dice``: EK-FAC influence functions on every conv layer (``--method ekfac``);
    - ``head-ekfac-cos``: EK-FAC on the head, cosine in the F^-1 metric;
+   - ``head-adam``, ``head-adam-cos``, ``all-proj-adam``: Adam-aware TracIn
+     (``--precondition adam``), plain, cosine, and on every parameter with projection;
+   - ``head-relatif``, ``head-adam-relatif``: RelatIF-style normalisation (``--relatif``);
+   - ``all-logra-dice``, ``all-logra-cos``: every parameter with LoGra per-layer projection
+     (rank 16, ``--proj-kind logra``), plain and cosine;
 
 3. runs ``tracin-jax evaluate`` on all of them: class-wise LDS against ``--subsets`` retrainings
    on random halves of the training patients x ``--seeds`` training seeds, leave-top-k-out for
