@@ -70,7 +70,6 @@ from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
 ClassGradFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-HEAD_PATHS = ("head/bias", "head/kernel")
 
 
 # Label value -> class name of the BraTS label map (label 3 is the remapped ET, see data.labels).

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-from tracin_jax.atomic import save_npz_atomic, write_json_atomic
+from tracin_jax.atomic import save_npz_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, check_memory,

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tracin_jax.models.unet import ConvBlock, SegmentationNet, _norm, encoder, head
+from tracin_jax.models.unet import SegmentationNet, _norm, encoder, head
 
 
 class AttentionGate(nn.Module):
