@@ -99,6 +99,16 @@ def architecture_row(metrics: dict) -> dict:
     return out
 
 
+def lds_entry(evaluation: dict, names) -> tuple[dict, dict]:
+    """({class: mean LDS or None}, the overall {"mean", "ci"}) of the one influence folder of an
+    ``evaluation.json`` dict (:func:`tracin_jax.evaluate.api.run_evaluate`)."""
+    (variant,) = evaluation["variants"].values()
+    lds = variant["lds"]
+    per_class = {n: lds["per_class"].get(n, {}).get("mean") for n in names}
+    return per_class, {"mean": lds["mean"], "ci": lds["ci"],
+                       "subsets": evaluation["ground_truth"]["subsets"]}
+
+
 def plot_panel(per_arch: dict, path: Path) -> None:
     """Rows architectures, columns classes: histograms of log|FI| of selected vs other filters."""
     plt = pyplot()
@@ -127,6 +137,20 @@ def plot_panel(per_arch: dict, path: Path) -> None:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     save(fig, path, rect=(0, 0.04, 1, 1))
+
+
+def overall_lds_lines(per_arch: dict) -> str:
+    """Markdown lines: each architecture's overall class-wise LDS with its 95% interval (empty
+    without ``--lds-subsets``)."""
+    lines = []
+    for arch, a in per_arch.items():
+        o = a.get("lds_all")
+        if o and o["mean"] is not None:
+            lo, hi = o["ci"]
+            lines.append(f"- {LABELS.get(arch, arch)}: LDS {o['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+                         f"against {o['subsets']} retrained subset models")
+    return ("\n\nClass-wise LDS over all (test slice, class) targets:\n\n" + "\n".join(lines)
+            if lines else "")
 
 
 def summary_table(per_arch: dict) -> str:
@@ -221,14 +245,12 @@ def run(args) -> dict:
                  "selected": {n: np.isin(np.arange(sel["n_filters"]),
                                          sel["per_class"][n]["selected"]).tolist() for n in names}}
         if args.lds_subsets:
-            from tracin_jax.evaluate import run_evaluate
+            from tracin_jax.evaluate.api import run_evaluate
 
             ev = run_evaluate(folder / "run", [folder / "influence"], folder / "evaluation",
                               subsets=args.lds_subsets, leave_out_queries=0, randomisation=False,
                               progress=progress, log=lambda s: print(f"[{arch}] {s}", file=sys.stderr))
-            lds = next(iter(ev["variants"].values()))["lds"]
-            entry["lds"] = {n: lds.get("per_class", {}).get(n, lds.get("mean")) for n in names}
-            entry["lds_all"] = lds
+            entry["lds"], entry["lds_all"] = lds_entry(ev, names)
         timings[arch] = {"train_s": round(t1 - t0, 1), "influence_s": round(t2 - t1, 1),
                          "report_s": round(t3 - t2, 1), "lds_s": round(time.perf_counter() - t3, 1)}
         per_arch[arch] = entry
@@ -236,7 +258,7 @@ def run(args) -> dict:
     results = {"config": base.to_dict(), "archs": archs, "per_arch": per_arch, "timings": timings,
                "params": args.params, "checkpoints": args.checkpoints}
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
-    table = summary_table(per_arch)
+    table = summary_table(per_arch) + overall_lds_lines(per_arch)
     (out / "summary.md").write_text("# Architectures\n\n" + table + "\n\nTimings (s): "
                                     + json.dumps(timings) + "\n")
     print(table)

@@ -196,6 +196,22 @@ def test_end_to_end_small_and_rerun_reproduces(tmp_path, tiny_run, tiny_influenc
     assert v["randomisation"] is None and res["leave_out"]["queries_n"] == 1
     md = (out / "evaluation.md").read_text()
     assert md in proc.stdout
+    # experiments.architectures reads the LDS of its one folder from this dict
+    from experiments.architectures import lds_entry, overall_lds_lines, summary_table
+
+    names = ("NCR/NET", "ED", "ET")
+    per_class, overall = lds_entry(res, names)
+    assert per_class == {n: v["lds"]["per_class"][n]["mean"] for n in names}
+    assert overall == {"mean": v["lds"]["mean"], "ci": v["lds"]["ci"], "subsets": 3}
+    row = {"test_dice": 0.5, "n_selected": 0, "n_filters": 4, "difference": float("nan"),
+           "selected_drop": None, "random_drop_mean": None, "random_drop_std": None}
+    entry = {"parameters": 10, "classes": {n: row for n in names},
+             "lds": {"NCR/NET": 0.25, "ED": None, "ET": -0.5},
+             "lds_all": {"mean": 0.125, "ci": [-0.1, 0.3], "subsets": 3}}
+    table = summary_table({"unet": entry}).splitlines()
+    assert [r.rsplit("|", 2)[1].strip() for r in table[2:]] == ["0.25", "–", "-0.50"]
+    assert "- U-Net: LDS +0.12 [-0.10, +0.30] against 3 retrained" in overall_lds_lines({"unet": entry})
+    assert overall_lds_lines({"unet": dict(entry, lds_all={"mean": None})}) == ""
     units = sorted((Path(gt["path"]) / "units").iterdir())
     stamps = [p.stat().st_mtime_ns for p in units]
     # rerun: every model comes from the caches and the table is the same
