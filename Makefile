@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tracin-jax demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.influence

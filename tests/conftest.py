@@ -101,3 +101,18 @@ def tiny_influence(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_influence") / "influence"
     run_influence(tiny_run, out, params="head", progress=False)
     return out
+
+
+# Scheduling only: pytest-xdist hands whole files to the workers in collection order (`make test`
+# passes --no-loadscope-reorder), so the files that take longest start first and the short ones
+# fill the gaps at the end (longest-first balances two workers). Seconds measured on the
+# project's 2-core machine; a file not listed counts as short. Stale numbers cost time, never
+# correctness.
+FILE_SECONDS = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = {}
+    for item in items:
+        order.setdefault(item.path.name, len(order))
+    items.sort(key=lambda it: (-FILE_SECONDS.get(it.path.name, 0), order[it.path.name]))

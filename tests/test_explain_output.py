@@ -146,7 +146,13 @@ def test_sigkill_then_rerun_leaves_no_temporary_folder(tmp_path):
         proc.wait()
     assert list(tmp_path.glob(".report.tmp-*"))  # the killed run left its half-built report
     assert not (tmp_path / "report" / "index.html").exists()
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+    # The rerun, in this process: the same script's calls.
+    from test_explain_fixtures import FakeRun
+    from tracin_jax.explain import explain_run
+
+    run = FakeRun(n_train_cases=6, n_test_cases=2, slices=2)
+    explain_run(run, tmp_path / "infl", tmp_path / "report", k=2, items_per_class=1,
+                n_permutations=100, random_seeds=3, progress=False)
     assert not list(tmp_path.glob(".report.tmp-*"))
     out = tmp_path / "report"
     assert (out / "notes.txt").read_text() == "mine"

@@ -4,9 +4,6 @@ whitened scores against dense damped inverses, and the CLI end to end on the tin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from functools import partial
 
 import flax.linen as nn
@@ -21,6 +18,7 @@ from tracin_jax.influence.grads import make_class_grad_fn
 from tracin_jax.influence.subsets import ParamSubset
 from tracin_jax.models.unet import UNet
 from tracin_jax.training.losses import tumour_dice_loss
+from tracin_jax.training.train import init_variables
 
 SHAPE = (8, 8, 4)
 
@@ -31,22 +29,24 @@ def small():
     model = UNet(width=2, depth=2)
     x = jax.random.normal(jax.random.key(1), (3, *SHAPE))
     y = jax.random.randint(jax.random.key(2), (3, *SHAPE[:2]), 0, 4)
-    v = model.init(jax.random.key(0), x[:1])
+    v = init_variables(model, jax.random.key(0), SHAPE)  # numpy draws: no init program to compile
     return model, v, np.asarray(x), np.asarray(y)
 
 
-def _layer_output(model, variables, x, name):
+def _layer_outputs(model, variables, x, names) -> dict:
+    """{name: output of the layer ``name``} of one forward pass (traceable: used under jit)."""
     got = {}
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and "/".join(context.module.scope.path) == name:
-            got["y"] = out
+        path = "/".join(context.module.scope.path)
+        if context.method_name == "__call__" and path in names:
+            got[path] = out
         return out
 
     with nn.intercept_methods(interceptor):
         model.apply(variables, x, train=False)
-    return got["y"]
+    return got
 
 
 def test_patches_and_output_gradients_rebuild_every_conv_layer(small):
@@ -58,22 +58,34 @@ def test_patches_and_output_gradients_rebuild_every_conv_layer(small):
     layers = E.conv_layers(model, v, SHAPE, subset)
     assert {l.transpose for l in layers} == {True, False} and layers[-1].name == "head"
     loss = lambda logits: jnp.sum(tumour_dice_loss(logits, y), axis=-1)  # noqa: E731
-    inputs, grads = E.capture(model, v, x, layers, loss)
+
+    @jax.jit  # one program for every piece (run eagerly, each primitive would compile alone)
+    def pieces(v):
+        inputs, grads = E.capture(model, v, x, layers, loss)
+        flat = traverse_util.flatten_dict(v["params"], sep="/")
+        full = traverse_util.flatten_dict(jax.grad(
+            lambda p: jnp.sum(loss(model.apply(dict(v, params=p), x, train=False))))(v["params"]),
+            sep="/")
+        outs = _layer_outputs(model, v, x, {l.name for l in layers})
+        res = {}
+        for l in layers:
+            p = E.patches(l, inputs[l.name])
+            w = E.kernel_matrix(l, flat[f"{l.name}/kernel"], flat.get(f"{l.name}/bias"))
+            d = grads[l.name].reshape(len(x), -1, l.out_dim)
+            res[l.name] = {
+                "pw": p @ w, "out": outs[l.name].reshape(len(x), -1, l.out_dim),
+                "g": jnp.einsum("bpi,bpo->io", p, d),
+                "want": E.kernel_matrix(l, full[f"{l.name}/kernel"], full.get(f"{l.name}/bias")),
+                "back": E.matrix_to_leaves(l, w)[0]}
+        return res
+
+    got = pieces(v)
     flat = traverse_util.flatten_dict(v["params"], sep="/")
-    full = traverse_util.flatten_dict(jax.grad(
-        lambda p: jnp.sum(loss(model.apply(dict(v, params=p), x, train=False))))(v["params"]),
-        sep="/")
     for l in layers:
-        p = E.patches(l, inputs[l.name])
-        w = E.kernel_matrix(l, flat[f"{l.name}/kernel"], flat.get(f"{l.name}/bias"))
-        out = _layer_output(model, v, x, l.name).reshape(len(x), -1, l.out_dim)
-        np.testing.assert_allclose(p @ w, out, atol=1e-5, err_msg=l.name)
-        d = grads[l.name].reshape(len(x), -1, l.out_dim)
-        g = jnp.einsum("bpi,bpo->io", p, d)
-        want = E.kernel_matrix(l, full[f"{l.name}/kernel"], full.get(f"{l.name}/bias"))
-        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6, err_msg=l.name)
-        back = E.matrix_to_leaves(l, w)
-        np.testing.assert_array_equal(back[0], flat[f"{l.name}/kernel"])
+        r = got[l.name]
+        np.testing.assert_allclose(r["pw"], r["out"], atol=1e-5, err_msg=l.name)
+        np.testing.assert_allclose(r["g"], r["want"], rtol=1e-4, atol=1e-6, err_msg=l.name)
+        np.testing.assert_array_equal(r["back"], flat[f"{l.name}/kernel"])
 
 
 def _split(g, subset: ParamSubset) -> dict:
@@ -130,8 +142,9 @@ def test_whitened_class_gradients_equal_dense_damped_inverse_fisher(small):
                                yi[None]))
 
     tot = []
+    grad_total = jax.jit(jax.grad(total_loss))
     for b in range(len(x)):
-        g = traverse_util.flatten_dict(jax.grad(total_loss)(v["params"], x[b], y[b]), sep="/")
+        g = traverse_util.flatten_dict(grad_total(v["params"], x[b], y[b]), sep="/")
         tot.append(np.concatenate([np.ravel(g[p]) for p in subset.paths]))
     tm = mats(np.stack(tot))  # per-example gradients of the loss the empirical Fisher uses
     for l, m in zip(layers, tm):
@@ -170,7 +183,7 @@ def test_one_example_one_pixel_is_the_exact_damped_inverse_fisher():
     model = _OneConv()
     x = np.asarray(jax.random.normal(jax.random.key(4), (1, 1, 1, 3)))
     y = np.array([[[2]]], np.int32)
-    v = model.init(jax.random.key(5), x)
+    v = init_variables(model, jax.random.key(5), x.shape[1:])
     subset, _ = E.ekfac_subset(v["params"], "head/.*")
     layers = E.conv_layers(model, v, (1, 1, 3), subset)
     (layer,) = layers
@@ -202,26 +215,31 @@ def test_one_example_one_pixel_is_the_exact_damped_inverse_fisher():
     np.testing.assert_allclose(w @ w.T, want, rtol=1e-3)
 
 
-def _cli(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, "-m", "tracin_jax.cli", *args], capture_output=True,
-                          text=True, env=env, **kw)
+def _cli(capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of the command line, run in this process."""
+    from tracin_jax.cli import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    return rc, capsys.readouterr().err
 
 
-def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path):
+def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path, capsys):
     out = tmp_path / "ekfac"
-    bad = _cli("influence", "--workdir", str(tiny_run), "--out", str(out), "--method", "ekfac",
-               "--damping", "-1")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
-    assert "--damping" in bad.stderr and not out.exists()
-    bad = _cli("influence", "--workdir", str(tiny_run), "--out", str(out), "--method", "ekfac",
-               "--fisher", "exact")
-    assert bad.returncode == 2 and "--fisher" in bad.stderr and not out.exists()
+    rc, err = _cli(capsys, "influence", "--workdir", str(tiny_run), "--out", str(out),
+                   "--method", "ekfac", "--damping", "-1")
+    assert rc == 2 and err.strip().count("\n") == 0, err
+    assert "--damping" in err and not out.exists()
+    rc, err = _cli(capsys, "influence", "--workdir", str(tiny_run), "--out", str(out),
+                   "--method", "ekfac", "--fisher", "exact")
+    assert rc == 2 and "--fisher" in err and not out.exists()
 
     args = ("influence", "--workdir", str(tiny_run), "--out", str(out), "--method", "ekfac",
             "--params", "all", "--checkpoints", "2,3", "--batch-size", "4")
-    r = _cli(*args)
-    assert r.returncode == 0, r.stderr
+    rc, err = _cli(capsys, *args)
+    assert rc == 0, err
     meta = json.loads((out / "meta.json").read_text())
     pat = np.load(out / "patient_scores.npy")
     assert pat.shape == (meta["n_test"], 3, len(meta["patients"]), 3)
@@ -234,8 +252,8 @@ def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path
     stamps = [f.stat().st_mtime_ns for f in factors]
 
     # A rerun fits nothing and recomputes no features; the scores are the same.
-    r = _cli(*args)
-    assert r.returncode == 0, r.stderr
+    rc, err = _cli(capsys, *args)
+    assert rc == 0, err
     meta2 = json.loads((out / "meta.json").read_text())
     assert [f.stat().st_mtime_ns for f in sorted((out / "ekfac_factors").iterdir())] == stamps
     assert meta2["timings"]["train_features"]["examples_computed"] == 0

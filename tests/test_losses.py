@@ -80,10 +80,10 @@ def test_one_dice_convention_whatever_the_prediction():
 def test_dice_plus_ce_is_the_sum_and_keeps_a_dying_class_alive():
     labels = jnp.zeros((1, 4, 4), jnp.int32).at[0, 0, :].set(3)
     logits = jnp.zeros((1, 4, 4, 4)).at[..., 3].set(-12.0)  # p_ET ~ 1e-5 everywhere: a dying class
-    both = training_loss(logits, labels, kind="dice+ce")
-    np.testing.assert_allclose(both, training_loss(logits, labels, kind="dice")
-                               + training_loss(logits, labels, kind="ce"), rtol=1e-6)
-    grad = {k: jax.grad(lambda z: training_loss(z, labels, kind=k))(logits)[0, 0, 0, 3]
-            for k in ("dice", "dice+ce")}
+    # jitted: one program per loss (eagerly, every primitive would compile on its own)
+    loss = {k: jax.jit(lambda z, k=k: training_loss(z, labels, kind=k)) for k in ("dice", "ce", "dice+ce")}
+    both = loss["dice+ce"](logits)
+    np.testing.assert_allclose(both, loss["dice"](logits) + loss["ce"](logits), rtol=1e-6)
+    grad = {k: jax.jit(jax.grad(loss[k]))(logits)[0, 0, 0, 3] for k in ("dice", "dice+ce")}
     assert abs(grad["dice"]) < 1e-4  # the soft Dice gradient vanishes with p_ET
     assert grad["dice+ce"] < -1e-2  # cross-entropy still pushes the ET logit up on ET voxels

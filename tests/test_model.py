@@ -26,7 +26,9 @@ def test_unet_shapes_and_features(norm):
     model = UNet(width=4, depth=2, norm=norm)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
     variables = init_variables(model, jax.random.key(0), (16, 16, 4))
-    logits, feats = model.apply(variables, x, train=False, return_features=True)
+    # jitted: one program (eager application would compile every primitive on its own)
+    logits, feats = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))(
+        variables, x)
     assert logits.shape == (2, 16, 16, 4)
     assert feats.shape == (2, 16, 16, 4)  # width channels at full resolution
     # The head is a 1x1 conv of the features: the last hidden map fully determines the logits.
@@ -40,8 +42,9 @@ def test_batchnorm_inference_mode_is_per_example():
     model = UNet(width=4, depth=2, norm="batch")
     variables = init_variables(model, jax.random.key(0), (16, 16, 4))
     x = jax.random.normal(jax.random.key(2), (3, 16, 16, 4))
-    together = model.apply(variables, x, train=False)
-    alone = model.apply(variables, x[:1], train=False)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    together = apply(variables, x)
+    alone = apply(variables, x[:1])
     np.testing.assert_allclose(together[:1], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -87,7 +90,8 @@ def test_bn_momentum_sets_the_running_statistics_update():
     for momentum in (0.99, 0.5):
         model = UNet(width=4, depth=1, bn_momentum=momentum)
         variables = init_variables(model, jax.random.key(0), (8, 8, 4))
-        _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        _, state = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+            variables, x)
         means.append(np.asarray(state["batch_stats"]["enc0"]["norm0"]["mean"]))
     # new = momentum * old (0) + (1 - momentum) * batch mean
     np.testing.assert_allclose(means[0] / 0.01, means[1] / 0.5, rtol=1e-4, atol=1e-5)

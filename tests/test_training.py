@@ -67,8 +67,20 @@ def test_checkpoint_round_trip_keeps_values_and_lr(tmp_path):
 
 
 def _cli(*args, env=None):
+    """The real entry point in a new process (for what only a process shows: SIGKILL)."""
     return subprocess.run([sys.executable, "-m", "tracin_jax.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
+
+
+def _main(capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of the command line run in this process (no JAX start-up cost)."""
+    from tracin_jax.cli import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    return rc, capsys.readouterr().err
 
 
 def test_sigkill_mid_epoch_keeps_checkpoints_and_resume_matches(tiny_data, tiny_run, tmp_path):
@@ -95,25 +107,28 @@ def test_sigkill_mid_epoch_keeps_checkpoints_and_resume_matches(tiny_data, tiny_
     (["--config", "huge"], "unknown config 'huge'"),
     (["--set", "model.width=abc"], "model.width='abc'"),
 ])
-def test_bad_config_fails_cleanly_without_writing(tiny_data, tmp_path, args, needle):
+def test_bad_config_fails_cleanly_without_writing(tiny_data, tmp_path, args, needle, capsys):
     workdir = tmp_path / "w"
-    proc = _cli("train", "--data", str(tiny_data), "--workdir", str(workdir), *args)
-    assert proc.returncode == 2
-    assert needle in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    rc, err = _main(capsys, "train", "--data", tiny_data, "--workdir", workdir, *args)
+    assert rc == 2
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not workdir.exists()
 
 
-def test_bad_data_fails_cleanly_without_writing(tmp_path):
+def test_bad_data_fails_cleanly_without_writing(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     workdir = tmp_path / "w"
     for data in (empty, tmp_path / "missing"):
-        proc = _cli("train", "--data", str(data), "--workdir", str(workdir), "--config", "tiny")
-        assert proc.returncode == 2, proc.stderr
-        assert str(data) in proc.stderr and "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        rc, err = _main(capsys, "train", "--data", data, "--workdir", workdir, "--config", "tiny")
+        assert rc == 2, err
+        assert str(data) in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
         assert not workdir.exists()
+    # The installed entry point exits with the same status and line.
+    proc = _cli("train", "--data", str(data), "--workdir", str(workdir), "--config", "tiny")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [err.strip()]
 
 
 def test_existing_workdir_with_other_config_is_refused(tiny_data, tiny_run):
@@ -204,13 +219,13 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_earlier_checkpoints(tiny_
     assert [r["epoch"] for r in _metrics(workdir)] == [1]
 
 
-def test_cli_diverging_lr_exits_2_without_a_checkpoint(tiny_data, tmp_path):
+def test_cli_diverging_lr_exits_2_without_a_checkpoint(tiny_data, tmp_path, capsys):
     workdir = tmp_path / "w"
     sets = [a for o in [*TINY_OVERRIDES, "train.epochs=1", "train.lr=1e30"] for a in ("--set", o)]
-    proc = _cli("train", "--data", str(tiny_data), "--workdir", str(workdir), "--config", "tiny", *sets)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = proc.stderr.strip().splitlines()[-1]  # after the progress bars
-    assert err.startswith("tracin-jax: error: training loss became") and "Traceback" not in proc.stderr
+    rc, stderr = _main(capsys, "train", "--data", tiny_data, "--workdir", workdir, "--config", "tiny", *sets)
+    assert rc == 2, stderr[-2000:]
+    err = stderr.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("tracin-jax: error: training loss became") and "Traceback" not in stderr
     assert "epoch 1, step" in err and "lower lr" in err
     assert checkpoints.list_epochs(workdir) == []
 

@@ -87,12 +87,21 @@ class Run:
         raise InputError(f"{self.workdir}: no checkpoint for epoch {epoch} (have {have})")
 
     def apply(self, variables: Any, images: jax.Array) -> jax.Array:
-        """Inference mode (BatchNorm running stats). images f32[B,H,W,4] -> logits f32[B,H,W,4]."""
-        return self.model.apply(variables, images, train=False)
+        """Inference mode (BatchNorm running stats). images f32[B,H,W,4] -> logits f32[B,H,W,4].
+
+        Jitted (compiled once per input shape; callable inside other jitted functions too)."""
+        return self._jitted[0](variables, images)
 
     def features(self, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(logits f32[B,H,W,4], last hidden features f32[B,H,W,width]) in inference mode."""
-        return features_apply(self.model, variables, images)
+        """(logits f32[B,H,W,4], last hidden features f32[B,H,W,width]) in inference mode
+        (jitted like :meth:`apply`)."""
+        return self._jitted[1](variables, images)
+
+    @cached_property
+    def _jitted(self):
+        model = self.model
+        return (jax.jit(lambda variables, images: model.apply(variables, images, train=False)),
+                jax.jit(lambda variables, images: features_apply(model, variables, images)))
 
     @property
     def head_name(self) -> str:

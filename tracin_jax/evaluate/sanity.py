@@ -158,8 +158,10 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
             if spec.method == "ekfac":
                 checkpoints = factored_checkpoints(run, setup, checkpoints, out_dir / "ekfac_factors")
             # A preconditioner stays that of the trained checkpoints (read by epoch from the run).
+            # The folder's batch size: the same gradient programs, compiled once.
             compute_influence(grad_fn, checkpoints, run.train, run.test,
                               out_dir, store_dir=out_dir / "features", progress=progress,
+                              batch_size=int(meta.get("batch_size", 16)),
                               precondition=make_preconditioner(spec.precondition, run),
                               relatif=spec.relatif)
         shutil.rmtree(out_dir / "features", ignore_errors=True)

@@ -542,6 +542,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         "projection": projector.describe() if projector is not None else None,
         "precondition": precondition.describe() if precondition is not None else None,
         "relatif": bool(relatif),
+        "batch_size": int(batch_size),
         **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
     }
     return write_meta(out, meta, "influence-written")
