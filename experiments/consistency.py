@@ -224,8 +224,9 @@ def make_independent_grad(run, subset, total: bool):
     if total:
         return jax.jit(lambda v, x, y: flat(jax.grad(
             lambda p: jnp.sum(loss(p, v, x, y)))(subset.select(v["params"]))))
+    # c is traced (not static): one program for the three classes.
     return jax.jit(lambda v, x, y, c: flat(jax.grad(
-        lambda p: loss(p, v, x, y)[c])(subset.select(v["params"]))), static_argnums=3)
+        lambda p: loss(p, v, x, y)[c])(subset.select(v["params"]))))
 
 
 def independent_grads(fn, variables, images, labels, total: bool) -> np.ndarray:
@@ -403,6 +404,8 @@ def parse_args(argv=None):
     p.add_argument("--identity-examples", default="6,24", help="test,train examples of the independent check")
     p.add_argument("--batch-size", type=int, default=16,
                    help="gradient batch of the in-memory features and of the engine runs")
+    p.add_argument("--check-dim", type=int, default=1024,
+                   help="projection dimension of the engine-vs-in-memory check (section 5)")
     p.add_argument("--max-memory-gb", type=float, default=4.0, help="limit for the exact 'all' features")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -546,7 +549,7 @@ def run(args) -> dict:
            store_dir=out / "features-all-exact")
     eng["all_exact_last_vs_in_memory"] = rel_err(np.load(out / "engine-all-exact" / "scores.npy"),
                                                  per_ckpt["all"][-1])
-    d_check = 1024
+    d_check = args.check_dim
     meta_p = engine(out / "engine-all-projected", params="all", proj_dim=d_check, proj_kind="rademacher",
                     checkpoints=[last], split="test", store_dir=out / "features-all-projected")
     mem = per_checkpoint_scores(project([te[-1]], subsets["all"], d_check, 0, "rademacher"),

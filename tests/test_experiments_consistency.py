@@ -53,7 +53,8 @@ def test_agreement_of_identical_and_reversed_scores():
 def test_consistency_report_on_the_tiny_run(tiny_run, tmp_path):
     out = tmp_path / "consistency"
     assert consistency.main(["--out", str(out), "--workdir", str(tiny_run), "--dims", "16,256",
-                             "--seeds", "1", "--identity-examples", "3,6", "--batch-size", "4",
+                             "--seeds", "1", "--identity-examples", "3,6", "--batch-size", "2",
+                             "--check-dim", "256",
                              "--no-progress"]) == 0
     s = json.loads((out / "consistency.json").read_text())
     assert (out / "consistency.png").stat().st_size > 0

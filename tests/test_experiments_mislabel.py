@@ -203,7 +203,7 @@ def test_corrupted_copy_rewrites_only_the_chosen_segs(tiny_data, tmp_path):
 def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
     out = tmp_path / "mislabel"
     args = ["--out", str(out), "--data", str(tiny_data), "--config", "tiny", "--fraction", "0.5",
-            "--proj-dim", "64", "--bootstrap", "50", "--batch-size", "4", "--no-progress"]
+            "--proj-dim", "64", "--bootstrap", "50", "--batch-size", "2", "--no-progress"]
     for o in [*TINY_OVERRIDES[:-1], "train.epochs=2"]:
         args += ["--set", o]
     assert mislabel.main(args) == 0

@@ -41,7 +41,7 @@ def test_xla_flops_counts_a_matmul():
 def test_small_run_reports_time_rate_and_flops(tmp_path):
     workdir = tmp_path / "paper-small"
     assert paper_scale.main(["--small", "--workdir", str(workdir), "--proj-dim", "32",
-                             "--batch-size", "4", "--no-progress"]) == 0
+                             "--batch-size", "2", "--no-progress"]) == 0
     r = json.loads((workdir / "paper-scale" / "paper_scale.json").read_text())
     assert r["dataset"]["n_train"] == 16 and r["dataset"]["n_test"] == 8
     assert r["checkpoints"] == [2]
@@ -60,7 +60,7 @@ def test_small_run_reports_time_rate_and_flops(tmp_path):
     assert r["subsets"]["head"]["cost"]["gflop_per_example_projection"] == 0.0
     # the influence stage alone, on the trained run, with a given peak
     assert paper_scale.main(["--small", "--workdir", str(workdir), "--influence-only", "--subsets",
-                             "head", "--peak-tflops", "1.0", "--batch-size", "4", "--no-progress"]) == 0
+                             "head", "--peak-tflops", "1.0", "--batch-size", "2", "--no-progress"]) == 0
     r = json.loads((workdir / "paper-scale" / "paper_scale.json").read_text())
     assert r["peak"]["tflops"] == 1.0
     assert isinstance(r["subsets"]["head"]["engine_fraction_of_peak"], float)
