@@ -16,7 +16,7 @@ from tracin_jax.influence import (class_tracin, make_class_grad_fn, make_project
                                   resolve_subset, sharding)
 from tracin_jax.influence.logra import LograProjector, layer_ranks
 from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
-                                            single_class_grad_fn, toy_problem)
+                                            single_class_grad_fn)
 from tracin_jax.influence.store import compute_features
 from tracin_jax.models import UNet
 from tracin_jax.training.losses import tumour_dice_loss
@@ -132,8 +132,8 @@ def test_tracin_scores_equal_explicit_and_class_sum_is_total_loss(toy, setup, ex
     _close(total_scores[:, 0, :, 0], scores.sum(axis=(1, 3)), 1e-4)
 
 
-def test_group_norm_scale_and_unit_norm_wrapper():
-    toy = toy_problem(n_train=2, n_test=1, size=8, n_checkpoints=1, seed=1, depth=1)
+def test_group_norm_scale_and_unit_norm_wrapper(toy):
+    images, labels = toy.train.images[:2], toy.train.labels[:2]  # 8 x 8, 4 channels
     model = UNet(width=4, depth=1, norm="group")
     # Random values on the initialiser's shapes (GroupNorm scales around 1): no initialiser
     # to compile.
@@ -146,10 +146,9 @@ def test_group_norm_scale_and_unit_norm_wrapper():
     assert any(p.endswith("norm0/scale") for p in subset.paths)
     projector = make_projector(subset, 3, seed=2, kind="logra")
     fn = make_class_grad_fn(model, subset, projector=projector)
-    exact = brute_force_class_grads(model, subset, variables, toy.train.images, toy.train.labels)
-    _close(fn(variables, toy.train.images, toy.train.labels),
-           explicit_projection(subset, projector, exact))
-    unit = normalised(fn)(variables, toy.train.images, toy.train.labels)
+    exact = brute_force_class_grads(model, subset, variables, images, labels)
+    _close(fn(variables, images, labels), explicit_projection(subset, projector, exact))
+    unit = normalised(fn)(variables, images, labels)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, rtol=1e-5)
 
 
