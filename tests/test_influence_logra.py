@@ -1,8 +1,6 @@
 """LoGra class gradients against explicit (P_in (x) P_out) projections of brute-force gradients."""
 
 import json
-import subprocess
-import sys
 
 import chex
 import flax.linen as nn
@@ -13,15 +11,27 @@ import pytest
 
 import tracin_jax
 from tracin_jax.errors import InputError
+from tracin_jax.cli import main
 from tracin_jax.influence import (class_tracin, make_class_grad_fn, make_projector, normalised,
-                                  resolve_subset)
+                                  resolve_subset, sharding)
 from tracin_jax.influence.logra import LograProjector, layer_ranks
 from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
-                                            toy_problem)
+                                            single_class_grad_fn)
+from tracin_jax.influence.store import compute_features
 from tracin_jax.models import UNet
 from tracin_jax.training.losses import tumour_dice_loss
 
 RANK = 5  # fan-in 9*4 and 9*8 are projected; the head's 4 inputs and 4 outputs stay exact
+BATCH = 3  # one batch size throughout (7 training examples: 3 + 3 + 1 padded; 3 test), so each
+# gradient function compiles once
+
+
+def feats(fn, variables, images, labels, batch_size=BATCH):
+    """f32[n, C, D]: ``fn`` over the examples in batches, called as class_tracin calls it
+    (arguments on the device mesh, int32 labels), so both share one compiled program."""
+    mesh = sharding.train_mesh()
+    return compute_features(fn, sharding.replicate(variables, mesh), 1.0, images, labels,
+                            batch_size, mesh)
 
 
 def _close(got, want, rel=1e-5):
@@ -55,6 +65,18 @@ def setup(toy):
     return subset, projector, make_class_grad_fn(toy.model, subset, projector=projector)
 
 
+@pytest.fixture(scope="module")
+def exact(toy, setup):
+    """{(checkpoint index, "train" | "test"): f64[n, C, P]} brute-force class gradients (one
+    jax.grad per example and class), computed once for the module."""
+    subset = setup[0]
+    grad = single_class_grad_fn(toy.model, subset, tumour_dice_loss)
+    return {(t, name): brute_force_class_grads(toy.model, subset, ck.variables, ex.images,
+                                               ex.labels, grad=grad)
+            for t, ck in enumerate(toy.checkpoints)
+            for name, ex in (("train", toy.train), ("test", toy.test))}
+
+
 def test_projector_shapes_identity_sides_and_tag(toy, setup):
     subset, projector, fn = setup
     assert isinstance(projector, LograProjector) and projector.rank == RANK
@@ -75,30 +97,24 @@ def test_projector_shapes_identity_sides_and_tag(toy, setup):
     assert other.tag != fn.tag and projector.describe()["rank"] == RANK
 
 
-def test_features_equal_explicit_projection_of_brute_force_gradients(toy, setup):
+def test_features_equal_explicit_projection_of_brute_force_gradients(toy, setup, exact):
     subset, projector, fn = setup
     ck = toy.checkpoints[0]
-    exact = brute_force_class_grads(toy.model, subset, ck.variables, toy.train.images,
-                                    toy.train.labels)
-    want = explicit_projection(subset, projector, exact)
-    got = fn(ck.variables, toy.train.images, toy.train.labels)
-    _close(got, want)
-    # The same projection applied to explicit per-example VJP gradients (method="vjp").
+    want = explicit_projection(subset, projector, exact[0, "train"])
+    _close(feats(fn, ck.variables, toy.train.images, toy.train.labels), want)
+    # The same projection applied to explicit per-example VJP gradients (method="vjp"; one
+    # example: its unrolled program grows with the batch).
     slow = make_class_grad_fn(toy.model, subset, projector=projector, method="vjp")
-    _close(slow(ck.variables, toy.train.images, toy.train.labels), want)
+    _close(feats(slow, ck.variables, toy.train.images[:1], toy.train.labels[:1], 1), want[:1])
 
 
-def test_tracin_scores_equal_explicit_and_class_sum_is_total_loss(toy, setup):
+def test_tracin_scores_equal_explicit_and_class_sum_is_total_loss(toy, setup, exact):
     subset, projector, fn = setup
     args = (toy.checkpoints, toy.train.images, toy.train.labels, toy.test.images,
             toy.test.labels)
-    scores, self_inf = class_tracin(fn, *args, batch_size=4)
-    grads = []
-    for ck in toy.checkpoints:
-        tr, te = (explicit_projection(subset, projector, brute_force_class_grads(
-            toy.model, subset, ck.variables, x, y)) for x, y in
-            ((toy.train.images, toy.train.labels), (toy.test.images, toy.test.labels)))
-        grads.append((tr, te))
+    scores, self_inf = class_tracin(fn, *args, batch_size=BATCH)
+    grads = [tuple(explicit_projection(subset, projector, exact[t, name])
+                   for name in ("train", "test")) for t in range(len(toy.checkpoints))]
     want, want_self = brute_force_tracin(toy.model, subset, *args, grads=grads)
     _close(scores, want, 1e-4)
     _close(self_inf, want_self, 1e-4)
@@ -109,24 +125,30 @@ def test_tracin_scores_equal_explicit_and_class_sum_is_total_loss(toy, setup):
     total_fn = make_class_grad_fn(toy.model, subset, total, projector, tag="total",
                                   class_labels=(1,))
     ck = toy.checkpoints[1]
-    per_class = fn(ck.variables, toy.test.images, toy.test.labels)
-    _close(total_fn(ck.variables, toy.test.images, toy.test.labels)[:, 0], per_class.sum(1))
-    total_scores, _ = class_tracin(total_fn, *args, batch_size=4)
+    per_class = feats(fn, ck.variables, toy.test.images, toy.test.labels)
+    _close(feats(total_fn, ck.variables, toy.test.images, toy.test.labels)[:, 0],
+           per_class.sum(1))
+    total_scores, _ = class_tracin(total_fn, *args, batch_size=BATCH)
     _close(total_scores[:, 0, :, 0], scores.sum(axis=(1, 3)), 1e-4)
 
 
-def test_group_norm_scale_and_unit_norm_wrapper():
-    toy = toy_problem(n_train=2, n_test=1, size=8, n_checkpoints=1, seed=1, depth=1)
+def test_group_norm_scale_and_unit_norm_wrapper(toy):
+    images, labels = toy.train.images[:2], toy.train.labels[:2]  # 8 x 8, 4 channels
     model = UNet(width=4, depth=1, norm="group")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)))
+    # Random values on the initialiser's shapes (GroupNorm scales around 1): no initialiser
+    # to compile.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, s: (float(path[-1].key == "scale") + 0.3 * rng.normal(size=s.shape)
+                         ).astype(np.float32), shapes)
     subset = resolve_subset(variables["params"], r"dec0/.*|head/kernel")
     assert any(p.endswith("norm0/scale") for p in subset.paths)
     projector = make_projector(subset, 3, seed=2, kind="logra")
     fn = make_class_grad_fn(model, subset, projector=projector)
-    exact = brute_force_class_grads(model, subset, variables, toy.train.images, toy.train.labels)
-    _close(fn(variables, toy.train.images, toy.train.labels),
-           explicit_projection(subset, projector, exact))
-    unit = normalised(fn)(variables, toy.train.images, toy.train.labels)
+    exact = brute_force_class_grads(model, subset, variables, images, labels)
+    _close(fn(variables, images, labels), explicit_projection(subset, projector, exact))
+    unit = normalised(fn)(variables, images, labels)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, rtol=1e-5)
 
 
@@ -162,28 +184,30 @@ def test_refused_inputs_are_input_errors(toy):
         fn(variables, toy.train.images[:1], toy.train.labels[:1])
 
 
-def test_command_line_logra_matches_python(tiny_run, tmp_path):
-    """`--proj-kind logra --proj-dim R` writes the scores the Python API computes."""
+def test_command_line_logra_matches_python(tiny_run, tmp_path, capsys):
+    """`--proj-kind logra --proj-dim R` writes the scores the Python API computes (on the
+    decoder: LoGra of every layer is checked against brute force on the toy problem above)."""
     out = tmp_path / "logra"
-    cmd = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(tiny_run),
-           "--checkpoints", "3", "--params", "all", "--proj-kind", "logra", "--proj-dim", "4",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    # --batch-size 8: the 16 training and 8 test slices run in batches of one shape (one
+    # compiled program, which the Python side below reuses).
+    argv = ["influence", "--workdir", str(tiny_run), "--checkpoints", "3", "--params", "decoder",
+            "--batch-size", "8", "--proj-kind", "logra", "--proj-dim", "4", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
     meta = json.loads((out / "meta.json").read_text())
     assert meta["projection"]["kind"] == "logra" and meta["projection"]["rank"] == 4
     assert meta["gradient"]["tag"].endswith("|logra|logra-r4s0")
     run = tracin_jax.load_run(tiny_run)
-    fn = tracin_jax.influence.run_grad_fn(run, "all", proj_dim=4, proj_kind="logra")
+    fn = tracin_jax.influence.run_grad_fn(run, "decoder", proj_dim=4, proj_kind="logra")
     ck = run.checkpoint(3)
     scores, _ = class_tracin(fn, [ck], run.train.images, run.train.labels, run.test.images,
-                             run.test.labels)
+                             run.test.labels, batch_size=8)
     assert meta["gradient"]["feature_dim"] == fn.dim
     _close(np.load(out / "scores.npy"), scores, 1e-4)
-    bad = subprocess.run(cmd[:-4] + ["--proj-dim", "0", "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "per-layer rank" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    capsys.readouterr()
+    assert main(argv[:-4] + ["--proj-dim", "0", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "per-layer rank" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("tracin-jax: error: ") and not (tmp_path / "bad").exists()
 
 
 def test_memory_check_counts_logra_features_not_weight_gradients(toy, setup, tmp_path):
@@ -193,10 +217,10 @@ def test_memory_check_counts_logra_features_not_weight_gradients(toy, setup, tmp
 
     subset, projector, fn = setup
     common = dict(n_test=3, n_train=7, num_classes=3, dim=fn.dim, n_checkpoints=2,
-                  chunk_size=256, batch_size=4, split="test")
+                  chunk_size=256, batch_size=BATCH, split="test")
     fits = memory_estimate(**common, grad_params=fn.dim)["total"]
     assert memory_estimate(**common, grad_params=subset.size)["total"] > 1.5 * fits
     meta = compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "out",
-                             store_dir=tmp_path / "store", batch_size=4, progress=False,
+                             store_dir=tmp_path / "store", batch_size=BATCH, progress=False,
                              memory_budget_gb=1.2 * fits / 2**30)
     assert meta["projection"]["kind"] == "logra"

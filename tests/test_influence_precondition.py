@@ -3,8 +3,6 @@ normalisation, against explicit jax.grad vectors and formulas on the toy problem
 
 import json
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jax
@@ -13,14 +11,17 @@ import numpy as np
 import optax
 import pytest
 
+from tracin_jax.cli import main
 from tracin_jax.errors import InputError
 from tracin_jax.influence import (class_tracin, compute_influence, make_class_grad_fn,
                                   make_projector, normalised, resolve_subset)
 from tracin_jax.influence.precondition import (AdamPreconditioner, IdentityPreconditioner,
                                                adam_diagonal, relatif_scores)
-from tracin_jax.influence.reference import brute_force_class_grads
+from tracin_jax.influence.reference import brute_force_class_grads, single_class_grad_fn
+from tracin_jax.training.losses import tumour_dice_loss
 
 B2, EPS = 0.99, 1e-3  # a large eps so it matters in the comparison
+BATCH = 2  # one batch size throughout, so each gradient function compiles once
 
 
 def _adam_checkpoints(toy, steps=(2, 3), b2=B2, eps=EPS):
@@ -31,11 +32,12 @@ def _adam_checkpoints(toy, steps=(2, 3), b2=B2, eps=EPS):
     for ckpt, n in zip(toy.checkpoints, steps):
         params = ckpt.variables["params"]
         tx = optax.inject_hyperparams(optax.adam)(learning_rate=ckpt.lr, b1=0.9, b2=b2, eps=eps)
-        state = tx.init(params)
+        state = jax.jit(tx.init)(params)  # jitted: one program each, not one per eager op
+        update = jax.jit(tx.update)
         grads = []
         for _ in range(n):
             g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-            _, state = tx.update(g, state, params)
+            _, state = update(g, state, params)
             grads.append(g)
         out.append(SimpleNamespace(epoch=ckpt.epoch, lr=ckpt.lr, variables=ckpt.variables,
                                    opt_state=state))
@@ -59,16 +61,47 @@ def adam_toy(toy):
     return _adam_checkpoints(toy)
 
 
-def _explicit(toy, subset, ckpts, history, test_pre=False):
+@pytest.fixture(scope="module")
+def fns(toy):
+    """Class-gradient functions of the toy by (subset, projection kind), built once so each
+    compiles once (per batch size, plain and scaled)."""
+    cache = {}
+
+    def get(spec, kind=None):
+        if (spec, kind) not in cache:
+            subset = resolve_subset(toy.checkpoints[0].variables["params"], spec)
+            proj = make_projector(subset, 64, seed=1, kind=kind) if kind else None
+            cache[spec, kind] = make_class_grad_fn(toy.model, subset, projector=proj)
+        return cache[spec, kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def brute(toy):
+    """spec -> [(train f64[n_train, C, P], test f64[n_test, C, P]) per checkpoint]: one
+    jax.grad per example, class and checkpoint, computed once per subset."""
+    cache = {}
+
+    def get(spec):
+        if spec not in cache:
+            subset = resolve_subset(toy.checkpoints[0].variables["params"], spec)
+            grad = single_class_grad_fn(toy.model, subset, tumour_dice_loss)
+            cache[spec] = [tuple(brute_force_class_grads(toy.model, subset, c.variables,
+                                                         ex.images, ex.labels, grad=grad)
+                                 for ex in (toy.train, toy.test)) for c in toy.checkpoints]
+        return cache[spec]
+
+    return get
+
+
+def _explicit(subset, ckpts, history, grads):
     """(scores f64[n_test, C, n_train, C], self f64[n_train, C]): sum_t lr_t g_test^T
-    (a_t * g_train) with a_t from the manual recursion; the test side is NOT preconditioned."""
+    (a_t * g_train) with a_t from the manual recursion; the test side is NOT preconditioned.
+    ``grads``: (train, test) brute-force class gradients per checkpoint."""
     scores, self_inf = 0.0, 0.0
-    for ckpt, grads in zip(ckpts, history):
-        a = _manual_diagonal(grads, subset)
-        gtr = brute_force_class_grads(toy.model, subset, ckpt.variables, toy.train.images,
-                                      toy.train.labels)
-        gte = brute_force_class_grads(toy.model, subset, ckpt.variables, toy.test.images,
-                                      toy.test.labels)
+    for ckpt, steps, (gtr, gte) in zip(ckpts, history, grads):
+        a = _manual_diagonal(steps, subset)
         scores = scores + ckpt.lr * np.einsum("aid,bjd->aibj", gte, gtr * a)
         self_inf = self_inf + ckpt.lr * np.einsum("bjd,bjd->bj", gtr, gtr * a)
     return scores, self_inf
@@ -82,57 +115,53 @@ def test_adam_diagonal_reads_the_bias_corrected_second_moment(toy, adam_toy):
         np.testing.assert_allclose(got, _manual_diagonal(grads, subset), rtol=1e-5)
 
 
-@pytest.mark.parametrize("params, proj", [("head", None), ("all", None)])
-def test_adam_tracin_equals_explicit_preconditioned_grads(toy, adam_toy, params, proj):
+@pytest.mark.parametrize("params", ["head", "all"])
+def test_adam_tracin_equals_explicit_preconditioned_grads(toy, adam_toy, fns, brute, params):
+    """The head shortcut and the per-example backward pass, each scaled by the diagonal."""
     ckpts, history = adam_toy
-    subset = resolve_subset(toy.checkpoints[0].variables["params"], params)
-    fn = make_class_grad_fn(toy.model, subset)
+    fn = fns(params)
+    subset = fn.subset
     scores, self_inf = class_tracin(fn, ckpts, toy.train.images, toy.train.labels,
-                                    toy.test.images, toy.test.labels, batch_size=4,
+                                    toy.test.images, toy.test.labels, batch_size=BATCH,
                                     precondition=AdamPreconditioner())
-    ref_scores, ref_self = _explicit(toy, subset, ckpts, history)
+    ref_scores, ref_self = _explicit(subset, ckpts, history, brute(params))
     scale = np.abs(ref_scores).max()
     np.testing.assert_allclose(scores, ref_scores, atol=2e-4 * scale, rtol=2e-3)
     np.testing.assert_allclose(self_inf, ref_self, rtol=2e-3)
     # Preconditioning changes the scores (the test would pass vacuously otherwise).
     plain, _ = class_tracin(fn, ckpts, toy.train.images, toy.train.labels, toy.test.images,
-                            toy.test.labels, batch_size=4)
+                            toy.test.labels, batch_size=BATCH)
     assert np.abs(plain - scores).max() > 0.1 * scale
 
 
-def test_preconditioning_happens_before_projection(toy, adam_toy):
+def test_preconditioning_happens_before_projection(toy, adam_toy, fns, brute):
     """all + CountSketch: each feature is sqrt(lr) P(sqrt(a) * g), P applied to explicit
     preconditioned jax.grad vectors."""
     ckpts, history = adam_toy
-    subset = resolve_subset(toy.checkpoints[0].variables["params"], "all")
-    projector = make_projector(subset, 64, seed=1, kind="countsketch")
-    fn = make_class_grad_fn(toy.model, subset, projector=projector)
+    fn = fns("all", "countsketch")
+    subset, projector = fn.subset, fn.projector
     scores, _ = class_tracin(fn, ckpts[:1], toy.train.images, toy.train.labels,
-                             toy.test.images, toy.test.labels, batch_size=4,
+                             toy.test.images, toy.test.labels, batch_size=BATCH,
                              precondition=AdamPreconditioner())
     ckpt, a = ckpts[0], np.sqrt(_manual_diagonal(history[0], subset))
-
-    def feats(images, labels):
-        g = brute_force_class_grads(toy.model, subset, ckpt.variables, images, labels) * a
-        n = len(g)
-        leaves, start = [], 0
-        for shape in subset.shapes:
-            size = int(np.prod(shape))
-            leaves.append(jnp.asarray(g[..., start:start + size].reshape(n, 3, *shape),
-                                      jnp.float32))
-            start += size
-        return np.asarray(projector(leaves), np.float64)
-
-    ref = ckpt.lr * np.einsum("aid,bjd->aibj", feats(toy.test.images, toy.test.labels),
-                              feats(toy.train.images, toy.train.labels))
+    gtr, gte = brute("all")[0]
+    g = np.concatenate([gtr, gte]) * a  # [n_train + n_test, C, P]: projected in one call
+    leaves, start = [], 0
+    for shape in subset.shapes:
+        size = int(np.prod(shape))
+        leaves.append(jnp.asarray(g[..., start:start + size].reshape(len(g), 3, *shape),
+                                  jnp.float32))
+        start += size
+    projected = np.asarray(jax.jit(projector)(leaves), np.float64)  # one program, not per op
+    ptr, pte = projected[:len(gtr)], projected[len(gtr):]
+    ref = ckpt.lr * np.einsum("aid,bjd->aibj", pte, ptr)
     np.testing.assert_allclose(scores, ref, atol=2e-4 * np.abs(ref).max(), rtol=2e-3)
 
 
 @pytest.mark.parametrize("params", ["head", "all"])
-def test_identity_preconditioner_is_plain_tracin(toy, params, tmp_path):
-    subset = resolve_subset(toy.checkpoints[0].variables["params"], params)
-    fn = make_class_grad_fn(toy.model, subset)
-    kw = {"chunk_size": 3, "batch_size": 2, "progress": False}
+def test_identity_preconditioner_is_plain_tracin(toy, fns, params, tmp_path):
+    fn = fns(params)
+    kw = {"chunk_size": 4, "batch_size": BATCH, "progress": False}
     plain = compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "plain",
                               store_dir=tmp_path / "s1", **kw)
     ident = compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "ident",
@@ -144,11 +173,12 @@ def test_identity_preconditioner_is_plain_tracin(toy, params, tmp_path):
                                    np.load(tmp_path / "plain" / name), rtol=1e-6, atol=1e-12)
 
 
-def test_adam_store_is_its_own_and_split_train_stays_symmetric(toy, adam_toy, tmp_path):
+def test_adam_store_is_its_own_and_split_train_stays_symmetric(toy, adam_toy, fns, brute,
+                                                                 tmp_path):
     ckpts, history = adam_toy
-    subset = resolve_subset(toy.checkpoints[0].variables["params"], "head")
-    fn = make_class_grad_fn(toy.model, subset)
-    kw = {"chunk_size": 3, "batch_size": 2, "progress": False, "workdir": tmp_path}
+    fn = fns("head")
+    subset = fn.subset
+    kw = {"chunk_size": 4, "batch_size": BATCH, "progress": False, "workdir": tmp_path}
     plain = compute_influence(fn, ckpts, toy.train, toy.test, tmp_path / "plain", **kw)
     adam = compute_influence(fn, ckpts, toy.train, toy.train, tmp_path / "adam", split="train",
                              precondition="adam", **kw)
@@ -157,41 +187,36 @@ def test_adam_store_is_its_own_and_split_train_stays_symmetric(toy, adam_toy, tm
     np.testing.assert_allclose(s, s.transpose(2, 3, 0, 1), rtol=1e-5, atol=1e-9)
     n = len(toy.train.ids)
     diag = s[np.arange(n), :, np.arange(n), :]  # [n, C, C]
-    _, ref_self = _explicit(SimpleNamespace(**{**vars(toy), "test": toy.train}), subset, ckpts,
-                            history)
+    _, ref_self = _explicit(subset, ckpts, history, [(tr, tr) for tr, _ in brute("head")])
     np.testing.assert_allclose(np.einsum("bjj->bj", diag), ref_self, rtol=2e-3)
     np.testing.assert_allclose(np.load(tmp_path / "adam" / "self_influence.npy"), ref_self,
                                rtol=2e-3)
 
 
-def test_cosine_composes_with_the_preconditioner(toy, adam_toy):
+def test_cosine_composes_with_the_preconditioner(toy, adam_toy, fns, brute):
     ckpts, history = adam_toy
-    subset = resolve_subset(toy.checkpoints[0].variables["params"], "head")
-    fn = normalised(make_class_grad_fn(toy.model, subset))
+    fn = normalised(fns("head"))
+    subset = fn.subset
     scores, self_inf = class_tracin(fn, ckpts, toy.train.images, toy.train.labels,
-                                    toy.test.images, toy.test.labels,
+                                    toy.test.images, toy.test.labels, batch_size=BATCH,
                                     precondition=AdamPreconditioner())
     ref, ref_self = 0.0, 0.0
-    for ckpt, grads in zip(ckpts, history):
+    for ckpt, grads, (btr, bte) in zip(ckpts, history, brute("head")):
         r = np.sqrt(_manual_diagonal(grads, subset))
         unit = lambda g: g / (np.linalg.norm(g, axis=-1, keepdims=True) + 1e-12)  # noqa: E731
-        gtr = unit(r * brute_force_class_grads(toy.model, subset, ckpt.variables,
-                                               toy.train.images, toy.train.labels))
-        gte = unit(r * brute_force_class_grads(toy.model, subset, ckpt.variables,
-                                               toy.test.images, toy.test.labels))
+        gtr, gte = unit(r * btr), unit(r * bte)
         ref = ref + ckpt.lr * np.einsum("aid,bjd->aibj", gte, gtr)
         ref_self = ref_self + ckpt.lr * np.einsum("bjd,bjd->bj", gtr, gtr)
     np.testing.assert_allclose(scores, ref, atol=1e-5 * np.abs(ref).max(), rtol=1e-4)
     np.testing.assert_allclose(self_inf, ref_self, rtol=1e-5, atol=1e-9)
 
 
-def test_a_checkpoint_without_adam_state_is_one_line_error(toy):
+def test_a_checkpoint_without_adam_state_is_one_line_error(toy, fns):
     params = toy.checkpoints[0].variables["params"]
     sgd_state = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1).init(params)
     ckpt = SimpleNamespace(epoch=4, lr=0.1, variables=toy.checkpoints[0].variables,
                            opt_state=sgd_state)
-    subset = resolve_subset(params, "head")
-    fn = make_class_grad_fn(toy.model, subset)
+    fn = fns("head")
     with pytest.raises(InputError) as e:
         class_tracin(fn, [ckpt], toy.train.images, toy.train.labels, toy.test.images,
                      toy.test.labels, precondition="adam")
@@ -206,10 +231,9 @@ def test_a_checkpoint_without_adam_state_is_one_line_error(toy):
                      toy.test.labels, precondition="adamw")
 
 
-def test_relatif_divides_by_the_root_of_the_training_self_influence(toy, tmp_path):
-    subset = resolve_subset(toy.checkpoints[0].variables["params"], "head")
-    fn = make_class_grad_fn(toy.model, subset)
-    kw = {"chunk_size": 3, "batch_size": 2, "progress": False, "store_dir": tmp_path / "s"}
+def test_relatif_divides_by_the_root_of_the_training_self_influence(toy, fns, tmp_path):
+    fn = fns("head")
+    kw = {"chunk_size": 4, "batch_size": BATCH, "progress": False, "store_dir": tmp_path / "s"}
     compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "plain", **kw)
     meta = compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "rel",
                              relatif=True, **kw)
@@ -238,12 +262,11 @@ def test_relatif_divides_by_the_root_of_the_training_self_influence(toy, tmp_pat
     assert not np.allclose(got / np.abs(got).max(), plain / np.abs(plain).max(), atol=1e-2)
 
 
-def test_cli_adam_on_a_trained_run_and_refusal_on_sgd(tiny_run, tmp_path):
+def test_cli_adam_on_a_trained_run_and_refusal_on_sgd(tiny_run, tmp_path, capsys):
     out = tmp_path / "adam"
-    cmd = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(tiny_run),
-           "--out", str(out), "--precondition", "adam", "--relatif"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    argv = ["influence", "--workdir", str(tiny_run), "--out", str(out), "--precondition", "adam",
+            "--relatif", "--batch-size", "8"]  # 16 training and 8 test slices: one batch shape
+    assert main(argv) == 0, capsys.readouterr().err
     meta = json.loads((out / "meta.json").read_text())
     assert meta["precondition"]["kind"] == "adam" and meta["relatif"] is True
     assert np.isfinite(np.load(out / "patient_scores.npy")).all()
@@ -253,11 +276,11 @@ def test_cli_adam_on_a_trained_run_and_refusal_on_sgd(tiny_run, tmp_path):
     config = json.loads((sgd / "config.json").read_text())
     config["train"]["optimizer"] = "sgd"
     (sgd / "config.json").write_text(json.dumps(config))
-    cmd[cmd.index(str(tiny_run))] = str(sgd)
-    cmd[cmd.index(str(out))] = str(tmp_path / "never")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    argv[argv.index(str(tiny_run))] = str(sgd)
+    argv[argv.index(str(out))] = str(tmp_path / "never")
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tracin-jax: error: --precondition adam:")
     assert "trained with sgd" in lines[0]
     assert not (tmp_path / "never").exists()

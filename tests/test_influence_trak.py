@@ -4,10 +4,7 @@ stage end to end on the tiny run (checkpoints and retrained seeds, resume), and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -16,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tracin_jax.cli import main
 from tracin_jax.errors import InputError
 from tracin_jax.influence import resolve_subset
 from tracin_jax.influence.trak import (TrakModel, compute_trak, out_to_loss, region_margin,
@@ -41,11 +39,12 @@ def test_region_margin_and_out_to_loss_by_hand():
     logits[0, 0, 0] = [0.0, 2.0, 0.0, 0.0]  # pixel of label 1
     logits[0, 0, 1] = [1.0, 0.0, 3.0, -1.0]  # pixel of label 2
     labels = np.array([[[1, 2]]], np.int32)  # label 3 absent
-    m = np.asarray(region_margin(jnp.asarray(logits), jnp.asarray(labels)))
+    # jitted: one small program each rather than one per eager operation
+    m = np.asarray(jax.jit(region_margin)(jnp.asarray(logits), jnp.asarray(labels)))
     want1 = 2.0 - np.log(3.0)  # logit_1 - log(e^0 + e^0 + e^0)
     want2 = 3.0 - np.log(np.exp(1.0) + 1.0 + np.exp(-1.0))
     np.testing.assert_allclose(m, [[want1, want2, 0.0]], rtol=1e-5)
-    q = np.asarray(out_to_loss(jnp.asarray(logits), jnp.asarray(labels)))
+    q = np.asarray(jax.jit(out_to_loss)(jnp.asarray(logits), jnp.asarray(labels)))
     p = _softmax(logits[0, 0].astype(np.float64))
     np.testing.assert_allclose(q, [[1 - p[0, 1], 1 - p[1, 2], 0.0]], rtol=1e-5)
 
@@ -119,8 +118,8 @@ def test_trak_equals_closed_form_on_linear_model(tmp_path):
     grad_fn = trak_grad_fn(model, subset)
     damping = 0.05
     meta = compute_trak(model, grad_fn, models, train, test, tmp_path / "out",
-                        store_dir=tmp_path / "store", damping=damping, batch_size=4,
-                        chunk_size=4, progress=False)
+                        store_dir=tmp_path / "store", damping=damping, batch_size=2,
+                        chunk_size=2, progress=False)  # 3 chunks, one batch shape
     want = _closed_form(models, train, test, damping)
     scores = np.load(tmp_path / "out" / "scores.npy")
     np.testing.assert_allclose(scores, want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
@@ -155,6 +154,11 @@ def test_trak_scores_rejects_mismatched_inputs():
         trak_scores([np.zeros((1, 3, 2))], [], [])
 
 
+# The tiny run's 16 training and 8 test slices in batches of one shape: each gradient and
+# output function of a run_trak call is traced and compiled once, not once per shape.
+BATCH = 8
+
+
 @pytest.fixture(scope="module")
 def trak_workdir(tiny_run, tmp_path_factory):
     """A private copy of the tiny run (the seed models are cached inside the workdir)."""
@@ -163,28 +167,38 @@ def trak_workdir(tiny_run, tmp_path_factory):
     return wd
 
 
-def test_run_trak_checkpoints_end_to_end(trak_workdir, tmp_path):
+@pytest.fixture(scope="module")
+def trak_checkpoints(trak_workdir, tmp_path_factory):
+    """(folder, meta): TRAK of the run's checkpoints 2 and 3 (head), computed once; tests that
+    change the folder work on a copy."""
+    out = tmp_path_factory.mktemp("trak_checkpoints") / "trak"
+    meta = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
+                    batch_size=BATCH, progress=False, log=lambda s: None)
+    return out, meta
+
+
+def test_run_trak_checkpoints_end_to_end(trak_workdir, trak_checkpoints, tmp_path):
     from tracin_jax import load_run
     from tracin_jax.evaluate.api import _load_influence
 
     out = tmp_path / "trak"
-    meta = run_trak(trak_workdir, out, models="checkpoints", params="head", progress=False,
-                    log=lambda s: None)
+    shutil.copytree(trak_checkpoints[0], out)
+    meta = trak_checkpoints[1]
     run = load_run(trak_workdir)
     patients = sorted({str(c) for c in run.train.cases})
     loaded = _load_influence(out, patients, [str(i) for i in run.train.ids],
                              [str(i) for i in run.test.ids], trak_workdir)
     assert loaded["scores"].shape == (len(run.test.ids), 3, len(patients), 3)
     assert np.isfinite(loaded["scores"]).all()
-    assert [c["epoch"] for c in meta["checkpoints"]] == [c.epoch for c in run.checkpoints]
-    assert meta["trak"]["models"] == [f"run epoch {c.epoch}" for c in run.checkpoints]
+    assert [c["epoch"] for c in meta["checkpoints"]] == [2, 3]
+    assert meta["trak"]["models"] == ["run epoch 2", "run epoch 3"]
     # rerun after a lost meta.json and a lost store chunk: same scores
     first = np.load(out / "scores.npy")
     (out / "meta.json").unlink()
     chunk = next(iter(sorted((trak_workdir / "features").glob("trak-checkpoints-*/epoch_*/*.npy"))))
     chunk.unlink()
-    meta2 = run_trak(trak_workdir, out, models="checkpoints", params="head", progress=False,
-                     log=lambda s: None)
+    meta2 = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
+                     batch_size=BATCH, progress=False, log=lambda s: None)
     assert meta2["timings"]["train_features"]["chunks_computed"] == 1
     np.testing.assert_allclose(np.load(out / "scores.npy"), first, rtol=1e-5, atol=1e-7)
 
@@ -192,14 +206,14 @@ def test_run_trak_checkpoints_end_to_end(trak_workdir, tmp_path):
 def test_run_trak_seeds_trains_once(trak_workdir, tmp_path):
     logs = []
     meta = run_trak(trak_workdir, tmp_path / "a", models="seeds", n_models=2, params="head",
-                    progress=False, log=logs.append)
+                    batch_size=BATCH, progress=False, log=logs.append)
     files = sorted((trak_workdir / "trak" / "models").glob("*.npz"))
     assert len(files) == 1 and any("training 1 full-data model" in s for s in logs)
     assert meta["trak"]["models"][1] == "seed 1" and len(meta["checkpoints"]) == 1
     stamp = files[0].stat().st_mtime_ns
     logs.clear()
     run_trak(trak_workdir, tmp_path / "b", models="seeds", n_models=2, params="head",
-             progress=False, log=logs.append)
+             batch_size=BATCH, progress=False, log=logs.append)
     assert files[0].stat().st_mtime_ns == stamp and not logs  # reused, not retrained
     np.testing.assert_allclose(np.load(tmp_path / "b" / "patient_scores.npy"),
                                np.load(tmp_path / "a" / "patient_scores.npy"), rtol=1e-5)
@@ -225,39 +239,31 @@ def test_run_trak_bad_input(trak_workdir, tmp_path, monkeypatch, kw, match):
     assert after == before  # nothing trained before the error
 
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "tracin_jax.cli", *args], capture_output=True,
-                          text=True, env=env)
-
-
-def test_cli_trak_and_its_errors(trak_workdir, tmp_path):
+def test_cli_trak_and_its_errors(trak_workdir, tmp_path, capsys):
     out = tmp_path / "cli"
-    r = _cli("influence", "--workdir", str(trak_workdir), "--out", str(out), "--method", "trak",
-             "--trak-models-from", "checkpoints", "--checkpoints", "2,3")
-    assert r.returncode == 0, r.stderr
+    assert main(["influence", "--workdir", str(trak_workdir), "--out", str(out), "--method",
+                 "trak", "--trak-models-from", "checkpoints", "--checkpoints", "2,3", "--batch-size",
+                 str(BATCH)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["method"] == "trak" and [c["epoch"] for c in meta["checkpoints"]] == [2, 3]
     for extra, match in ((["--method", "bogus"], "--method 'bogus'"),
                          (["--method", "trak", "--normalised"], "do not apply"),
                          (["--method", "trak", "--trak-models", "0"], "--trak-models 0")):
-        r = _cli("influence", "--workdir", str(trak_workdir), "--out", str(tmp_path / "bad"),
-                 *extra)
-        assert r.returncode == 2
-        lines = r.stderr.strip().splitlines()
+        capsys.readouterr()
+        assert main(["influence", "--workdir", str(trak_workdir), "--out", str(tmp_path / "bad"),
+                     *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tracin-jax: error:") and match in lines[0]
     assert not (tmp_path / "bad").exists()
 
 
-def test_evaluation_knows_a_trak_folder(trak_workdir, tmp_path):
+def test_evaluation_knows_a_trak_folder(trak_workdir, trak_checkpoints, tmp_path):
     """The evaluation's table names TRAK, pairs it with no mislabel method, and randomises it
     by recomputing TRAK (not Dice TracIn) with re-initialised models."""
     from tracin_jax import load_run
     from tracin_jax.evaluate import sanity
 
-    out = tmp_path / "trak"
-    meta = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
-                    progress=False, log=lambda s: None)
+    out, meta = trak_checkpoints
     spec = sanity.gradient_spec(meta)
     assert spec.describe() == "TRAK head, 2 models" and spec.loss == "dice"
     assert sanity.mislabel_method(spec, 3) is None
