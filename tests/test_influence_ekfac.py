@@ -237,7 +237,7 @@ def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path
     assert rc == 2 and "--fisher" in err and not out.exists()
 
     args = ("influence", "--workdir", str(tiny_run), "--out", str(out), "--method", "ekfac",
-            "--params", "all", "--checkpoints", "2,3", "--batch-size", "4")
+            "--params", "dec0/.*|head/.*", "--checkpoints", "2,3", "--batch-size", "4")
     rc, err = _cli(capsys, *args)
     assert rc == 0, err
     meta = json.loads((out / "meta.json").read_text())
@@ -245,7 +245,9 @@ def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path
     assert pat.shape == (meta["n_test"], 3, len(meta["patients"]), 3)
     assert np.isfinite(pat).all() and np.abs(pat).max() > 0
     assert meta["ekfac"]["fisher"] == "sampled" and meta["ekfac"]["damping"] == 0.1
-    assert "head" in meta["ekfac"]["layers"] and meta["ekfac"]["left_out"]
+    # the decoder block's convs and the head; its normalisation parameters are left out
+    assert "head" in meta["ekfac"]["layers"] and any(l.startswith("dec0/") for l in meta["ekfac"]["layers"])
+    assert meta["ekfac"]["left_out"] and all(p.startswith("dec0/") for p in meta["ekfac"]["left_out"])
     assert [c["epoch"] for c in meta["checkpoints"]] == [2, 3]
     factors = sorted((out / "ekfac_factors").iterdir())
     assert len(factors) == 2
@@ -265,7 +267,7 @@ def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path
     from tracin_jax.evaluate import sanity
 
     spec = sanity.gradient_spec(meta)
-    assert spec.method == "ekfac" and spec.describe().startswith("EK-FAC dice all")
+    assert spec.method == "ekfac" and spec.describe().startswith("EK-FAC dice ")
     assert sanity.mislabel_method(spec, 3) is None
     rnd = sanity.model_randomisation(load_run(tiny_run), out, tmp_path / "rnd")
     assert -1 <= rnd["mean"] <= 1
