@@ -108,7 +108,18 @@ def tiny_influence(tiny_run, tmp_path_factory) -> Path:
 # fill the gaps at the end (longest-first balances two workers). Seconds measured on the
 # project's 2-core machine; a file not listed counts as short. Stale numbers cost time, never
 # correctness.
-FILE_SECONDS = {}
+FILE_SECONDS = {
+    "test_models_arch.py": 109, "test_evaluate_cli.py": 46, "test_influence_ekfac.py": 38,
+    "test_explain_report.py": 37, "test_experiments_consistency.py": 34, "test_notebooks.py": 30,
+    "test_training.py": 31, "test_influence_logra.py": 30, "test_evaluate_retrain.py": 29,
+    "test_influence_grads.py": 28, "test_influence_engine.py": 28,
+    "test_experiments_mislabel.py": 26, "test_influence_trak.py": 25, "test_data_real.py": 22,
+    "test_influence_precondition.py": 22, "test_experiments_paper_scale.py": 21,
+    "test_influence_semantics.py": 18, "test_explain_figures.py": 15,
+    "test_explain_output.py": 14, "test_influence_sharding.py": 13, "test_influence_store.py": 12,
+    "test_influence_faults.py": 12, "test_influence_projection.py": 11, "test_model.py": 11,
+    "test_explain_classes.py": 10, "test_losses.py": 9,
+}
 
 
 def pytest_collection_modifyitems(session, config, items):
