@@ -90,18 +90,20 @@ class Run:
         """Inference mode (BatchNorm running stats). images f32[B,H,W,4] -> logits f32[B,H,W,4].
 
         Jitted (compiled once per input shape; callable inside other jitted functions too)."""
-        return self._jitted[0](variables, images)
+        return self._apply_jit(variables, images)
 
     def features(self, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(logits f32[B,H,W,4], last hidden features f32[B,H,W,width]) in inference mode
         (jitted like :meth:`apply`)."""
-        return self._jitted[1](variables, images)
+        return self._features_jit(variables, images)
 
     @cached_property
-    def _jitted(self):
-        model = self.model
-        return (jax.jit(lambda variables, images: model.apply(variables, images, train=False)),
-                jax.jit(lambda variables, images: features_apply(model, variables, images)))
+    def _apply_jit(self):
+        return jax.jit(lambda variables, images: self.model.apply(variables, images, train=False))
+
+    @cached_property
+    def _features_jit(self):
+        return jax.jit(lambda variables, images: features_apply(self.model, variables, images))
 
     @property
     def head_name(self) -> str:
