@@ -73,14 +73,35 @@ def tiny_config(*extra: str):
     return apply_overrides(get_config("tiny"), [*TINY_OVERRIDES, *extra])
 
 
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test session, whatever the number of xdist workers.
+
+    Under xdist every worker is its own process with its own session fixtures; the first to ask
+    builds the folder in the session's shared temporary root, under a file lock, and the others
+    wait for it and reuse it. Treat the folder as read-only (copy it to write into it).
+    """
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/: shared by this session's workers only
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"shared-{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            (root / f"shared-{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A 6-case synthetic BraTS 2019 tree (seed 0)."""
     from tracin_jax.data import write_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("tiny_data")
-    write_synthetic_dataset(root, cases=6, seed=0, progress=False, shape=TINY_SHAPE)
-    return root
+    return _built_once(tmp_path_factory, "tiny_data", lambda root: write_synthetic_dataset(
+        root, cases=6, seed=0, progress=False, shape=TINY_SHAPE))
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +109,10 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """Workdir of the `tiny` config trained for 3 epochs on `tiny_data` (checkpoints 1, 2, 3)."""
     from tracin_jax.training.train import train_and_evaluate
 
+    shared = _built_once(tmp_path_factory, "tiny_run", lambda root: train_and_evaluate(
+        tiny_config(), tiny_data, root, progress=False, log=lambda s: None))
     workdir = tmp_path_factory.mktemp("tiny_run") / "run"
-    train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lambda s: None)
+    shutil.copytree(shared, workdir)  # each worker's own: tests may write into a run
     return workdir
 
 

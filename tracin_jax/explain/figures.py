@@ -92,10 +92,30 @@ def _orient(ax) -> None:
 
 
 def _save(fig, path: Path) -> str:
-    """Writes the PNG; the saved area grows to any text the layout left outside the figure."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.06)
+    """Writes the PNG; the saved area grows to any text the layout left outside the figure.
+
+    The figure is drawn once (layout included) and that drawing is written when everything lies
+    inside the figure, as it does after the layout and the wrapping above. Otherwise the figure
+    is saved with ``bbox_inches="tight"``, which draws it twice, to measure and to render.
+    """
+    fig.set_dpi(DPI)
+    fig.canvas.draw()
+    tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    w, h = fig.get_size_inches()
+    if tight.x0 >= 0 and tight.y0 >= 0 and tight.x1 <= w and tight.y1 <= h:
+        _write_canvas(fig, path)
+    else:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.06)
     plt.close(fig)
     return Path(path).name
+
+
+def _write_canvas(fig, path: Path) -> None:
+    """The Agg canvas as it was last drawn -> an RGBA PNG with the figure's resolution."""
+    from PIL import Image
+
+    buf = np.asarray(fig.canvas.buffer_rgba())
+    Image.fromarray(buf, "RGBA").save(path, format="png", dpi=(DPI, DPI))
 
 
 def _window(img: np.ndarray) -> tuple[float, float]:
