@@ -65,19 +65,20 @@ def test_shapes_training_step_and_class_gradients(arch):
 
     # Shapes: the head is a 1x1 conv of the features, so the last hidden map fully determines
     # the logits.
-    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 4))
-    logits, feats = features_apply(model, variables, x)
+    # Jitted: eager Flax runs every operation as its own compiled program.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 16, 16, 4)).astype(np.float32)
+    logits, feats = map(np.asarray, jax.jit(lambda v, x: features_apply(model, v, x))(variables, x))
     assert logits.shape == (3, 16, 16, 4) and feats.shape == (3, 16, 16, 4)
-    head = variables["params"][head_name(model)]
-    again = jnp.einsum("bhwf,fk->bhwk", feats, head["kernel"][0, 0]) + head["bias"]
+    head = jax.tree.map(np.asarray, variables["params"][head_name(model)])
+    again = np.einsum("bhwf,fk->bhwk", feats, head["kernel"][0, 0]) + head["bias"]
     np.testing.assert_allclose(logits, again, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(model.apply(variables, x, train=False), logits, rtol=1e-6, atol=1e-6)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    np.testing.assert_allclose(apply(variables, x), logits, rtol=1e-6, atol=1e-6)
     # BatchNorm in inference mode: an example's output does not depend on the rest of the batch.
-    np.testing.assert_allclose(model.apply(variables, x[:1], train=False), logits[:1],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply(variables, x[:1]), logits[:1], rtol=1e-5, atol=1e-5)
 
     # Class gradients (head path and 'all') equal one jax.grad per example and class.
-    rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 16, 16, 4)).astype(np.float32)
     labels = rng.choice(4, size=(2, 16, 16), p=[0.55, 0.15, 0.15, 0.15]).astype(np.int32)
     for spec in ("head/.*", "all"):
@@ -93,8 +94,8 @@ def test_shapes_training_step_and_class_gradients(arch):
     tx = make_optimizer(tcfg)
     before = jax.tree.map(np.asarray, variables)
     step = make_train_step(model, tx, tcfg, (16, 16))
-    xb = jax.random.normal(jax.random.key(2), (2, 16, 16, 4))
-    yb = jax.random.randint(jax.random.key(3), (2, 16, 16), 0, 4)
+    xb = rng.normal(size=(2, 16, 16, 4)).astype(np.float32)
+    yb = rng.integers(0, 4, size=(2, 16, 16)).astype(np.int32)
     new, _, loss = step(variables, tx.init(variables["params"]), xb, yb, jax.random.key(4))
     assert np.isfinite(float(loss))
     for part in ("params", "batch_stats"):
