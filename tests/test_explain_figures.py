@@ -140,3 +140,25 @@ def test_wrap_keeps_ids_whole():
     lines = text.split("\n")
     assert "".join(lines).replace(" ", "") == "testBraTS-GLI-90001-000/z90groundtruth"
     assert max(len(x) for x in lines) <= int(72 / (figures.CHAR_EM * 8.5))
+
+
+def test_save_writes_the_drawn_figure_and_grows_to_text_outside(tmp_path):
+    from PIL import Image
+
+    def figure(text_x, layout):
+        fig, ax = plt.subplots(figsize=(3.0, 2.0), layout=layout)
+        ax.imshow(np.arange(16.0).reshape(4, 4))
+        ax.text(text_x, 0.5, "a label placed by hand", transform=ax.transAxes)
+        return fig
+
+    # Everything inside: the single drawing is written, at the figure's own size and resolution.
+    figures._save(figure(0.05, "constrained"), tmp_path / "inside.png")
+    with Image.open(tmp_path / "inside.png") as im:
+        assert im.size == (round(3.0 * figures.DPI), round(2.0 * figures.DPI))
+        assert im.mode == "RGBA" and im.info["dpi"] == pytest.approx((figures.DPI, figures.DPI), abs=0.01)
+        assert len(np.unique(np.asarray(im).reshape(-1, 4), axis=0)) > 10  # not blank
+    # A text past the right edge: the saved area grows to hold it.
+    figures._save(figure(1.5, None), tmp_path / "outside.png")  # no layout moves it in
+    with Image.open(tmp_path / "outside.png") as im:
+        assert im.size[0] > round(3.0 * figures.DPI)
+    assert not plt.get_fignums()  # both figures closed
