@@ -21,6 +21,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import patheffects
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
@@ -98,23 +99,24 @@ def _save(fig, path: Path) -> str:
     inside the figure, as it does after the layout and the wrapping above. Otherwise the figure
     is saved with ``bbox_inches="tight"``, which draws it twice, to measure and to render.
     """
+    canvas = FigureCanvasAgg(fig)  # whatever the session's backend: a canvas with pixels
     fig.set_dpi(DPI)
-    fig.canvas.draw()
-    tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    canvas.draw()
+    tight = fig.get_tightbbox(canvas.get_renderer())  # inches
     w, h = fig.get_size_inches()
     if tight.x0 >= 0 and tight.y0 >= 0 and tight.x1 <= w and tight.y1 <= h:
-        _write_canvas(fig, path)
+        _write_canvas(canvas, path)
     else:
         fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.06)
     plt.close(fig)
     return Path(path).name
 
 
-def _write_canvas(fig, path: Path) -> None:
-    """The Agg canvas as it was last drawn -> an RGBA PNG with the figure's resolution."""
+def _write_canvas(canvas: FigureCanvasAgg, path: Path) -> None:
+    """An Agg canvas as it was last drawn -> an RGBA PNG with the figure's resolution."""
     from PIL import Image
 
-    buf = np.asarray(fig.canvas.buffer_rgba())
+    buf = np.asarray(canvas.buffer_rgba())
     Image.fromarray(buf, "RGBA").save(path, format="png", dpi=(DPI, DPI))
 
 
