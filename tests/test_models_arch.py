@@ -20,7 +20,6 @@ from tracin_jax.influence import is_head_subset, make_class_grad_fn, resolve_sub
 from tracin_jax.influence.reference import brute_force_class_grads
 from tracin_jax.models import (ARCHITECTURES, build_model, count_params, features_apply,
                                head_name, known_architectures, register_architecture)
-from tracin_jax.training.losses import tumour_dice_loss
 from tracin_jax.training.train import init_variables, make_optimizer, make_train_step
 
 ARCHS = ("unet", "deepseg", "resunet", "attention_unet")
