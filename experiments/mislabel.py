@@ -33,7 +33,12 @@ What it does:
    :func:`tracin_jax.training.losses.tumour_cross_entropy`, plugged into the engine
    as a ``grad_fn``) for ``head``; and both losses again with Adam-aware gradients for ``head``
    (``Dice head adam``, ``CE head adam``: each checkpoint's gradients preconditioned by its
-   saved Adam state, :mod:`tracin_jax.influence.precondition`; ``--adam-subsets``);
+   saved Adam state, :mod:`tracin_jax.influence.precondition`; ``--adam-subsets``), and as
+   EK-FAC influence functions, g^T (F + lambda I)^-1 g with factors fitted at each checkpoint
+   (``Dice head ekfac``, ``CE head ekfac``; ``--ekfac-subsets``); ``all`` once more with the
+   LoGra per-layer projection (``Dice all logra``, rank ``--logra-rank``); and class-wise TRAK's
+   self-score phi^T K^-1 phi Q on ``head`` with the run's last checkpoint and
+   ``--trak-models`` - 1 full-data retrainings on the corrupted data (``TRAK head``);
 4. ranks training slices and patients (patient = sum, or max, over its slices) and reports, per
    corruption type and overall, the fraction of corrupted items found vs the fraction
    inspected, ROC-AUC (with a 5-95% patient-bootstrap interval) and whether the class with the
@@ -42,13 +47,13 @@ What it does:
    AUC of single-checkpoint ``head`` scores at every epoch.
 
 Scores compared (higher = inspect first), per slice, for each gradient (``Dice head``,
-``Dice head last``, ``Dice all``, ``CE head``):
+``Dice head last``, ``Dice all``, ``CE head``, and the Adam, EK-FAC, LoGra and TRAK ones):
 
 - ``classwise sum``: sum_j self-influence of class j (the diagonal of the 3 x 3 class matrix);
 - ``classwise max-q``: each class's self-influence turned into its quantile among the slices
   where that class is present, then the max over classes ("the most unusual class of the item");
 - ``total``: ordinary TracIn self-influence of the summed loss, sum over all 3 x 3 class pairs
-  (read from the train-vs-train score tensor);
+  (read from the train-vs-train score tensor; not for TRAK, which scores the test split);
 - ``class NCR/NET`` etc.: one class alone (in results.json);
 - ``loss sum`` / ``loss max-q``: the same aggregations of the per-class Dice loss at the last
   checkpoint (an absent class has loss 1, so ``loss sum`` favours slices with few classes).
@@ -98,12 +103,18 @@ FIGURE_METHODS = {
     "CE all classwise sum": ("#8C564B", "-"),
     "Dice head adam classwise sum": ("#009E73", "-"),
     "CE head adam classwise sum": ("#D55E00", "-"),
+    "Dice head ekfac classwise sum": ("#117733", "--"),
+    "CE head ekfac classwise sum": ("#882255", "--"),
+    "Dice all logra classwise sum": ("#AA4499", ":"),
+    "TRAK head classwise sum": ("#44AA99", "-"),
     "loss sum": ("#333333", "-"),
     "loss max-q": ("#333333", ":"),
 }
 SOURCE_COLOURS = {"Dice head": "#0072B2", "Dice head last": "#56A0D3", "Dice all": "#CC79A7",
                   "CE head": "#E69F00", "CE all": "#8C564B", "Dice head adam": "#009E73",
-                  "CE head adam": "#D55E00", "loss": "#333333", "random": "#999999"}
+                  "CE head adam": "#D55E00", "Dice head ekfac": "#117733",
+                  "CE head ekfac": "#882255", "Dice all logra": "#AA4499", "TRAK head": "#44AA99",
+                  "loss": "#333333", "random": "#999999"}
 RANDOM_STYLE = ("#999999", (0, (1, 2)))
 SHORT = {"all": "all corruptions", "swap": "swap ED<->NCR", "rim": "rim ET->NCR",
          "shift": "shifted mask", "foreign": "foreign mask"}
@@ -165,13 +176,17 @@ def plan_corruptions(train_cases: list[str], presence: dict[str, np.ndarray], fr
 
 # -- scores --------------------------------------------------------------------------------
 
-def self_influence_matrices(influence_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def self_influence_matrices(influence_dir: Path) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """(S f32[n, 3, 3], self f32[n, 3], present bool[n, 3]) of a ``split='train'`` influence
     folder: S[b, i, j] = sum_t eta_t <g_i(b), g_j(b)>, the diagonal blocks of the train-vs-train
-    score tensor; ``self`` is the engine's self_influence.npy (= the diagonal of S)."""
-    scores = np.load(influence_dir / "scores.npy", mmap_mode="r")  # [n, 3, n, 3]
-    n = scores.shape[0]
-    blocks = np.stack([np.asarray(scores[b, :, b, :]) for b in range(n)])
+    score tensor; ``self`` is the engine's self_influence.npy (= the diagonal of S). A TRAK
+    folder (test split) has no train-vs-train tensor: S is None and ``self`` is its self-score."""
+    blocks = None
+    if (influence_dir / "scores.npy").exists() and json.loads(
+            (influence_dir / "meta.json").read_text()).get("split") == "train":
+        scores = np.load(influence_dir / "scores.npy", mmap_mode="r")  # [n, 3, n, 3]
+        n = scores.shape[0]
+        blocks = np.stack([np.asarray(scores[b, :, b, :]) for b in range(n)])
     self_inf = np.load(influence_dir / "self_influence.npy")
     present = np.load(influence_dir / "train_present.npy")
     return blocks, self_inf, present
@@ -547,6 +562,14 @@ def parse_args(argv=None):
     p.add_argument("--adam-subsets", default="head",
                    help="subsets also scored with Adam-preconditioned gradients (Dice and CE; "
                         "empty: none)")
+    p.add_argument("--ekfac-subsets", default="head",
+                   help="subsets also scored with EK-FAC influence functions, g^T (F + lambda I)^-1 g "
+                        "(Dice and CE; empty: none)")
+    p.add_argument("--logra-rank", type=int, default=16,
+                   help="per-layer rank of a LoGra-projected 'all' Dice gradient (0: none)")
+    p.add_argument("--trak-models", type=int, default=4,
+                   help="models of a class-wise TRAK self-score on 'head' (the run + N-1 full-data "
+                        "retrainings; 0: none)")
     p.add_argument("--proj-dim", type=int, default=4096, help="projection dimension for 'all'")
     p.add_argument("--proj-kind", default="countsketch",
                    help="projection for 'all' (countsketch is cheapest on CPU; rademacher, gaussian)")
@@ -561,6 +584,7 @@ def run(args) -> dict:
     from tracin_jax.data import discover_cases, load_dataset, write_synthetic_dataset
     from tracin_jax.data.labels import LAYOUT_CONVENTION
     from tracin_jax.influence import run_influence
+    from tracin_jax.influence.trak import run_trak
     from tracin_jax.training.train import train_and_evaluate
 
     progress = not args.no_progress
@@ -573,6 +597,7 @@ def run(args) -> dict:
     subsets = [s.strip() for s in args.subsets.split(",") if s.strip()]
     ce_subsets = [s.strip() for s in args.ce_subsets.split(",") if s.strip()]
     adam_subsets = [s.strip() for s in args.adam_subsets.split(",") if s.strip()]
+    ekfac_subsets = [s.strip() for s in args.ekfac_subsets.split(",") if s.strip()]
     timings: dict[str, float] = {}
     config = build_config(args)
 
@@ -624,31 +649,56 @@ def run(args) -> dict:
     # subset, the last checkpoint alone for 'head', and region cross-entropy gradients.
     blocks, metas = {}, {}
     present = None
-    variants = []
+    variants = []  # (name, subset, loss, checkpoints, precondition, method, projection)
+    proj_all = (args.proj_dim, args.proj_kind)
     for loss in ("Dice", "CE"):
         for s in (subsets if loss == "Dice" else ce_subsets):
-            variants.append((f"{loss} {s}", s, loss, ckpts, None))
+            proj = proj_all if s == "all" else (None, None)
+            variants.append((f"{loss} {s}", s, loss, ckpts, None, "tracin", proj))
             if s == "head" and loss == "Dice" and len(ckpts) > 1:
-                variants.append(("Dice head last", "head", loss, [ckpts[-1]], None))
+                variants.append(("Dice head last", "head", loss, [ckpts[-1]], None, "tracin", proj))
         # Adam-aware TracIn: each checkpoint's gradients preconditioned by its Adam state.
         for s in adam_subsets:
-            variants.append((f"{loss} {s} adam", s, loss, ckpts, "adam"))
-    for name, subset, loss, eps, precondition in variants:
+            proj = proj_all if s == "all" else (None, None)
+            variants.append((f"{loss} {s} adam", s, loss, ckpts, "adam", "tracin", proj))
+        # EK-FAC influence functions: g^T (F + lambda I)^-1 g, factors fitted per checkpoint.
+        for s in ekfac_subsets:
+            proj = proj_all if s == "all" else (None, None)
+            variants.append((f"{loss} {s} ekfac", s, loss, ckpts, None, "ekfac", proj))
+    if args.logra_rank > 0:
+        variants.append(("Dice all logra", "all", "Dice", ckpts, None, "tracin",
+                         (args.logra_rank, "logra")))
+    if args.trak_models > 0:
+        variants.append(("TRAK head", "head", "Dice", ckpts, None, "trak", (None, None)))
+    for name, subset, loss, eps, precondition, method, proj in variants:
         t = time.perf_counter()
         folder = out / f"influence-{name.replace(' ', '-')}"
-        proj = (args.proj_dim, args.proj_kind) if subset == "all" else (None, None)
-        grad_fn = class_grad_fn(run_, subset, loss, *proj)
-        meta = run_influence(workdir, folder, checkpoints=eps, split="train", grad_fn=grad_fn,
-                             batch_size=args.batch_size, progress=progress,
-                             precondition=precondition)
+        if method == "trak":
+            # TRAK's self-score phi^T K^-1 phi Q of every training slice, from the run's last
+            # checkpoint and trak_models - 1 models retrained on the same (corrupted) data.
+            meta = run_trak(workdir, folder, models="seeds", n_models=args.trak_models,
+                            params=subset, batch_size=args.batch_size, progress=progress,
+                            log=lambda s: print(s, file=sys.stderr))
+        elif method == "ekfac":
+            meta = run_influence(workdir, folder, checkpoints=eps, split="train", method="ekfac",
+                                 params=subset, proj_dim=proj[0], proj_kind=proj[1] or "countsketch",
+                                 loss={"Dice": "dice", "CE": "ce"}[loss],
+                                 batch_size=args.batch_size, progress=progress)
+        else:
+            grad_fn = class_grad_fn(run_, subset, loss, *proj)
+            meta = run_influence(workdir, folder, checkpoints=eps, split="train", grad_fn=grad_fn,
+                                 batch_size=args.batch_size, progress=progress,
+                                 precondition=precondition)
         S, self_inf, present = self_influence_matrices(folder)
-        diag_err = float(np.max(np.abs(np.einsum("bii->bi", S) - self_inf)) /
-                         max(float(np.max(np.abs(self_inf))), 1e-30))
+        diag_err = (None if S is None else
+                    float(np.max(np.abs(np.einsum("bii->bi", S) - self_inf)) /
+                          max(float(np.max(np.abs(self_inf))), 1e-30)))
         blocks[name] = (S, self_inf)
-        metas[name] = {"checkpoints": eps, "params": subset, "loss": loss,
+        metas[name] = {"checkpoints": eps, "params": subset, "loss": loss, "method": method,
                        "precondition": precondition,
                        "param_count": meta["params"].get("size"), "projection": meta["projection"],
                        "gradient_tag": meta["gradient"]["tag"],
+                       "trak_models": (meta.get("trak") or {}).get("models"),
                        "timings": meta["timings"], "wall_s": time.perf_counter() - t,
                        "self_influence_vs_diagonal_max_rel_err": diag_err}
         timings[f"influence_{name.replace(' ', '_')}_s"] = time.perf_counter() - t

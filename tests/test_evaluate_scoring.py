@@ -186,9 +186,40 @@ def test_gradient_spec_and_mislabel_method():
     assert sanity.mislabel_method(sanity.gradient_spec(
         {**sketched, "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}}), 6) == \
         "Dice all classwise sum"
-    # the experiment's `all` rows are CountSketch: a LoGra folder has no mislabel row
+    # LoGra has its own row (Dice, all checkpoints); a Gaussian-projected `all` has none
+    logra = {**sketched, "projection": {"dim": 6620, "rank": 16, "seed": 0, "kind": "logra"}}
+    assert sanity.mislabel_method(sanity.gradient_spec(logra), 6) == "Dice all logra classwise sum"
     assert sanity.mislabel_method(sanity.gradient_spec(
-        {**sketched, "projection": {"dim": 6620, "rank": 16, "seed": 0, "kind": "logra"}}), 6) is None
+        {**logra, "checkpoints": [{"epoch": 6}]}), 6) is None
+    assert sanity.mislabel_method(sanity.gradient_spec(
+        {**sketched, "projection": {"dim": 4096, "seed": 0, "kind": "gaussian"}}), 6) is None
+
+
+def test_mislabel_rows_of_ekfac_and_trak_folders():
+    ekfac = {"gradient": {"tag": "ekfac(dice(eps=1e-06),fisher=sampleds0,damping=0.1)|exact"},
+             "params": {"name": "head"}, "projection": None,
+             "ekfac": {"damping": 0.1, "normalised": False},
+             "checkpoints": [{"epoch": 2}, {"epoch": 4}, {"epoch": 6}]}
+    assert sanity.mislabel_method(sanity.gradient_spec(ekfac), 6) == "Dice head ekfac classwise sum"
+    ce = {**ekfac, "gradient": {"tag": "ekfac(tumour_cross_entropy,fisher=sampleds0)|exact"}}
+    assert sanity.mislabel_method(sanity.gradient_spec(ce), 6) == "CE head ekfac classwise sum"
+    cos = {**ekfac, "gradient": {"tag": "normalised(" + ekfac["gradient"]["tag"] + ")"}}
+    assert sanity.mislabel_method(sanity.gradient_spec(cos), 6) is None  # self-influence is 1
+    last = {**ekfac, "checkpoints": [{"epoch": 6}]}
+    assert sanity.mislabel_method(sanity.gradient_spec(last), 6) is None
+    trak = {"gradient": {"tag": "trak(region_margin_loss|head|exact)"}, "method": "trak",
+            "params": {"name": "head"}, "projection": None,
+            "trak": {"models": ["run epoch 6", "seed 1"], "models_from": "seeds"},
+            "checkpoints": []}
+    spec = sanity.gradient_spec(trak)
+    assert (spec.models, spec.models_from) == (2, "seeds")
+    assert sanity.mislabel_method(spec, 6) == "TRAK head classwise sum"
+    on_ckpts = {**trak, "trak": {"models": ["run epoch 5", "run epoch 6"],
+                                 "models_from": "checkpoints"}}
+    assert sanity.mislabel_method(sanity.gradient_spec(on_ckpts), 6) is None
+    projected = {**trak, "params": {"name": "all"},
+                 "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}}
+    assert sanity.mislabel_method(sanity.gradient_spec(projected), 6) is None
 
 
 def test_preconditioned_and_relatif_folders_are_told_apart():

@@ -203,7 +203,8 @@ def test_corrupted_copy_rewrites_only_the_chosen_segs(tiny_data, tmp_path):
 def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
     out = tmp_path / "mislabel"
     args = ["--out", str(out), "--data", str(tiny_data), "--config", "tiny", "--fraction", "0.5",
-            "--proj-dim", "64", "--bootstrap", "50", "--batch-size", "2", "--no-progress"]
+            "--proj-dim", "64", "--bootstrap", "50", "--batch-size", "2", "--no-progress",
+            "--logra-rank", "2", "--trak-models", "2"]
     for o in [*TINY_OVERRIDES[:-1], "train.epochs=2"]:
         args += ["--set", o]
     assert mislabel.main(args) == 0
@@ -221,7 +222,21 @@ def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
         auc = methods[m]["all"]["auc"]
         assert 0.0 <= auc <= 1.0
         assert len(methods[m]["all"]["curve"]) == len(res["grid"])
+    for m in ("Dice head ekfac classwise sum", "CE head ekfac classwise sum",
+              "Dice all logra classwise sum", "TRAK head classwise sum"):
+        assert 0.0 <= methods[m]["all"]["auc"] <= 1.0, m
     for name, meta in res["influence"].items():
+        if name == "TRAK head":  # no train-vs-train tensor: its self-score only
+            assert meta["self_influence_vs_diagonal_max_rel_err"] is None
+            assert meta["trak_models"] == ["run epoch 2", "seed 1"]
+            continue
         assert meta["self_influence_vs_diagonal_max_rel_err"] < 1e-4, name
+    assert res["influence"]["Dice head ekfac"]["method"] == "ekfac"
+    assert res["influence"]["Dice all logra"]["projection"]["kind"] == "logra"
+    # TRAK's self-score is its own, not a TracIn self-influence under another name
+    si = {n: np.load(out / f"influence-{n.replace(' ', '-')}" / "self_influence.npy")
+          for n in ("TRAK head", "Dice head", "Dice head ekfac")}
+    assert not np.allclose(si["TRAK head"], si["Dice head"])
+    assert not np.allclose(si["Dice head ekfac"], si["Dice head"])
     assert res["influence"]["Dice all"]["projection"]["dim"] == 64
     assert res["auc_by_checkpoint"]["epochs"] == [1, 2]

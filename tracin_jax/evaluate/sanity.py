@@ -11,9 +11,10 @@ instance from image statistics that any weights would reproduce).
 
 Mislabel AUC: read from the ``results.json`` of ``python -m experiments.mislabel`` (which runs
 on its own run with corrupted labels), matched by gradient: Dice or CE loss, ``head`` or
-``all`` parameters, all checkpoints or the last only; the slice-level ROC-AUC of the
-"classwise sum" self-influence. Variants the experiment does not compute (cosine, other
-subsets, TRAK) get no value. A TRAK folder (meta.json ``method: trak``) is randomised by
+``all`` parameters, all checkpoints or the last only, plain, Adam-aware or EK-FAC, LoGra
+``all``, TRAK ``head`` on seed models (:func:`mislabel_method`); the slice-level ROC-AUC of the
+"classwise sum" self-influence. Variants the experiment does not compute (cosine and RelatIF,
+whose normalised self-influence is constant, other subsets) get no value. A TRAK folder (meta.json ``method: trak``) is randomised by
 recomputing TRAK with as many re-initialised models as it ensembles
 (:func:`tracin_jax.influence.trak.randomised_trak`).
 """
@@ -44,6 +45,7 @@ class GradientSpec:
     epochs: tuple[int, ...]
     method: str = "tracin"  # tracin | trak | ekfac (meta.json's "method" / "ekfac" entry)
     models: int = 0  # TRAK: models ensembled
+    models_from: str = ""  # TRAK: seeds | checkpoints
     precondition: str | None = None  # None | adam | identity
     relatif: bool = False
 
@@ -70,6 +72,7 @@ def gradient_spec(meta: dict) -> GradientSpec:
         epochs=tuple(int(c["epoch"]) for c in meta.get("checkpoints", [])),
         method="ekfac" if meta.get("ekfac") else str(meta.get("method", "tracin")),
         models=len((meta.get("trak") or {}).get("models", [])),
+        models_from=str((meta.get("trak") or {}).get("models_from", "")),
         precondition=(meta.get("precondition") or {}).get("kind"),
         relatif=bool(meta.get("relatif", False)))
 
@@ -173,20 +176,34 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
 
 
 def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
-    """The name ``experiments.mislabel`` gives the same gradient, or None if it has none."""
-    if (spec.method != "tracin" or spec.normalise or spec.relatif
-            or spec.params not in ("head", "all")):
+    """The name ``experiments.mislabel`` gives the same gradient, or None if it has none.
+
+    The experiment scores plain, Adam-aware and EK-FAC self-influence (Dice and CE) on
+    ``head`` and ``all`` (CountSketch), a LoGra-projected ``all`` Dice gradient, and TRAK on
+    ``head`` with full-data seed models. Cosine and RelatIF variants have none: their
+    normalised self-influence is 1 for every slice.
+    """
+    if spec.normalise or spec.relatif or spec.params not in ("head", "all"):
         return None
-    if spec.precondition not in (None, "adam"):
+    kind = (spec.projection or {}).get("kind")
+    if spec.method == "trak":
+        ok = spec.params == "head" and spec.models_from == "seeds" and not spec.projection
+        return "TRAK head classwise sum" if ok else None
+    if spec.precondition not in (None, "adam") or spec.method not in ("tracin", "ekfac"):
         return None
-    if spec.params == "all" and (spec.projection or {}).get("kind") != "countsketch":
-        return None  # the experiment's `all` gradients are CountSketch-projected
     last = len(spec.epochs) == 1 and spec.epochs[0] == last_epoch
+    loss = "CE" if spec.loss == "ce" else "Dice"
+    if spec.params == "all" and kind == "logra":
+        ok = spec.method == "tracin" and loss == "Dice" and not spec.precondition and not last
+        return "Dice all logra classwise sum" if ok else None
+    if spec.params == "all" and kind != "countsketch":
+        return None  # the experiment's other `all` gradients are CountSketch-projected
+    if spec.method == "ekfac":
+        return f"{loss} {spec.params} ekfac classwise sum" if not last else None
     if last and (spec.params != "head" or spec.precondition):
         return None
     adam = " adam" if spec.precondition else ""
-    return (f"{'CE' if spec.loss == 'ce' else 'Dice'} {spec.params}{adam}"
-            f"{' last' if last else ''} classwise sum")
+    return f"{loss} {spec.params}{adam}{' last' if last else ''} classwise sum"
 
 
 def read_mislabel(path: str | Path) -> dict:
