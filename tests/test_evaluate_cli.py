@@ -36,6 +36,7 @@ def _listing(folder) -> list[str]:
     (["--leave-out-k", "4"], "--leave-out-k 4: larger than the 4 training patients allow"),
     (["--leave-out-variants", "nope"], "--leave-out-variants 'nope'"),
     (["--mode", "fast"], "--mode 'fast'"),
+    (["--leave-out-steps", "more"], "--leave-out-steps 'more' is not one of epochs, matched"),
     (["--mislabel", "missing.json"], "missing.json: file not found"),
 ])
 def test_bad_settings_one_line_exit_2_nothing_written(capsys, tmp_path, tiny_run, tiny_influence,
@@ -112,7 +113,7 @@ def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influen
 
     scores = np.load(Path(tiny_influence) / "patient_scores.npy")
     patients = json.loads((Path(tiny_influence) / "meta.json").read_text())["patients"]
-    calls = []
+    calls, rules = [], []
 
     def fake_ground_truth(workdir, *, subsets, fraction, seeds, seed, mode, progress, small):
         masks, arr, _ = _linear_ground_truth(scores, patients, subsets, seeds, seed)
@@ -121,6 +122,7 @@ def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influen
 
     def fake_retrain_without_many(workdir, removal_sets, seed, **kw):
         calls.append([tuple(s) for s in removal_sets])
+        rules.append(kw.get("steps"))
         _, _, loss = _linear_ground_truth(scores, patients, 2, 1, seed)
         out = []
         for removed in removal_sets:
@@ -148,6 +150,12 @@ def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influen
     assert "One variant scored" in md and "+1.00" in md
     api.run_evaluate(tiny_run, [tiny_influence], tmp_path / "e2", **kw)
     assert (tmp_path / "e2" / "evaluation.md").read_text() == md
+    assert rules == ["epochs", "epochs"] and res["leave_out"]["steps"] == "epochs"
+    assert "trained the run's epochs" in md
+    matched = api.run_evaluate(tiny_run, [tiny_influence], tmp_path / "e3",
+                               leave_out_steps="matched", **kw)
+    assert rules[-1] == "matched" and matched["leave_out"]["steps"] == "matched"
+    assert "as many steps as on all patients" in (tmp_path / "e3" / "evaluation.md").read_text()
 
 
 def test_model_randomisation_on_tiny_run(tmp_path, tiny_run, tiny_influence):

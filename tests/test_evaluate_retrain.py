@@ -58,6 +58,21 @@ def test_schedule_full_batches_wrap_within_epoch():
     np.testing.assert_array_equal(steps[2][2], np.sort([order[6], order[0], order[1]]))
 
 
+def test_schedule_with_matched_steps_goes_on_into_further_epochs():
+    examples = np.array([2, 5, 6, 9, 11, 12, 20])
+    by_epochs = retrain.model_schedule(examples, seed=1, epochs=2, batch_size=3)
+    for n in (4, 6, 8):
+        steps = retrain.model_schedule(examples, seed=1, epochs=2, batch_size=3, n_steps=n)
+        assert len(steps) == n
+        shared = min(n, len(by_epochs))
+        assert [(e, b) for e, b, _ in steps[:shared]] == [(e, b) for e, b, _ in by_epochs[:shared]]
+        for (_, _, i), (_, _, j) in zip(steps[:shared], by_epochs[:shared]):
+            np.testing.assert_array_equal(i, j)
+    assert [(e, b) for e, b, _ in steps[6:]] == [(3, 0), (3, 1)]  # a third epoch, cut short
+    with pytest.raises(InputError, match="at least one step"):
+        retrain.model_schedule(examples, seed=1, epochs=2, batch_size=3, n_steps=0)
+
+
 def test_all_patients_reproduce_the_base_run(run):
     """Full mask + the run's seed: the retrained model is the run's last checkpoint."""
     patients, _ = retrain.run_patients(run)
@@ -191,6 +206,25 @@ def test_retrain_without_cached_and_checked(run):
     (again,) = gt.retrain_without_many(run, [[patients[1]]], seed=3, progress=False)
     assert cached.stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(again["dice_loss"], out["dice_loss"])
+
+    # Matched steps: as many steps as on all patients, cached under its own key; the full-data
+    # model is the same file under both rules.
+    assert gt.leave_out_path(run, [patients[1]], 3, "matched") != cached
+    assert gt.leave_out_path(run, [], 3, "matched") == gt.leave_out_path(run, [], 3)
+    timings: dict = {}
+    retrain.train_models(run, mask, [3], mode="sequential", progress=False, steps="matched",
+                         timings=timings)
+    full = retrain.full_data_steps(run)
+    assert timings["n_steps"] + 1 == full  # the first step is timed apart
+    kept = int(mask[0][retrain.run_patients(run)[1]].sum())
+    assert full > run.config.train.epochs * -(-kept // run.config.train.batch_size)
+    matched = gt.retrain_without(run, [patients[1]], seed=3, mode="sequential", progress=False,
+                                 steps="matched")
+    assert str(matched["steps"]) == "matched" and str(out["steps"]) == "epochs"
+    assert not np.array_equal(matched["dice_loss"], out["dice_loss"])
+    assert len(list(folder.glob("*.npz"))) == 2
+    with pytest.raises(InputError, match="--leave-out-steps 'many'"):
+        gt.retrain_without(run, [patients[1]], seed=3, progress=False, steps="many")
     shutil.rmtree(folder)
 
 

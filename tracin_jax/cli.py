@@ -107,7 +107,7 @@ def _cmd_evaluate(args) -> dict:
         args.workdir, args.influence, args.out, subsets=args.subsets, fraction=args.fraction,
         seeds=args.seeds, seed=args.seed, leave_out_queries=args.leave_out_queries,
         leave_out_k=args.leave_out_k, leave_out_random=args.leave_out_random,
-        leave_out_variants=args.leave_out_variants,
+        leave_out_variants=args.leave_out_variants, leave_out_steps=args.leave_out_steps,
         randomisation=not args.no_randomisation, mislabel=args.mislabel, mode=args.mode,
         small=args.small, data_dir=args.data)
     print((Path(args.out) / "evaluation.md").read_text())
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random removal sets per k, shared by all queries (default 2)")
     v.add_argument("--leave-out-variants", default=None, metavar="NAME,...",
                    help="influence folder names that get leave-top-k-out (default: all)")
+    v.add_argument("--leave-out-steps", default="epochs", metavar="RULE",
+                   help="epochs (a model without k patients trains the run's epochs: fewer "
+                        "steps; the default) | matched (as many steps as on all patients)")
     v.add_argument("--no-randomisation", action="store_true",
                    help="skip the model-randomisation check (one influence run per folder)")
     v.add_argument("--mislabel", default=None,

@@ -31,6 +31,7 @@ import numpy as np
 from tracin_jax.errors import InputError
 from tracin_jax.evaluate import lds as lds_mod
 from tracin_jax.evaluate import leave_out as lo_mod
+from tracin_jax.evaluate.retrain import STEP_RULES
 from tracin_jax.evaluate import sanity
 from tracin_jax.evaluate.report import write_outputs
 
@@ -120,16 +121,16 @@ def _unit_seconds(gt) -> float | None:
     return float(np.median(vals)) if vals.size else None
 
 
-def _cached_without(gt_mod, run, removed: Sequence[str], seed: int) -> bool:
+def _cached_without(gt_mod, run, removed: Sequence[str], seed: int, steps: str) -> bool:
     """Whether the model trained without ``removed`` is already in the leave-out cache."""
-    return gt_mod.leave_out_path(run, removed, seed).exists()
+    return gt_mod.leave_out_path(run, removed, seed, steps).exists()
 
 
 def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None = None,
                  fraction: float | None = None, seeds: int | None = None, seed: int = 0,
                  leave_out_queries: int | None = None, leave_out_k=None,
                  leave_out_random: int | None = None, leave_out_variants=None,
-                 randomisation: bool = True,
+                 leave_out_steps: str = "epochs", randomisation: bool = True,
                  mislabel=None, mode: str = "auto", small: bool = False, progress: bool = True,
                  data_dir=None, log: Callable[[str], None] = print) -> dict:
     """Evaluates every folder of ``influence_dirs`` (keyed by folder name) against the ground
@@ -137,8 +138,10 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
 
     Settings left None take :data:`DEFAULTS` (or :data:`SMALL` with ``small``).
     ``leave_out_variants``: folder names (a list or ``"a,b"``) that get leave-top-k-out (default:
-    all); the others skip it, which bounds the number of retrainings. Returns the dict written
-    to ``evaluation.json``.
+    all); the others skip it, which bounds the number of retrainings. ``leave_out_steps``:
+    ``epochs`` (a model without k patients trains the run's epochs, so fewer steps) or
+    ``matched`` (as many steps as the model on all patients). Returns the dict written to
+    ``evaluation.json``.
     """
     from tracin_jax import load_run
 
@@ -151,6 +154,9 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     draws = preset["leave_out_random"] if leave_out_random is None else leave_out_random
     resamples = preset["resamples"]
     _check_settings(subsets, fraction, seeds, queries_n, draws)
+    if leave_out_steps not in STEP_RULES:
+        raise InputError(f"--leave-out-steps {leave_out_steps!r} is not one of "
+                         f"{', '.join(STEP_RULES)}")
     if mode not in MODES:
         raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
 
@@ -236,7 +242,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     if plan is not None:
         sets = plan["sets"]
         removal_ids = [[patients[p] for p in s] for s in sets]
-        todo = len(sets) - sum(_cached_without(gt_mod, run, r, seed) for r in removal_ids)
+        todo = len(sets) - sum(_cached_without(gt_mod, run, r, seed, leave_out_steps)
+                               for r in removal_ids)
         per_model = _unit_seconds(gt)
         eta = (f", about {todo * per_model / 60:.1f} min at {per_model:.1f} s per model (the "
                "ground truth's rate)") if per_model and todo else ""
@@ -244,7 +251,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
             f"{len(lo_names)} variant(s) -> {len(sets)} distinct removal sets, {todo} to "
             f"retrain{eta}")
         t = time.perf_counter()
-        outputs = gt_mod.retrain_without_many(run, removal_ids, seed, mode=mode, progress=progress)
+        outputs = gt_mod.retrain_without_many(run, removal_ids, seed, mode=mode, progress=progress,
+                                              steps=leave_out_steps)
         leave_out_s = time.perf_counter() - t
         for name in lo_names:
             v = variants[name]
@@ -262,7 +270,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                         for a, i in queries],
             "random_sets": {str(k): [[patients[p] for p in s] for s in lst]
                             for k, lst in randoms.items()},
-            "retrainings": len(sets), "seconds": round(leave_out_s, 1)}
+            "retrainings": len(sets), "seconds": round(leave_out_s, 1),
+            "steps": leave_out_steps}
 
     # -- 4. sanity checks -----------------------------------------------------------------
     for name, v in variants.items():

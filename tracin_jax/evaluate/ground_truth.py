@@ -24,7 +24,9 @@ truth with more seeds reuses the finished models of one with fewer (``--seeds 2`
 
 ``retrain_without(workdir, removed, seed)``: a model trained on every training patient except
 ``removed``, cached in ``<workdir>/ground_truth/leave_out/<hash>.npz`` so every caller asking
-for the same removal set and seed reuses it.
+for the same removal set and seed reuses it. With ``steps="matched"`` the model trains for as
+many optimiser steps as one on all patients (more passes over the kept slices) instead of the
+run's epochs; such models are cached under their own keys.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ import numpy as np
 from tracin_jax.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.progress import tqdm
-from tracin_jax.evaluate.retrain import (patient_subsets, resolve_mode, run_patients, test_outputs,
-                                         train_models, unstack)
+from tracin_jax.evaluate.retrain import (STEP_RULES, patient_subsets, resolve_mode, run_patients,
+                                         test_outputs, train_models, unstack)
 
 GROUND_TRUTH_DIR = "ground_truth"
 LEAVE_OUT_DIR = "leave_out"
@@ -153,18 +155,20 @@ def _groups(items: list, size: int) -> Iterable[list]:
 
 
 def _train_and_save(run, jobs: list[tuple[np.ndarray, int, Path]], mode: str, group: int,
-                    bar: tqdm) -> None:
+                    bar: tqdm, steps: str = "epochs") -> None:
     """Trains every (mask bool[P], training seed, output file) job, ``group`` at a time, and
-    writes each model's test outputs (plus ``seconds`` and ``mode``) atomically to its file."""
+    writes each model's test outputs (plus ``seconds``, ``mode`` and the ``steps`` rule)
+    atomically to its file."""
     written = 0
     for chunk in _groups(jobs, group):
         t0 = time.perf_counter()
         variables = train_models(run, np.stack([m for m, _, _ in chunk]), [s for _, s, _ in chunk],
-                                 mode=mode, progress=False)
+                                 mode=mode, progress=False, steps=steps)
         outs = [test_outputs(run, unstack(variables, k)) for k in range(len(chunk))]
         seconds = (time.perf_counter() - t0) / len(chunk)
         for (_, _, path), out in zip(chunk, outs):
-            save_npz_atomic(path, seconds=np.float64(seconds), mode=np.array(mode), **out)
+            save_npz_atomic(path, seconds=np.float64(seconds), mode=np.array(mode),
+                            steps=np.array(steps), **out)
             written += 1
             bar.update(1)
             _fault_injection(written)
@@ -292,16 +296,20 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
     return load_ground_truth(out)  # the same object a later call reads
 
 
-def _removal_key(run, removed: Sequence[str], seed: int) -> str:
-    return _digest({"config": config_identity(run.config), "train_ids": list(run.train.ids),
-                    "test_ids": list(run.test.ids), "removed": sorted(removed), "seed": int(seed)})
+def _removal_key(run, removed: Sequence[str], seed: int, steps: str = "epochs") -> str:
+    key = {"config": config_identity(run.config), "train_ids": list(run.train.ids),
+           "test_ids": list(run.test.ids), "removed": sorted(removed), "seed": int(seed)}
+    if steps != "epochs" and removed:  # the full-data model is the same under both rules
+        key["steps"] = steps
+    return _digest(key)
 
 
-def leave_out_path(workdir, removed: Sequence[str], seed: int) -> Path:
-    """Cache file of the model trained without ``removed`` (exists once that model is trained)."""
+def leave_out_path(workdir, removed: Sequence[str], seed: int, steps: str = "epochs") -> Path:
+    """Cache file of the model trained without ``removed`` (exists once that model is trained);
+    ``steps``: the rule for its number of steps (:func:`~.retrain.train_models`)."""
     run = _as_run(workdir)
     return (Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
-            / f"{_removal_key(run, [str(p) for p in removed], seed)}.npz")
+            / f"{_removal_key(run, [str(p) for p in removed], seed, steps)}.npz")
 
 
 def _removal_mask(patients: Sequence[str], removed: Sequence[str], where) -> np.ndarray:
@@ -317,19 +325,24 @@ def _removal_mask(patients: Sequence[str], removed: Sequence[str], where) -> np.
 
 def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: int, *,
                          mode: str = "auto", progress: bool = True,
-                         group: int | None = None) -> list[dict]:
+                         group: int | None = None, steps: str = "epochs") -> list[dict]:
     """Models trained on every training patient except each removal set (training seed ``seed``).
 
-    Returns one :func:`~tracin_jax.evaluate.retrain.test_outputs` dict per removal set (plus
-    ``seconds``); trains only those not yet cached in ``<workdir>/ground_truth/leave_out/``.
+    ``steps``: ``epochs`` (the run's epochs over the kept slices) or ``matched`` (as many steps
+    as on all patients; see :func:`~tracin_jax.evaluate.retrain.train_models`); the two are
+    cached apart. Returns one :func:`~tracin_jax.evaluate.retrain.test_outputs` dict per
+    removal set (plus ``seconds``); trains only those not yet cached in
+    ``<workdir>/ground_truth/leave_out/``.
     """
     mode = resolve_mode(mode)
+    if steps not in STEP_RULES:
+        raise InputError(f"--leave-out-steps {steps!r} is not one of {', '.join(STEP_RULES)}")
     run = _as_run(workdir)
     patients, _ = run_patients(run)
     _check_patients(run, patients)
     masks = [_removal_mask(patients, r, run.workdir) for r in removal_sets]
     folder = Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
-    paths = [leave_out_path(run, r, seed) for r in removal_sets]
+    paths = [leave_out_path(run, r, seed, steps) for r in removal_sets]
     todo, seen = [], set()
     for mask, p in zip(masks, paths):
         if not p.exists() and p not in seen:
@@ -340,12 +353,13 @@ def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: i
         bar = tqdm(total=len(todo), desc="leave-out retraining", unit="model",
                    disable=not progress, dynamic_ncols=True)
         size = 1 if mode == "sequential" else int(group or VMAP_GROUP)
-        _train_and_save(run, todo, mode, size, bar)
+        _train_and_save(run, todo, mode, size, bar, steps)
         bar.close()
     return [_load_outputs(p) for p in paths]
 
 
 def retrain_without(workdir, removed: Sequence[str], seed: int, *, mode: str = "auto",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, steps: str = "epochs") -> dict:
     """The test outputs of a model trained without the patients ``removed`` (cached)."""
-    return retrain_without_many(workdir, [removed], seed, mode=mode, progress=progress)[0]
+    return retrain_without_many(workdir, [removed], seed, mode=mode, progress=progress,
+                                steps=steps)[0]

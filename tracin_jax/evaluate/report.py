@@ -105,8 +105,10 @@ def markdown(result: dict) -> str:
         lines.append(
             f"Leave-top-k-out: mean change of the query's class loss after retraining without "
             f"its top-{kmax} proponent patients / {kmax} random patients / top-{kmax} opponents "
-            f"({lo['queries_n']} queries, seed {lo['seed']}; positive = loss rises). A faithful "
-            "attribution: proponents > random > opponents.")
+            f"({lo['queries_n']} queries, seed {lo['seed']}; positive = loss rises; "
+            + ("every model trained as many steps as on all patients"
+               if lo.get("steps") == "matched" else "every model trained the run's epochs")
+            + "). A faithful attribution: proponents > random > opponents.")
     lines.append("Randomisation rho: mean Spearman over patients between the scores of the trained "
                  "checkpoints and of re-initialised weights (low is good).")
     lines.append("Mislabel AUC: slice ROC-AUC of class-wise self-influence for corrupted labels, "

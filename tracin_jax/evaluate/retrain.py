@@ -81,22 +81,39 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def model_schedule(examples: np.ndarray, seed: int, epochs: int, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
+def model_schedule(examples: np.ndarray, seed: int, epochs: int, batch_size: int,
+                   n_steps: int | None = None) -> list[tuple[int, int, np.ndarray]]:
     """The steps of one model: [(epoch, batch, int[batch_size] sorted training indices)].
 
     ``examples``: int[n] training-slice indices of the model's patients (ascending). Every batch
     is full: the last one of an epoch wraps around to the start of that epoch's order.
+    ``n_steps``: None trains ``epochs`` epochs; a number trains exactly that many steps instead,
+    going on with further epochs (or stopping inside one) as needed; the steps it shares with
+    the ``epochs`` schedule are the same.
     """
     n = len(examples)
     if n == 0:
         raise InputError("a retraining subset has no training slices")
+    if n_steps is not None and n_steps < 1:
+        raise InputError(f"a retraining needs at least one step, got {n_steps}")
     n_batches = math.ceil(n / batch_size)
     steps = []
-    for epoch in range(1, epochs + 1):
+    epoch = 0
+    while (epoch < epochs) if n_steps is None else (len(steps) < n_steps):
+        epoch += 1
         order = np.resize(epoch_order(n, seed, epoch), n_batches * batch_size)
         for b in range(n_batches):
             steps.append((epoch, b, np.sort(examples[order[b * batch_size:(b + 1) * batch_size]])))
-    return steps
+    return steps if n_steps is None else steps[:n_steps]
+
+
+STEP_RULES = ("epochs", "matched")
+
+
+def full_data_steps(run) -> int:
+    """Optimiser steps of a retraining on every training patient: epochs x ceil(slices / B)."""
+    cfg = run.config.train
+    return cfg.epochs * math.ceil(len(run.train.ids) / cfg.batch_size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,7 +169,8 @@ def _check_masks(masks: np.ndarray, n_patients: int, seeds: Sequence[int]) -> np
 
 
 def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "auto",
-                 progress: bool = True, timings: dict | None = None) -> Any:
+                 progress: bool = True, timings: dict | None = None,
+                 steps: str = "epochs") -> Any:
     """Retrains K models from scratch, model k on the patients of masks[k] with seed seeds[k].
 
     Args:
@@ -160,6 +178,9 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
       masks: bool[K, P] over the run's training patients (sorted ids).
       seeds: K training seeds (initialisation, epoch order, augmentation keys).
       mode: ``sequential``, ``vmap`` or ``auto`` (vmap on GPU/TPU, sequential on CPU).
+      steps: ``epochs`` (the run's epochs over the model's own slices: fewer patients, fewer
+        steps) or ``matched`` (exactly as many steps as a model on all training patients,
+        :func:`full_data_steps`: the kept slices are visited more often).
       timings: if given, filled with seconds: ``init`` (initialisations), ``first_step`` (the
         first train step of the call, compilation included), ``steps`` (the others, their count
         in ``n_steps``), and ``mode``.
@@ -173,8 +194,11 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
     shape = _image_shape(run)
     fns = _train_fns(cfg, shape)
     _, _, step, many, _ = fns
+    if steps not in STEP_RULES:
+        raise InputError(f"--leave-out-steps {steps!r} is not one of {', '.join(STEP_RULES)}")
+    n_steps = full_data_steps(run) if steps == "matched" else None
     schedules = [model_schedule(_examples_of(mk, slice_patient), int(s), cfg.train.epochs,
-                                cfg.train.batch_size) for mk, s in zip(masks, seeds)]
+                                cfg.train.batch_size, n_steps) for mk, s in zip(masks, seeds)]
     images, labels = run.train.images, run.train.labels
     clock = {"init": 0.0, "first_step": 0.0, "steps": 0.0, "n_steps": 0, "mode": mode}
     if mode == "sequential":
