@@ -294,6 +294,11 @@ def test_report_markdown_verdict_and_figures(tmp_path):
     assert report.verdict(tied) == "One variant scored: `head`, LDS +0.30."
     md = report.markdown(sep)
     assert "| `head` | dice head | +0.30 [+0.20, +0.40]" in md
+    # the detail table: per-class means (no interval when the bootstrap gave none) and the
+    # leave-out changes with their intervals over queries; blank for a variant without them
+    assert "| `head` | +0.30 | +0.30 | +0.30 | +0.010 [+0.000, +0.020] | +0.010 [+0.000, +0.020] |" in md
+    assert "| `cos` | +0.10 | +0.10 | +0.10 |  |  |  |" in md
+    assert "remove top-1: random [95% CI]" in md
     assert "0.13" in md and "needs --seeds 2" in md
     report.write_outputs(sep, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"evaluation.json", "evaluation.md",

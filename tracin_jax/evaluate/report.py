@@ -1,4 +1,5 @@
-"""The evaluation's outputs: ``evaluation.json``, ``evaluation.md`` (one table) and figures.
+"""The evaluation's outputs: ``evaluation.json``, ``evaluation.md`` (the summary table and a
+per-class / per-k table with intervals) and figures.
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves either the
 previous complete outputs or none.
@@ -21,10 +22,10 @@ def _f(x, digits: int = 2) -> str:
     return f"{x:+.{digits}f}"
 
 
-def _ci(ci) -> str:
+def _ci(ci, digits: int = 2) -> str:
     if not ci or ci[0] is None or ci[1] is None:
         return ""
-    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
 def verdict(result: dict) -> str:
@@ -52,6 +53,27 @@ def verdict(result: dict) -> str:
                       "includes 0): with this ground truth the variants cannot be told apart."
     return text + f"; separated from {', '.join(f'`{n}`' for n in beaten)}, not from " \
                   f"{', '.join(f'`{n}`' for n in tied)} (paired 95% intervals)."
+
+
+def _detail_table(result: dict, ks) -> list[str]:
+    """Per-class LDS with its 95% interval, and the leave-out changes with intervals over
+    queries for every k (the main table keeps the means and the largest k)."""
+    head = ["variant", *(f"{c} [95% CI]" for c in CLASS_NAMES)]
+    for k in ks:
+        head += [f"remove top-{k}: {side} [95% CI]" for side in ("prop.", "random", "opp.")]
+    lines = ["Per class and per k, with intervals (LDS: bootstrap over subsets; leave-out: "
+             "bootstrap over queries):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in result["variants"].items():
+        pc = v["lds"]["per_class"]
+        row = [f"`{name}`", *(f"{_f(pc[c]['mean'])} {_ci(pc[c]['ci'])}".strip()
+                              for c in CLASS_NAMES)]
+        for k in ks:
+            lo = v.get("leave_out", {}).get(str(k)) or v.get("leave_out", {}).get(k)
+            row += ([f"{_f(lo[s]['mean'], 3)} {_ci(lo[s].get('ci'), 3)}".strip()
+                     for s in ("proponents", "random", "opponents")] if lo else ["", "", ""])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -93,6 +115,7 @@ def markdown(result: dict) -> str:
         row += [_f(rnd["mean"]) if rnd else "", f"{v['mislabel_auc']:.2f}"
                 if v.get("mislabel_auc") is not None else ""]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *_detail_table(result, ks)]
     lines += [
         "",
         "LDS: mean over targets of the Spearman correlation, over the retrained subsets, between "
