@@ -10,8 +10,11 @@ Run (from the repository root)::
 Time here (2 CPU cores shared with other jobs): 5.6 minutes from scratch (data 30 s, training
 2 min, ``all`` influence with projection 2 min, ``head`` influence with Dice and cross-entropy
 gradients 20 s, the per-checkpoint diagnostic 35 s, metrics and figures 13 s); up to twice that
-when the cores are busy. A rerun reuses the data, the trained run and the feature stores and
-takes 1-2 minutes.
+when the cores are busy. The EK-FAC, LoGra and TRAK self-scores add about 10 minutes more
+(TRAK trains 3 full-data models; measured with two other jobs on the cores: EK-FAC 48-54 s per
+loss, LoGra 110 s, TRAK 383 s; ``--ekfac-subsets ''``, ``--logra-rank 0`` and
+``--trak-models 0`` skip them). A rerun reuses the data, the trained run, the TRAK models and
+the feature stores and takes 1-2 minutes.
 
 What it does:
 
