@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--leave-out-k", default=None, help="default 1,3 (the --small preset: 1)")
     p.add_argument("--leave-out-random", type=int, default=None)
     p.add_argument("--leave-out-variants", default="head-dice,head-cos")
+    p.add_argument("--leave-out-steps", default="epochs",
+                   help="epochs | matched (leave-out models train as many steps as on all patients)")
     p.add_argument("--no-randomisation", action="store_true")
     p.add_argument("--mislabel", default=None, help="results.json of experiments.mislabel")
     p.add_argument("--mode", default="auto")
@@ -154,7 +156,8 @@ def run(args) -> dict:
         leave_out_queries=(args.leave_out_queries if args.leave_out_queries is not None or args.small
                            else 8),
         leave_out_k=args.leave_out_k if args.leave_out_k or args.small else "1,3", leave_out_random=args.leave_out_random,
-        leave_out_variants=lo_variants, randomisation=not args.no_randomisation,
+        leave_out_variants=lo_variants, leave_out_steps=args.leave_out_steps,
+        randomisation=not args.no_randomisation,
         mislabel=args.mislabel, mode=args.mode, small=args.small,
         log=lambda s: print(s, file=sys.stderr))
     timings["evaluate_s"] = time.perf_counter() - t
