@@ -31,7 +31,7 @@ import numpy as np
 from tracin_jax.errors import InputError
 from tracin_jax.evaluate import lds as lds_mod
 from tracin_jax.evaluate import leave_out as lo_mod
-from tracin_jax.evaluate.retrain import STEP_RULES
+from tracin_jax.evaluate.retrain import check_step_rule
 from tracin_jax.evaluate import sanity
 from tracin_jax.evaluate.report import write_outputs
 
@@ -154,9 +154,7 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     draws = preset["leave_out_random"] if leave_out_random is None else leave_out_random
     resamples = preset["resamples"]
     _check_settings(subsets, fraction, seeds, queries_n, draws)
-    if leave_out_steps not in STEP_RULES:
-        raise InputError(f"--leave-out-steps {leave_out_steps!r} is not one of "
-                         f"{', '.join(STEP_RULES)}")
+    check_step_rule(leave_out_steps)
     if mode not in MODES:
         raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
 

@@ -45,8 +45,8 @@ import numpy as np
 from tracin_jax.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.progress import tqdm
-from tracin_jax.evaluate.retrain import (STEP_RULES, patient_subsets, resolve_mode, run_patients,
-                                         test_outputs, train_models, unstack)
+from tracin_jax.evaluate.retrain import (check_step_rule, patient_subsets, resolve_mode,
+                                         run_patients, test_outputs, train_models, unstack)
 
 GROUND_TRUTH_DIR = "ground_truth"
 LEAVE_OUT_DIR = "leave_out"
@@ -335,8 +335,7 @@ def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: i
     ``<workdir>/ground_truth/leave_out/``.
     """
     mode = resolve_mode(mode)
-    if steps not in STEP_RULES:
-        raise InputError(f"--leave-out-steps {steps!r} is not one of {', '.join(STEP_RULES)}")
+    check_step_rule(steps)
     run = _as_run(workdir)
     patients, _ = run_patients(run)
     _check_patients(run, patients)

@@ -110,6 +110,12 @@ def model_schedule(examples: np.ndarray, seed: int, epochs: int, batch_size: int
 STEP_RULES = ("epochs", "matched")
 
 
+def check_step_rule(steps: str) -> None:
+    """InputError unless ``steps`` is one of :data:`STEP_RULES`."""
+    if steps not in STEP_RULES:
+        raise InputError(f"--leave-out-steps {steps!r} is not one of {', '.join(STEP_RULES)}")
+
+
 def full_data_steps(run) -> int:
     """Optimiser steps of a retraining on every training patient: epochs x ceil(slices / B)."""
     cfg = run.config.train
@@ -194,8 +200,7 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
     shape = _image_shape(run)
     fns = _train_fns(cfg, shape)
     _, _, step, many, _ = fns
-    if steps not in STEP_RULES:
-        raise InputError(f"--leave-out-steps {steps!r} is not one of {', '.join(STEP_RULES)}")
+    check_step_rule(steps)
     n_steps = full_data_steps(run) if steps == "matched" else None
     schedules = [model_schedule(_examples_of(mk, slice_patient), int(s), cfg.train.epochs,
                                 cfg.train.batch_size, n_steps) for mk, s in zip(masks, seeds)]
