@@ -161,6 +161,9 @@ def test_loss_changes_arithmetic():
     assert out[1]["proponents"]["per_query"] == [0.5, 0.3]
     assert out[1]["opponents"]["per_query"] == [-0.2, -0.2]
     assert out[1]["random"]["per_query"] == pytest.approx([0.05, 0.05])
+    paired = out[1]["proponents_minus_random"]
+    assert paired["per_query"] == pytest.approx([0.45, 0.25])
+    assert paired["mean"] == pytest.approx(0.35) and paired["n"] == 2
     assert out[1]["proponents"]["mean"] == pytest.approx(0.4)
 
 
@@ -297,7 +300,8 @@ def test_report_markdown_verdict_and_figures(tmp_path):
     # the detail table: per-class means (no interval when the bootstrap gave none) and the
     # leave-out changes with their intervals over queries; blank for a variant without them
     assert "| `head` | +0.30 | +0.30 | +0.30 | +0.010 [+0.000, +0.020] | +0.010 [+0.000, +0.020] |" in md
-    assert "| `cos` | +0.10 | +0.10 | +0.10 |  |  |  |" in md
+    assert "| `cos` | +0.10 | +0.10 | +0.10 |  |  |  |  |" in md
+    assert "top-1: prop. - random, paired [95% CI]" in md
     assert "remove top-1: random [95% CI]" in md
     assert "0.13" in md and "needs --seeds 2" in md
     report.write_outputs(sep, tmp_path)

@@ -112,7 +112,8 @@ def loss_changes(top: Mapping[str, Mapping[int, list]], randoms: Mapping[int, li
     randoms: {k: [sets]}; loss_without: {removal set: f32[n_test, C] class loss of the model
     retrained without it}, including the empty set (the reference). Returns ``{k: {side:
     {"mean", "ci", "n", "per_query"}}}``; the random side of a query is the mean over the random
-    draws. Loss changes are positive when the loss rises.
+    draws. Loss changes are positive when the loss rises. ``proponents_minus_random`` is the
+    per-query paired difference of those two sides, with its interval over queries.
     """
     base = np.asarray(loss_without[()], np.float64)
     out: dict = {}
@@ -127,4 +128,9 @@ def loss_changes(top: Mapping[str, Mapping[int, list]], randoms: Mapping[int, li
                     d = loss_without[top[side][k][n]][a, i] - base[a, i]
                 deltas.append(float(d))
             out[k][side] = {**_mean_ci(np.asarray(deltas), seed), "per_query": deltas}
+        # Paired over queries: how much more removing the proponents raises the loss than
+        # removing random patients (an interval above 0 separates the two sides).
+        diff = (np.asarray(out[k]["proponents"]["per_query"])
+                - np.asarray(out[k]["random"]["per_query"]))
+        out[k]["proponents_minus_random"] = {**_mean_ci(diff, seed), "per_query": diff.tolist()}
     return out

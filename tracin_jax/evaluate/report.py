@@ -61,6 +61,7 @@ def _detail_table(result: dict, ks) -> list[str]:
     head = ["variant", *(f"{c} [95% CI]" for c in CLASS_NAMES)]
     for k in ks:
         head += [f"remove top-{k}: {side} [95% CI]" for side in ("prop.", "random", "opp.")]
+        head += [f"top-{k}: prop. - random, paired [95% CI]"]
     lines = ["Per class and per k, with intervals (LDS: bootstrap over subsets; leave-out: "
              "bootstrap over queries):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -70,8 +71,9 @@ def _detail_table(result: dict, ks) -> list[str]:
                               for c in CLASS_NAMES)]
         for k in ks:
             lo = v.get("leave_out", {}).get(str(k)) or v.get("leave_out", {}).get(k)
-            row += ([f"{_f(lo[s]['mean'], 3)} {_ci(lo[s].get('ci'), 3)}".strip()
-                     for s in ("proponents", "random", "opponents")] if lo else ["", "", ""])
+            sides = ("proponents", "random", "opponents", "proponents_minus_random")
+            row += [f"{_f(lo[s]['mean'], 3)} {_ci(lo[s].get('ci'), 3)}".strip()
+                    if lo and s in lo else "" for s in sides]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
