@@ -653,27 +653,27 @@ def run(args) -> dict:
     blocks, metas = {}, {}
     present = None
     variants = []  # (name, subset, loss, checkpoints, precondition, method, projection)
-    proj_all = (args.proj_dim, args.proj_kind)
+    def proj(subset):  # 'all' is projected, 'head' exact
+        return (args.proj_dim, args.proj_kind) if subset == "all" else (None, None)
+
     for loss in ("Dice", "CE"):
         for s in (subsets if loss == "Dice" else ce_subsets):
-            proj = proj_all if s == "all" else (None, None)
-            variants.append((f"{loss} {s}", s, loss, ckpts, None, "tracin", proj))
+            variants.append((f"{loss} {s}", s, loss, ckpts, None, "tracin", proj(s)))
             if s == "head" and loss == "Dice" and len(ckpts) > 1:
-                variants.append(("Dice head last", "head", loss, [ckpts[-1]], None, "tracin", proj))
+                variants.append(("Dice head last", "head", loss, [ckpts[-1]], None, "tracin",
+                                 proj(s)))
         # Adam-aware TracIn: each checkpoint's gradients preconditioned by its Adam state.
         for s in adam_subsets:
-            proj = proj_all if s == "all" else (None, None)
-            variants.append((f"{loss} {s} adam", s, loss, ckpts, "adam", "tracin", proj))
+            variants.append((f"{loss} {s} adam", s, loss, ckpts, "adam", "tracin", proj(s)))
         # EK-FAC influence functions: g^T (F + lambda I)^-1 g, factors fitted per checkpoint.
         for s in ekfac_subsets:
-            proj = proj_all if s == "all" else (None, None)
-            variants.append((f"{loss} {s} ekfac", s, loss, ckpts, None, "ekfac", proj))
+            variants.append((f"{loss} {s} ekfac", s, loss, ckpts, None, "ekfac", proj(s)))
     if args.logra_rank > 0:
         variants.append(("Dice all logra", "all", "Dice", ckpts, None, "tracin",
                          (args.logra_rank, "logra")))
     if args.trak_models > 0:
         variants.append(("TRAK head", "head", "Dice", ckpts, None, "trak", (None, None)))
-    for name, subset, loss, eps, precondition, method, proj in variants:
+    for name, subset, loss, eps, precondition, method, projection in variants:
         t = time.perf_counter()
         folder = out / f"influence-{name.replace(' ', '-')}"
         if method == "trak":
@@ -684,11 +684,12 @@ def run(args) -> dict:
                             log=lambda s: print(s, file=sys.stderr))
         elif method == "ekfac":
             meta = run_influence(workdir, folder, checkpoints=eps, split="train", method="ekfac",
-                                 params=subset, proj_dim=proj[0], proj_kind=proj[1] or "countsketch",
+                                 params=subset, proj_dim=projection[0],
+                                 proj_kind=projection[1] or "countsketch",
                                  loss={"Dice": "dice", "CE": "ce"}[loss],
                                  batch_size=args.batch_size, progress=progress)
         else:
-            grad_fn = class_grad_fn(run_, subset, loss, *proj)
+            grad_fn = class_grad_fn(run_, subset, loss, *projection)
             meta = run_influence(workdir, folder, checkpoints=eps, split="train", grad_fn=grad_fn,
                                  batch_size=args.batch_size, progress=progress,
                                  precondition=precondition)

@@ -55,6 +55,12 @@ def verdict(result: dict) -> str:
                   f"{', '.join(f'`{n}`' for n in tied)} (paired 95% intervals)."
 
 
+def _leave_out_at(variant: dict, k) -> dict | None:
+    """A variant's leave-out entry for k (keyed by str(k) in json, by int in memory)."""
+    lo = variant.get("leave_out", {})
+    return lo.get(str(k)) or lo.get(k)
+
+
 def _detail_table(result: dict, ks) -> list[str]:
     """Per-class LDS with its 95% interval, and the leave-out changes with intervals over
     queries for every k (the main table keeps the means and the largest k)."""
@@ -70,7 +76,7 @@ def _detail_table(result: dict, ks) -> list[str]:
         row = [f"`{name}`", *(f"{_f(pc[c]['mean'])} {_ci(pc[c]['ci'])}".strip()
                               for c in CLASS_NAMES)]
         for k in ks:
-            lo = v.get("leave_out", {}).get(str(k)) or v.get("leave_out", {}).get(k)
+            lo = _leave_out_at(v, k)
             sides = ("proponents", "random", "opponents", "proponents_minus_random")
             row += [f"{_f(lo[s]['mean'], 3)} {_ci(lo[s].get('ci'), 3)}".strip()
                     if lo and s in lo else "" for s in sides]
@@ -110,7 +116,7 @@ def markdown(result: dict) -> str:
                (f"{_f(v['vs_best']['mean'])} {_ci(v['vs_best']['ci'])}" if v.get("vs_best")
                 else "best")]
         if kmax:
-            lo = v.get("leave_out", {}).get(str(kmax)) or v.get("leave_out", {}).get(kmax)
+            lo = _leave_out_at(v, kmax)
             row.append(" / ".join(_f(lo[s]["mean"], 3) for s in ("proponents", "random", "opponents"))
                        if lo else "")
         rnd = v.get("randomisation")

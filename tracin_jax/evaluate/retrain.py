@@ -193,6 +193,7 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
     Returns:
       variables {'params', 'batch_stats'} with every leaf stacked on a leading K axis.
     """
+    check_step_rule(steps)
     patients, slice_patient = run_patients(run)
     masks = _check_masks(masks, len(patients), seeds)
     mode = resolve_mode(mode)
@@ -200,7 +201,6 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
     shape = _image_shape(run)
     fns = _train_fns(cfg, shape)
     _, _, step, many, _ = fns
-    check_step_rule(steps)
     n_steps = full_data_steps(run) if steps == "matched" else None
     schedules = [model_schedule(_examples_of(mk, slice_patient), int(s), cfg.train.epochs,
                                 cfg.train.batch_size, n_steps) for mk, s in zip(masks, seeds)]

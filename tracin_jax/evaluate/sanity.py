@@ -14,8 +14,9 @@ on its own run with corrupted labels), matched by gradient: Dice or CE loss, ``h
 ``all`` parameters, all checkpoints or the last only, plain, Adam-aware or EK-FAC, LoGra
 ``all``, TRAK ``head`` on seed models (:func:`mislabel_method`); the slice-level ROC-AUC of the
 "classwise sum" self-influence. Variants the experiment does not compute (cosine and RelatIF,
-whose normalised self-influence is constant, other subsets) get no value. A TRAK folder (meta.json ``method: trak``) is randomised by
-recomputing TRAK with as many re-initialised models as it ensembles
+whose normalised self-influence is constant, other subsets) get no value. A TRAK folder
+(meta.json ``method: trak``) is randomised by recomputing TRAK with as many re-initialised
+models as it ensembles
 (:func:`tracin_jax.influence.trak.randomised_trak`).
 """
 
