@@ -201,7 +201,8 @@ def test_end_to_end_small_and_rerun_reproduces(tmp_path, tiny_run, tiny_influenc
     assert v["loss"] == "dice" and -1.0 <= v["lds"]["mean"] <= 1.0
     assert set(v["lds"]["per_class"]) == {"NCR/NET", "ED", "ET"}
     assert set(v["leave_out"]["1"]) == {"proponents", "random", "opponents",
-                                         "proponents_minus_random"}
+                                         "proponents_minus_random",
+                                         "proponents_minus_opponents"}
     assert v["randomisation"] is None and res["leave_out"]["queries_n"] == 1
     md = (out / "evaluation.md").read_text()
     assert md in proc.stdout

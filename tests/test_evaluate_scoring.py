@@ -164,7 +164,21 @@ def test_loss_changes_arithmetic():
     paired = out[1]["proponents_minus_random"]
     assert paired["per_query"] == pytest.approx([0.45, 0.25])
     assert paired["mean"] == pytest.approx(0.35) and paired["n"] == 2
+    assert paired["wins"] == 2
+    # exact one-sided signed-rank test: 2 positive differences of 2 -> p = 1/4
+    assert paired["wilcoxon_p"] == pytest.approx(0.25)
+    po = out[1]["proponents_minus_opponents"]
+    assert po["per_query"] == pytest.approx([0.7, 0.5]) and po["wins"] == 2
     assert out[1]["proponents"]["mean"] == pytest.approx(0.4)
+
+
+def test_paired_leave_out_difference_counts_and_test():
+    d = leave_out._paired(np.array([0.3, -0.05, 0.2, 0.4, 0.1, 0.25]), seed=0)
+    assert d["wins"] == 5 and d["n"] == 6
+    # one negative difference of the smallest magnitude: rank sum 20 of 21 -> p = 2/64
+    assert d["wilcoxon_p"] == pytest.approx(2 / 64)
+    assert leave_out._paired(np.zeros(4), seed=0)["wilcoxon_p"] is None
+    assert leave_out._paired(np.array([0.1]), seed=0)["wilcoxon_p"] is None
 
 
 # -- sanity checks --------------------------------------------------------------------------

@@ -112,8 +112,10 @@ def loss_changes(top: Mapping[str, Mapping[int, list]], randoms: Mapping[int, li
     randoms: {k: [sets]}; loss_without: {removal set: f32[n_test, C] class loss of the model
     retrained without it}, including the empty set (the reference). Returns ``{k: {side:
     {"mean", "ci", "n", "per_query"}}}``; the random side of a query is the mean over the random
-    draws. Loss changes are positive when the loss rises. ``proponents_minus_random`` is the
-    per-query paired difference of those two sides, with its interval over queries.
+    draws. Loss changes are positive when the loss rises. ``proponents_minus_random`` and
+    ``proponents_minus_opponents`` are per-query paired differences of those sides, with their
+    interval over queries, ``wins`` (queries where the difference is above 0) and
+    ``wilcoxon_p`` (one-sided signed-rank test that it is above 0; None below 2 queries).
     """
     base = np.asarray(loss_without[()], np.float64)
     out: dict = {}
@@ -129,8 +131,21 @@ def loss_changes(top: Mapping[str, Mapping[int, list]], randoms: Mapping[int, li
                 deltas.append(float(d))
             out[k][side] = {**_mean_ci(np.asarray(deltas), seed), "per_query": deltas}
         # Paired over queries: how much more removing the proponents raises the loss than
-        # removing random patients (an interval above 0 separates the two sides).
-        diff = (np.asarray(out[k]["proponents"]["per_query"])
-                - np.asarray(out[k]["random"]["per_query"]))
-        out[k]["proponents_minus_random"] = {**_mean_ci(diff, seed), "per_query": diff.tolist()}
+        # removing random patients or the opponents (an interval above 0 separates the sides).
+        for other in ("random", "opponents"):
+            diff = (np.asarray(out[k]["proponents"]["per_query"])
+                    - np.asarray(out[k][other]["per_query"]))
+            out[k][f"proponents_minus_{other}"] = _paired(diff, seed)
     return out
+
+
+def _paired(diff: np.ndarray, seed: int) -> dict:
+    """Mean and bootstrap interval of per-query differences f64[Q], the number of queries
+    above 0 and the one-sided Wilcoxon signed-rank p-value (exact for small Q)."""
+    d = np.asarray(diff, np.float64)
+    d = d[np.isfinite(d)]
+    p = None
+    if len(d) >= 2 and np.any(d != 0):
+        p = float(stats.wilcoxon(d, alternative="greater").pvalue)
+    return {**_mean_ci(d, seed), "per_query": d.tolist(), "wins": int((d > 0).sum()),
+            "wilcoxon_p": p}

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from tracin_jax.atomic import write_json_atomic
+from tracin_jax.evaluate.leave_out import SIDES
 
 CLASS_NAMES = ("NCR/NET", "ED", "ET")
 
@@ -61,13 +62,25 @@ def _leave_out_at(variant: dict, k) -> dict | None:
     return lo.get(str(k)) or lo.get(k)
 
 
+def _paired_cell(d: dict | None) -> str:
+    """'+0.016 [-0.008, +0.046] (12/16, p=0.033)' for a paired leave-out difference."""
+    if not d:
+        return ""
+    cell = f"{_f(d['mean'], 3)} {_ci(d.get('ci'), 3)}".strip()
+    if d.get("wins") is not None:
+        p = d.get("wilcoxon_p")
+        cell += f" ({d['wins']}/{d['n']}" + (f", p={p:.2g})" if p is not None else ")")
+    return cell
+
+
 def _detail_table(result: dict, ks) -> list[str]:
     """Per-class LDS with its 95% interval, and the leave-out changes with intervals over
     queries for every k (the main table keeps the means and the largest k)."""
     head = ["variant", *(f"{c} [95% CI]" for c in CLASS_NAMES)]
     for k in ks:
         head += [f"remove top-{k}: {side} [95% CI]" for side in ("prop.", "random", "opp.")]
-        head += [f"top-{k}: prop. - random, paired [95% CI]"]
+        head += [f"top-{k}: prop. - {o}, paired [95% CI] (wins, Wilcoxon p)"
+                 for o in ("random", "opp.")]
     lines = ["Per class and per k, with intervals (LDS: bootstrap over subsets; leave-out: "
              "bootstrap over queries):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -77,9 +90,10 @@ def _detail_table(result: dict, ks) -> list[str]:
                               for c in CLASS_NAMES)]
         for k in ks:
             lo = _leave_out_at(v, k)
-            sides = ("proponents", "random", "opponents", "proponents_minus_random")
             row += [f"{_f(lo[s]['mean'], 3)} {_ci(lo[s].get('ci'), 3)}".strip()
-                    if lo and s in lo else "" for s in sides]
+                    if lo and s in lo else "" for s in SIDES]
+            row += [_paired_cell(lo.get(s)) if lo else ""
+                    for s in ("proponents_minus_random", "proponents_minus_opponents")]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
