@@ -148,6 +148,13 @@ def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influen
     assert len(set(calls[0])) == len(calls[0])
     md = (tmp_path / "e" / "evaluation.md").read_text()
     assert "One variant scored" in md and "+1.00" in md
+    # the attribution-free baseline: scored, compared, and given leave-out on the same sets
+    base = res["baselines"]["baseline-class-voxels"]
+    assert -1.0 <= base["lds"]["mean"] <= 1.0 and base["vs_best"]["mean"] is not None
+    assert v["vs_baseline"]["mean"] == pytest.approx(v["lds"]["mean"] - base["lds"]["mean"],
+                                                     abs=1e-9)
+    assert set(base["leave_out"]) == {"1", "2"} and base["randomisation"] is None
+    assert "| `baseline-class-voxels` |" in md
     api.run_evaluate(tiny_run, [tiny_influence], tmp_path / "e2", **kw)
     assert (tmp_path / "e2" / "evaluation.md").read_text() == md
     assert rules == ["epochs", "epochs"] and res["leave_out"]["steps"] == "epochs"
@@ -204,6 +211,8 @@ def test_end_to_end_small_and_rerun_reproduces(tmp_path, tiny_run, tiny_influenc
                                          "proponents_minus_random",
                                          "proponents_minus_opponents"}
     assert v["randomisation"] is None and res["leave_out"]["queries_n"] == 1
+    assert set(res["baselines"]) == {"baseline-class-voxels"}
+    assert "1" in res["baselines"]["baseline-class-voxels"]["leave_out"]
     md = (out / "evaluation.md").read_text()
     assert md in proc.stdout
     # experiments.architectures reads the LDS of its one folder from this dict

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from tracin_jax.errors import InputError
-from tracin_jax.evaluate import lds, leave_out, report, sanity
+from tracin_jax.evaluate import baselines, lds, leave_out, report, sanity
 from tracin_jax.evaluate.api import parse_ks
 
 
@@ -181,6 +181,38 @@ def test_paired_leave_out_difference_counts_and_test():
     assert leave_out._paired(np.array([0.1]), seed=0)["wilcoxon_p"] is None
 
 
+def test_class_voxel_baseline_scores():
+    labels = np.zeros((4, 3, 3), np.uint8)
+    labels[0, 0, :2] = 3  # patient b: 2 ET voxels
+    labels[1, :, 0] = 1  # patient a: 3 NCR/NET voxels
+    labels[2, 1, 1] = 2  # patient a: 1 ED voxel
+    labels[3, 2, 2] = 3  # patient b: 1 more ET voxel
+    vox = baselines.patient_class_voxels(labels, ["b", "a", "a", "b"], ["a", "b", "c"])
+    np.testing.assert_array_equal(vox, [[3, 1, 0], [0, 0, 3], [0, 0, 0]])
+    s = baselines.class_voxel_scores(vox, n_test=2)
+    assert s.shape == (2, 3, 3, 3)
+    np.testing.assert_array_equal(s[1, 2, :, 2], [0, 3, 0])  # ET queries: b helps most
+    np.testing.assert_array_equal(s[0, 0, :, 0], [3, 0, 0])
+    assert s.sum() == 2 * vox.sum()  # nothing off the class diagonal
+
+
+def test_class_voxel_baseline_is_a_perfect_datamodel_when_only_voxels_matter():
+    # Each class loss falls in proportion to the kept voxels of that class: the baseline's
+    # LDS is 1 for every class, and a variant equal to it differs from it by exactly 0.
+    rng = np.random.default_rng(3)
+    p, m, n_test = 12, 40, 5
+    vox = rng.integers(0, 500, size=(p, 3)).astype(float)
+    masks = rng.random((m, p)) < 0.5
+    losses = (-(masks.astype(float) @ vox))[:, None, None, :].repeat(n_test, axis=2)
+    present = np.ones((n_test, 3), bool)
+    s = baselines.class_voxel_scores(vox, n_test)
+    res = lds.lds(s, masks, losses, present, resamples=100)
+    assert res["mean"] == pytest.approx(1.0)
+    assert all(c["mean"] == pytest.approx(1.0) for c in res["per_class"].values())
+    diff = lds.paired_difference(s, losses, s.copy(), losses, masks, present, resamples=100)
+    assert diff["mean"] == pytest.approx(0.0)
+
+
 # -- sanity checks --------------------------------------------------------------------------
 
 def test_gradient_spec_and_mislabel_method():
@@ -301,6 +333,24 @@ def _result(best_separated: bool) -> dict:
                     "vs_best": {"mean": -0.2, "ci": [-0.3, hi]}, "randomisation": None,
                     "mislabel_auc": None},
         }}
+
+
+def test_report_lists_the_baseline_and_each_variant_against_it():
+    res = _result(True)
+    res["variants"]["head"]["vs_baseline"] = {"mean": 0.04, "ci": [-0.01, 0.09]}
+    base_lds = res["variants"]["cos"]["lds"]
+    res["baselines"] = {baselines.CLASS_VOXELS: {
+        "gradient": baselines.DESCRIPTION, "lds": base_lds, "vs_best": {"mean": -0.2, "ci": [-0.3, -0.1]},
+        "leave_out": {"1": {s: {"mean": 0.02, "ci": [0.0, 0.04]} for s in leave_out.SIDES}},
+        "randomisation": None, "mislabel_auc": None}}
+    md = report.markdown(res)
+    assert "LDS - baseline [95% CI]" in md
+    assert "| `head` | dice head | +0.30 [+0.20, +0.40] | +0.30 | +0.30 | +0.30 | best | +0.04 [-0.01, +0.09] |" in md
+    assert f"| `{baselines.CLASS_VOXELS}` | {baselines.DESCRIPTION} | +0.10" in md
+    assert "has not shown more than how much of each class" in md
+    assert report.verdict(res).startswith("Highest LDS: `head`")  # baselines never "best"
+    assert baselines.CLASS_VOXELS in report._rows(res) and report.markdown(_result(True)).count(
+        "LDS - baseline") == 0
 
 
 def test_report_markdown_verdict_and_figures(tmp_path):

@@ -108,7 +108,8 @@ def _cmd_evaluate(args) -> dict:
         seeds=args.seeds, seed=args.seed, leave_out_queries=args.leave_out_queries,
         leave_out_k=args.leave_out_k, leave_out_random=args.leave_out_random,
         leave_out_variants=args.leave_out_variants, leave_out_steps=args.leave_out_steps,
-        randomisation=not args.no_randomisation, mislabel=args.mislabel, mode=args.mode,
+        randomisation=not args.no_randomisation, baselines=not args.no_baseline,
+        mislabel=args.mislabel, mode=args.mode,
         small=args.small, data_dir=args.data)
     print((Path(args.out) / "evaluation.md").read_text())
     print(f"evaluation written to {args.out}")
@@ -229,12 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--leave-out-random", type=int, default=None,
                    help="random removal sets per k, shared by all queries (default 2)")
     v.add_argument("--leave-out-variants", default=None, metavar="NAME,...",
-                   help="influence folder names that get leave-top-k-out (default: all)")
+                   help="influence folder names (or baseline-class-voxels) that get "
+                        "leave-top-k-out (default: all, the baseline included)")
     v.add_argument("--leave-out-steps", default="epochs", metavar="RULE",
                    help="epochs (a model without k patients trains the run's epochs: fewer "
                         "steps; the default) | matched (as many steps as on all patients)")
     v.add_argument("--no-randomisation", action="store_true",
                    help="skip the model-randomisation check (one influence run per folder)")
+    v.add_argument("--no-baseline", action="store_true",
+                   help="skip the attribution-free class-voxels baseline (scored beside the "
+                        "folders, with leave-out unless --leave-out-variants omits it)")
     v.add_argument("--mislabel", default=None,
                    help="results.json of `python -m experiments.mislabel` for the AUC column")
     v.add_argument("--mode", default="auto", help="auto | sequential | vmap (multi-model training)")

@@ -5,8 +5,9 @@ Steps (all inputs are checked before anything is trained or written):
 1. the ground truth of the run: M subset models x R seeds (:func:`.ground_truth.compute_ground_truth`,
    cached in ``<workdir>/ground_truth/<key>/``, shared by every influence folder and rerun);
 2. per influence folder: class-wise LDS against the loss it differentiates (Dice or region
-   cross-entropy), its paired difference with the best folder, and the LDS against the other
-   loss (``lds_by_loss``);
+   cross-entropy), its paired difference with the best folder and with the attribution-free
+   baseline (:mod:`.baselines`, scored the same way), and the LDS against the other loss
+   (``lds_by_loss``);
 3. leave-top-k-out on Q queries shared by every folder (removal sets deduplicated and cached
    by :func:`.ground_truth.retrain_without_many`); the number of retrainings and an estimate of
    their time are printed before they start;
@@ -29,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tracin_jax.errors import InputError
+from tracin_jax.evaluate import baselines as base_mod
 from tracin_jax.evaluate import lds as lds_mod
 from tracin_jax.evaluate import leave_out as lo_mod
 from tracin_jax.evaluate.retrain import check_step_rule
@@ -131,7 +133,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                  leave_out_queries: int | None = None, leave_out_k=None,
                  leave_out_random: int | None = None, leave_out_variants=None,
                  leave_out_steps: str = "epochs", randomisation: bool = True,
-                 mislabel=None, mode: str = "auto", small: bool = False, progress: bool = True,
+                 baselines: bool = True, mislabel=None, mode: str = "auto",
+                 small: bool = False, progress: bool = True,
                  data_dir=None, log: Callable[[str], None] = print) -> dict:
     """Evaluates every folder of ``influence_dirs`` (keyed by folder name) against the ground
     truth of ``workdir``; writes the outputs listed in the module docstring into ``out``.
@@ -140,8 +143,10 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     ``leave_out_variants``: folder names (a list or ``"a,b"``) that get leave-top-k-out (default:
     all); the others skip it, which bounds the number of retrainings. ``leave_out_steps``:
     ``epochs`` (a model without k patients trains the run's epochs, so fewer steps) or
-    ``matched`` (as many steps as the model on all patients). Returns the dict written to
-    ``evaluation.json``.
+    ``matched`` (as many steps as the model on all patients). ``baselines``: also score the
+    attribution-free :mod:`.baselines` (under ``"baselines"``, each variant's paired
+    ``vs_baseline``; leave-out too unless ``leave_out_variants`` leaves it out). Returns the
+    dict written to ``evaluation.json``.
     """
     from tracin_jax import load_run
 
@@ -183,20 +188,29 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     variants = {n: _load_influence(f, patients, train_ids, test_ids, workdir)
                 for n, f in zip(names, folders)}
     present = next(iter(variants.values()))["present"]
+    # Attribution-free baselines: the same tensor layout, scored on the Dice loss.
+    base_scores = {}
+    if baselines:
+        if base_mod.CLASS_VOXELS in variants:
+            raise InputError(f"--influence: the folder name {base_mod.CLASS_VOXELS!r} is the "
+                             "baseline's (rename the folder or pass --no-baseline)")
+        voxels = base_mod.patient_class_voxels(run.train.labels, run.train.cases, patients)
+        base_scores[base_mod.CLASS_VOXELS] = base_mod.class_voxel_scores(voxels, len(test_ids))
+    scored = {**{n: v["scores"] for n, v in variants.items()}, **base_scores}
     if isinstance(leave_out_variants, str):
         leave_out_variants = [x.strip() for x in leave_out_variants.split(",") if x.strip()]
-    lo_names = list(names) if leave_out_variants is None else list(leave_out_variants)
-    unknown = [n for n in lo_names if n not in variants]
+    lo_names = list(scored) if leave_out_variants is None else list(leave_out_variants)
+    unknown = [n for n in lo_names if n not in scored]
     if unknown:
         raise InputError(f"--leave-out-variants {unknown[0]!r}: not the name of an --influence "
-                         f"folder (have {', '.join(names)})")
+                         f"folder or a baseline (have {', '.join(scored)})")
     mislabel_aucs = sanity.read_mislabel(mislabel) if mislabel else None
     last_epoch = run.checkpoints[-1].epoch
 
     # -- the leave-out plan (cheap: rankings only) -----------------------------------------
     queries = lo_mod.select_queries(present, queries_n, seed) if queries_n else []
     randoms = lo_mod.random_sets(len(patients), ks, draws, seed) if queries else {}
-    plan = (lo_mod.removal_plan({n: variants[n]["scores"] for n in lo_names}, queries, ks, randoms)
+    plan = (lo_mod.removal_plan({n: scored[n] for n in lo_names}, queries, ks, randoms)
             if queries and lo_names else None)
 
     # -- 1. ground truth ------------------------------------------------------------------
@@ -234,6 +248,23 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
         result_variants[name]["vs_best"] = lds_mod.paired_difference(
             v["scores"], losses[v["spec"].loss], b["scores"], losses[b["spec"].loss], masks,
             present, resamples=resamples, seed=seed)
+    result_baselines: dict = {}
+    for bname, bscores in base_scores.items():
+        by_loss = {loss: lds_mod.lds(bscores, masks, arr, present, resamples=resamples, seed=seed)
+                   for loss, arr in losses.items()}
+        b = variants[best]
+        result_baselines[bname] = {
+            "gradient": base_mod.DESCRIPTION, "loss": "dice", "lds": by_loss["dice"],
+            "lds_by_loss": {k: {kk: vv for kk, vv in r.items() if kk != "per_target"}
+                            for k, r in by_loss.items()},
+            "vs_best": lds_mod.paired_difference(
+                bscores, losses["dice"], b["scores"], losses[b["spec"].loss], masks, present,
+                resamples=resamples, seed=seed),
+            "randomisation": None, "mislabel_auc": None, "mislabel_method": None}
+        for name, v in variants.items():  # each variant against the baseline, on its own loss
+            own = losses[v["spec"].loss]
+            result_variants[name]["vs_baseline"] = lds_mod.paired_difference(
+                v["scores"], own, bscores, own, masks, present, resamples=resamples, seed=seed)
 
     # -- 3. leave-top-k-out ---------------------------------------------------------------
     leave_out_info: dict = {}
@@ -253,13 +284,13 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                                               steps=leave_out_steps)
         leave_out_s = time.perf_counter() - t
         for name in lo_names:
-            v = variants[name]
-            key = LOSS_KEYS[v["spec"].loss]
+            entry = result_variants.get(name) or result_baselines[name]
+            key = LOSS_KEYS[entry["loss"]]
             loss_without = {s: np.asarray(o[key]) for s, o in zip(sets, outputs)}
             changes = lo_mod.loss_changes(plan["top"][name], randoms, queries, loss_without,
                                           seed=seed)
-            result_variants[name]["leave_out"] = {str(k): c for k, c in changes.items()}
-            result_variants[name]["leave_out_sets"] = {
+            entry["leave_out"] = {str(k): c for k, c in changes.items()}
+            entry["leave_out_sets"] = {
                 side: {str(k): [[patients[p] for p in s] for s in lst] for k, lst in d.items()}
                 for side, d in plan["top"][name].items()}
         leave_out_info = {
@@ -299,7 +330,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
         },
         "bootstrap": {"over": "subsets", "resamples": resamples, "method": "percentile",
                       "level": 0.95},
-        "best": best, "variants": result_variants, "leave_out": leave_out_info,
+        "best": best, "variants": result_variants, "baselines": result_baselines,
+        "leave_out": leave_out_info,
         "mislabel": str(mislabel) if mislabel else None,
     }
     write_outputs(result, out)

@@ -56,6 +56,11 @@ def verdict(result: dict) -> str:
                   f"{', '.join(f'`{n}`' for n in tied)} (paired 95% intervals)."
 
 
+def _rows(result: dict) -> dict:
+    """The variants, then the attribution-free baselines: every row of the tables and figures."""
+    return {**result["variants"], **(result.get("baselines") or {})}
+
+
 def _leave_out_at(variant: dict, k) -> dict | None:
     """A variant's leave-out entry for k (keyed by str(k) in json, by int in memory)."""
     lo = variant.get("leave_out", {})
@@ -84,7 +89,7 @@ def _detail_table(result: dict, ks) -> list[str]:
     lines = ["Per class and per k, with intervals (LDS: bootstrap over subsets; leave-out: "
              "bootstrap over queries):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, v in result["variants"].items():
+    for name, v in _rows(result).items():
         pc = v["lds"]["per_class"]
         row = [f"`{name}`", *(f"{_f(pc[c]['mean'])} {_ci(pc[c]['ci'])}".strip()
                               for c in CLASS_NAMES)]
@@ -118,17 +123,23 @@ def markdown(result: dict) -> str:
     else:
         lines.append("Noise ceiling: needs --seeds 2 or more (not measured).")
     lines += ["", verdict(result), ""]
+    has_base = bool(result.get("baselines"))
     head = ["variant", "gradient", "LDS [95% CI]", *CLASS_NAMES, "LDS - best [95% CI]"]
+    if has_base:
+        head += ["LDS - baseline [95% CI]"]
     if kmax:
         head += [f"remove top-{kmax}: prop. / random / opp."]
     head += ["randomisation rho", "mislabel AUC"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, v in result["variants"].items():
+    for name, v in _rows(result).items():
         l = v["lds"]
         row = [f"`{name}`", v["gradient"], f"{_f(l['mean'])} {_ci(l['ci'])}",
                *(_f(l["per_class"][c]["mean"]) for c in CLASS_NAMES),
                (f"{_f(v['vs_best']['mean'])} {_ci(v['vs_best']['ci'])}" if v.get("vs_best")
                 else "best")]
+        if has_base:
+            vb = v.get("vs_baseline")
+            row.append(f"{_f(vb['mean'])} {_ci(vb['ci'])}".strip() if vb else "")
         if kmax:
             lo = _leave_out_at(v, kmax)
             row.append(" / ".join(_f(lo[s]["mean"], 3) for s in ("proponents", "random", "opponents"))
@@ -145,6 +156,12 @@ def markdown(result: dict) -> str:
         "differentiates); intervals: percentile bootstrap over subsets. LDS - best: paired "
         "difference with the highest-LDS variant on the same subsets.",
     ]
+    if has_base:
+        lines.append(
+            "`baseline-class-voxels` uses no model: each training patient scores its voxels of "
+            "the query's class, for every test slice (scored on the Dice loss). LDS - baseline: "
+            "a variant's paired difference with it on the variant's own loss; a variant whose "
+            "interval includes 0 has not shown more than how much of each class a patient has.")
     if kmax:
         lo = result["leave_out"]
         lines.append(
@@ -186,14 +203,15 @@ def plot_lds(result: dict, path: Path) -> None:
 
     from tracin_jax.explain.figures import class_colors
 
-    names = list(result["variants"])
+    rows = _rows(result)
+    names = list(rows)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 3.4))
     groups = ("overall", *CLASS_NAMES)
     colours = ["black", *class_colors(CLASS_NAMES)]  # the report's class colours
     width = 0.8 / len(groups)
     for g, group in enumerate(groups):
         for n, name in enumerate(names):
-            l = result["variants"][name]["lds"]
+            l = rows[name]["lds"]
             entry = l if group == "overall" else l["per_class"][group]
             if entry["mean"] is None:
                 continue
@@ -224,14 +242,15 @@ def plot_leave_out(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, v in result["variants"].items() if v.get("leave_out")]
+    rows = _rows(result)
+    names = [n for n, v in rows.items() if v.get("leave_out")]
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 0.5, 2.8),
                              sharey=True, squeeze=False)
     colours = {"proponents": "#D55E00", "random": "#777777", "opponents": "#0072B2"}
     for ax, name in zip(axes[0], names):
-        lo = result["variants"][name]["leave_out"]
+        lo = rows[name]["leave_out"]
         ks = sorted(int(k) for k in lo)
         for side, colour in colours.items():
             m = [lo[str(k)][side]["mean"] for k in ks]
