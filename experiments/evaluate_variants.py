@@ -147,7 +147,11 @@ def run(args) -> dict:
             run_influence(root / "run", folder, **kw)
         timings[f"influence_{name}_s"] = time.perf_counter() - t
 
+    from tracin_jax.evaluate.baselines import CLASS_VOXELS
+
+    # the attribution-free baseline too: at most two removal sets per class and k
     lo_variants = [n for n in args.leave_out_variants.split(",") if n.strip() in names]
+    lo_variants += [CLASS_VOXELS] if lo_variants else []
     print(f"[4/4] evaluation -> {root / 'eval'}", file=sys.stderr)
     t = time.perf_counter()
     result = run_evaluate(
