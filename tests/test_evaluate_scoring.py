@@ -335,7 +335,7 @@ def _result(best_separated: bool) -> dict:
         }}
 
 
-def test_report_lists_the_baseline_and_each_variant_against_it():
+def test_report_lists_the_baseline_and_each_variant_against_it(tmp_path):
     res = _result(True)
     res["variants"]["head"]["vs_baseline"] = {"mean": 0.04, "ci": [-0.01, 0.09]}
     base_lds = res["variants"]["cos"]["lds"]
@@ -351,6 +351,8 @@ def test_report_lists_the_baseline_and_each_variant_against_it():
     assert report.verdict(res).startswith("Highest LDS: `head`")  # baselines never "best"
     assert baselines.CLASS_VOXELS in report._rows(res) and report.markdown(_result(True)).count(
         "LDS - baseline") == 0
+    report.write_outputs(res, tmp_path)  # the figures draw the baseline's row and its level
+    assert (tmp_path / "lds.png").stat().st_size > 0 and (tmp_path / "leave_out.png").exists()
 
 
 def test_report_markdown_verdict_and_figures(tmp_path):

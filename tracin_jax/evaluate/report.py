@@ -227,6 +227,11 @@ def plot_lds(result: dict, path: Path) -> None:
             ax.axhline(c["mean"], ls="--", color="grey", lw=0.8)
             ax.text(len(names) - 0.5, c["mean"], f"noise ceiling ({loss})", fontsize=7,
                     ha="right", va="bottom", color="grey")
+    for bname, b in (result.get("baselines") or {}).items():  # what a model-free score gets
+        if b["lds"]["mean"] is not None:
+            ax.axhline(b["lds"]["mean"], ls=":", color="black", lw=0.8)
+            ax.text(-0.5, b["lds"]["mean"], f"{bname} (overall)", fontsize=7, ha="left",
+                    va="bottom")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("class-wise LDS (Spearman)")
