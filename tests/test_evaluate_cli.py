@@ -154,6 +154,7 @@ def test_api_linear_oracle_through_the_pipeline(tmp_path, tiny_run, tiny_influen
     assert v["vs_baseline"]["mean"] == pytest.approx(v["lds"]["mean"] - base["lds"]["mean"],
                                                      abs=1e-9)
     assert set(base["leave_out"]) == {"1", "2"} and base["randomisation"] is None
+    assert -1.0 <= v["baseline_rho"] <= 1.0
     assert "| `baseline-class-voxels` |" in md
     api.run_evaluate(tiny_run, [tiny_influence], tmp_path / "e2", **kw)
     assert (tmp_path / "e2" / "evaluation.md").read_text() == md

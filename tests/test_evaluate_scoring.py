@@ -338,6 +338,7 @@ def _result(best_separated: bool) -> dict:
 def test_report_lists_the_baseline_and_each_variant_against_it(tmp_path):
     res = _result(True)
     res["variants"]["head"]["vs_baseline"] = {"mean": 0.04, "ci": [-0.01, 0.09]}
+    res["variants"]["head"]["baseline_rho"] = 0.9
     base_lds = res["variants"]["cos"]["lds"]
     res["baselines"] = {baselines.CLASS_VOXELS: {
         "gradient": baselines.DESCRIPTION, "lds": base_lds, "vs_best": {"mean": -0.2, "ci": [-0.3, -0.1]},
@@ -348,6 +349,7 @@ def test_report_lists_the_baseline_and_each_variant_against_it(tmp_path):
     assert "| `head` | dice head | +0.30 [+0.20, +0.40] | +0.30 | +0.30 | +0.30 | best | +0.04 [-0.01, +0.09] |" in md
     assert f"| `{baselines.CLASS_VOXELS}` | {baselines.DESCRIPTION} | +0.10" in md
     assert "has not shown more than how much of each class" in md
+    assert "| `head` | +0.30 | +0.30 | +0.30 | +0.90 | +0.010 [+0.000, +0.020]" in md
     assert report.verdict(res).startswith("Highest LDS: `head`")  # baselines never "best"
     assert baselines.CLASS_VOXELS in report._rows(res) and report.markdown(_result(True)).count(
         "LDS - baseline") == 0

@@ -265,6 +265,10 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
             own = losses[v["spec"].loss]
             result_variants[name]["vs_baseline"] = lds_mod.paired_difference(
                 v["scores"], own, bscores, own, masks, present, resamples=resamples, seed=seed)
+            # how far the variant's patient ranking is the baseline's (mean Spearman over
+            # targets): near 1, its scores add little beyond each patient's class voxels
+            result_variants[name]["baseline_rho"] = sanity.rank_agreement(
+                v["scores"], bscores, present)["mean"]
 
     # -- 3. leave-top-k-out ---------------------------------------------------------------
     leave_out_info: dict = {}

@@ -81,7 +81,10 @@ def _paired_cell(d: dict | None) -> str:
 def _detail_table(result: dict, ks) -> list[str]:
     """Per-class LDS with its 95% interval, and the leave-out changes with intervals over
     queries for every k (the main table keeps the means and the largest k)."""
+    has_base = bool(result.get("baselines"))
     head = ["variant", *(f"{c} [95% CI]" for c in CLASS_NAMES)]
+    if has_base:
+        head += ["Spearman with the baseline"]
     for k in ks:
         head += [f"remove top-{k}: {side} [95% CI]" for side in ("prop.", "random", "opp.")]
         head += [f"top-{k}: prop. - {o}, paired [95% CI] (wins, Wilcoxon p)"
@@ -93,6 +96,8 @@ def _detail_table(result: dict, ks) -> list[str]:
         pc = v["lds"]["per_class"]
         row = [f"`{name}`", *(f"{_f(pc[c]['mean'])} {_ci(pc[c]['ci'])}".strip()
                               for c in CLASS_NAMES)]
+        if has_base:
+            row.append(_f(v.get("baseline_rho")))
         for k in ks:
             lo = _leave_out_at(v, k)
             row += [f"{_f(lo[s]['mean'], 3)} {_ci(lo[s].get('ci'), 3)}".strip()
@@ -161,7 +166,9 @@ def markdown(result: dict) -> str:
             "`baseline-class-voxels` uses no model: each training patient scores its voxels of "
             "the query's class, for every test slice (scored on the Dice loss). LDS - baseline: "
             "a variant's paired difference with it on the variant's own loss; a variant whose "
-            "interval includes 0 has not shown more than how much of each class a patient has.")
+            "interval includes 0 has not shown more than how much of each class a patient has. "
+            "Spearman with the baseline: mean over targets of the rank correlation over patients "
+            "between the variant's scores and the baseline's.")
     if kmax:
         lo = result["leave_out"]
         lines.append(
