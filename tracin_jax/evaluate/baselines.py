@@ -14,12 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
+from tracin_jax.data.labels import NUM_CLASSES
+
+TUMOUR_LABELS = tuple(range(1, NUM_CLASSES))  # NCR/NET, ED, ET after label mapping
 CLASS_VOXELS = "baseline-class-voxels"
 DESCRIPTION = "no model: the patient's voxels of the query's class"
 
 
 def patient_class_voxels(labels: np.ndarray, cases: Sequence[str], patients: Sequence[str],
-                         class_labels: Sequence[int] = (1, 2, 3)) -> np.ndarray:
+                         class_labels: Sequence[int] = TUMOUR_LABELS) -> np.ndarray:
     """Voxels of each tumour class per training patient.
 
     labels u8[N, H, W] (training slices), cases[N] (the slice's patient), patients[P] ->
