@@ -117,6 +117,11 @@ def _load_influence(folder: Path, patients: list[str], train_ids: list[str],
             "spec": sanity.gradient_spec(meta)}
 
 
+def _summaries(by_loss: dict) -> dict:
+    """{loss: lds dict} without the per-target list (json's ``lds_by_loss``)."""
+    return {k: {kk: vv for kk, vv in r.items() if kk != "per_target"} for k, r in by_loss.items()}
+
+
 def _unit_seconds(gt) -> float | None:
     """Median seconds per retrained model recorded by the ground truth (``unit_seconds``)."""
     vals = np.asarray((getattr(gt, "meta", None) or {}).get("unit_seconds") or [], float).ravel()
@@ -226,16 +231,17 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     masks = np.asarray(gt.masks, bool)
 
     # -- 2. LDS ---------------------------------------------------------------------------
+    def lds_by_loss(scores) -> dict:  # {loss: lds dict} against the Dice and the CE loss
+        return {loss: lds_mod.lds(scores, masks, arr, present, resamples=resamples, seed=seed)
+                for loss, arr in losses.items()}
+
     result_variants: dict = {}
     for name, v in variants.items():
-        by_loss = {loss: lds_mod.lds(v["scores"], masks, arr, present, resamples=resamples,
-                                     seed=seed) for loss, arr in losses.items()}
+        by_loss = lds_by_loss(v["scores"])
         own = v["spec"].loss
         result_variants[name] = {
             "folder": str(folders[names.index(name)]), "gradient": v["spec"].describe(),
-            "loss": own, "lds": by_loss[own],
-            "lds_by_loss": {k: {kk: vv for kk, vv in r.items() if kk != "per_target"}
-                            for k, r in by_loss.items()},
+            "loss": own, "lds": by_loss[own], "lds_by_loss": _summaries(by_loss),
         }
     best = max(result_variants, key=lambda n: (result_variants[n]["lds"]["mean"]
                                                if result_variants[n]["lds"]["mean"] is not None
@@ -250,13 +256,11 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
             present, resamples=resamples, seed=seed)
     result_baselines: dict = {}
     for bname, bscores in base_scores.items():
-        by_loss = {loss: lds_mod.lds(bscores, masks, arr, present, resamples=resamples, seed=seed)
-                   for loss, arr in losses.items()}
+        by_loss = lds_by_loss(bscores)
         b = variants[best]
         result_baselines[bname] = {
             "gradient": base_mod.DESCRIPTION, "loss": "dice", "lds": by_loss["dice"],
-            "lds_by_loss": {k: {kk: vv for kk, vv in r.items() if kk != "per_target"}
-                            for k, r in by_loss.items()},
+            "lds_by_loss": _summaries(by_loss),
             "vs_best": lds_mod.paired_difference(
                 bscores, losses["dice"], b["scores"], losses[b["spec"].loss], masks, present,
                 resamples=resamples, seed=seed),
