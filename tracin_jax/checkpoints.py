@@ -11,6 +11,14 @@ Layout: ``<workdir>/checkpoints/<epoch>/`` with three items:
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
 killed at any moment leaves every earlier checkpoint intact, and an unfinished one is ignored.
 None are pruned.
+
+Several JAX processes (:mod:`tracin_jax.distributed`): every Orbax manager here is local to the
+process that opens it (``MultiprocessingOptions(active_processes={this process})``), so reading
+a checkpoint needs no other process and no barrier. Every process restores the whole checkpoint
+onto its own first local device (a checkpoint holds replicated variables, never shards), and
+only process 0 writes one: :func:`save_checkpoint` is a no-op elsewhere and takes replicated
+global arrays (it writes their local copy). A checkpoint is therefore written once and
+restorable with any process count.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tracin_jax.errors import InputError
@@ -32,14 +41,31 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def _manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager of this process alone (see the module docstring)."""
     path = Path(workdir).resolve() / CHECKPOINT_DIR
+    rank = jax.process_index()
+    if not read_only:
+        path.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None,
         enable_async_checkpointing=False,
-        create=not read_only,
+        create=False,
         read_only=read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=rank, active_processes={rank}),
     )
     return ocp.CheckpointManager(path, options=options)
+
+
+def _local_copy(tree: Any) -> Any:
+    """Host numpy copy of a pytree of (possibly multi-process, replicated) arrays."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError("save_checkpoint takes replicated arrays, not shards")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
 
 
 def list_epochs(workdir: str | os.PathLike) -> list[int]:
@@ -54,13 +80,18 @@ def list_epochs(workdir: str | os.PathLike) -> list[int]:
 
 
 def save_checkpoint(workdir, epoch: int, variables: Any, opt_state: Any, meta: dict) -> None:
-    """Writes checkpoint ``epoch`` atomically. meta must be JSON-serialisable."""
+    """Writes checkpoint ``epoch`` atomically. meta must be JSON-serialisable.
+
+    Only process 0 writes (elsewhere this returns at once); arrays may be replicated global
+    arrays of several processes."""
+    if jax.process_index() != 0:
+        return
     mngr = _manager(workdir)
     mngr.save(
         epoch,
         args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables),
-            opt_state=ocp.args.StandardSave(opt_state),
+            variables=ocp.args.StandardSave(_local_copy(variables)),
+            opt_state=ocp.args.StandardSave(_local_copy(opt_state)),
             meta=ocp.args.JsonSave(dict(meta, epoch=epoch)),
         ),
     )
@@ -69,7 +100,9 @@ def save_checkpoint(workdir, epoch: int, variables: Any, opt_state: Any, meta: d
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes and dtypes of ``tree``, placed whole on this process's first local device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
 def _describe(error: BaseException, limit: int = 200) -> str:

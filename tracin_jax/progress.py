@@ -7,7 +7,9 @@ tee log``, a batch scheduler's output file) only shows once a bar finishes. On s
 
     train gradients: 120/600 (20%) [00:41<02:45, 2.91ex/s, epoch=2]
 
-Every bar in the project is made by this function; it takes tqdm's arguments.
+Every bar in the project is made by this function; it takes tqdm's arguments. With
+``TRACIN_JAX_QUIET=1`` (set in every JAX process but process 0, see
+:mod:`tracin_jax.distributed`) every bar is disabled.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def tqdm(*args, **kwargs):
     """``tqdm.auto.tqdm(*args, **kwargs)`` when its stream (``file``, default stderr) is a
     terminal or this runs in a notebook; otherwise a :class:`LineBar` printing plain lines."""
     stream = kwargs.get("file") or sys.stderr
+    if os.environ.get("TRACIN_JAX_QUIET") == "1":
+        kwargs["disable"] = True
     if kwargs.get("disable") or is_terminal(stream) or _in_notebook():
         return _auto_tqdm(*args, **kwargs)
     return LineBar(*args, **kwargs)

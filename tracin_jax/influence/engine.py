@@ -114,7 +114,7 @@ def parse_checkpoints(spec: Any, available: Sequence[int], workdir: Any = "") ->
 def _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed) -> None:
     if split not in SPLITS:
         raise InputError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
-    for name, value in (("--batch-size", batch_size), ("chunk_size", chunk_size)):
+    for name, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise InputError(f"{name} {value!r} must be a positive integer")
     if topk is not None and (not isinstance(topk, (int, np.integer)) or topk < 1):
@@ -412,6 +412,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         check_writable_folder(store_dir if store_dir is not None else Path(workdir) / "features",
                               "feature store")
     mesh = mesh if mesh is not None else sharding.train_mesh()
+    local = sharding.local_mesh(mesh)  # the gradient stage: this process's devices
     train_ids, test_ids = [str(i) for i in train.ids], [str(i) for i in test.ids]
     n_train, n_test = len(train_ids), len(test_ids)
     if not n_train or not n_test or not checkpoints:
@@ -438,7 +439,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     subset = getattr(grad_fn, "subset", None)
     estimate = memory_estimate(
         n_test=n_test, n_train=n_train, num_classes=c, dim=dim, n_checkpoints=len(checkpoints),
-        chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, mesh),
+        chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, local),
         grad_params=batch_params(grad_fn, dim), split=split)
     budget = float(memory_budget_gb) * 2**30
     check_memory(estimate, budget, projected=getattr(grad_fn, "projector", None) is not None)
@@ -462,14 +463,14 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                 else None)
         stats = featurise_checkpoint(store, grad_fn, ckpt.epoch, ckpt.lr, variables,
                                      train.images, train.labels, batch_size=batch_size,
-                                     mesh=mesh, bar=bar, precond=diag)
+                                     mesh=local, bar=bar, precond=diag)
         for key, v in stats.items():
             train_stats[key] = train_stats.get(key, 0) + v
-        if split != "train":
+        if split != "train" and sharding.is_writer():  # (sent to the others below)
             ts = time.perf_counter()
-            test_parts.append(compute_features(grad_fn, sharding.replicate(variables, mesh),
+            test_parts.append(compute_features(grad_fn, sharding.replicate(variables, local),
                                                ckpt.lr, test.images, test.labels, batch_size,
-                                               mesh, precond=diag))
+                                               local, precond=diag))
             test_parts[-1].block_until_ready()
             test_s += time.perf_counter() - ts
     bar.close()
@@ -481,7 +482,12 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         queries = [(start, stop, partial(store.read_block, epochs, kq))
                    for kq, (start, stop) in enumerate(blocks)]
     else:
-        test_feats = jnp.concatenate(test_parts, axis=-1)
+        # One process computes the test features and sends them to the others: computed in
+        # each process, they could differ in the last bit (XLA's CPU code depends on the
+        # cores a process has), and every process must place the same values on the mesh.
+        test_feats = sharding.from_writer(
+            jnp.concatenate(test_parts, axis=-1) if test_parts else None,
+            (n_test, c, len(checkpoints) * dim))
         del test_parts
         queries = [(0, n_test, lambda: test_feats)]
     timings["features_s"] = round(time.perf_counter() - t, 3)

@@ -169,8 +169,9 @@ def score_blocks(test_feats: jax.Array, read_block: Callable[[int], np.ndarray],
     n_test, c, _ = test.shape
     n_train = blocks[-1][1] if blocks else 0
     k = min(int(topk), n_train) if topk else None
-    state = init_topk(n_test, c, k) if k else None
-    pat = jnp.zeros((n_test, c, n_patients, c), jnp.float32) if patient_of is not None else None
+    state = sharding.replicate(init_topk(n_test, c, k), mesh) if k else None
+    pat = (sharding.replicate(np.zeros((n_test, c, n_patients, c), np.float32), mesh)
+           if patient_of is not None else None)
     self_parts = []  # device arrays, fetched once at the end (no per-block sync)
     width = sharding.padded_size(max(stop - start for start, stop in blocks), mesh)
     bar = tqdm(total=n_train, desc="scores", unit="ex", disable=not progress, leave=False,

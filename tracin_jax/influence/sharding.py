@@ -9,30 +9,18 @@ device count (tested with 8 fake CPU devices against 1).
 Batches are padded to a multiple of the device count (padded rows are computed and dropped),
 so one compiled program serves every batch.
 
-Multi-host (several machines, each with its own accelerators)
--------------------------------------------------------------
-The code is written SPMD: every process runs the same program on the same inputs, and the
-mesh spans the devices of all processes. To run it:
-
-1. Put the workdir (checkpoints, data, and the feature store under ``<workdir>/features``) on
-   a file system every host can read; ``out`` should be shared too.
-2. On every host, before anything else touches JAX::
-
-       import jax
-       jax.distributed.initialize()  # or (coordinator_address="host0:1234",
-                                     #     num_processes=N, process_id=i) off Cloud TPU/SLURM
-       from tracin_jax.influence import run_influence
-       run_influence("runs/paper", "runs/paper/influence", params="all", proj_dim=4096)
-
-   (or ``tracin-jax influence ...`` launched once per host by the cluster's launcher, with the
-   ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` environment set).
-3. ``jax.devices()`` then lists the global devices; each process feeds the same host arrays,
-   ``jax.device_put`` keeps only its addressable shards, results are gathered with
-   ``multihost_utils.process_allgather``, and only process 0 writes the feature store and the
-   output files; barriers around each checkpoint's chunks keep the processes in step, so every
-   process reads back chunks that are complete.
-4. Every process must see the same devices in the same order and call ``run_influence`` with the
-   same arguments; ``batch_size`` is rounded up to the global device count.
+Several JAX processes (one per GPU or per share of CPU cores, on one or several machines;
+see :mod:`tracin_jax.distributed` and ``docs/scale-out.md``)
+------------------------------------------------------------------------------------
+Two meshes are used. The gradient stage runs on :func:`local_mesh` (this process's devices):
+each process computes its own share of the training chunks and writes them to the feature
+store on a shared file system (:mod:`.store`), with no communication. The scoring stage runs on
+:func:`train_mesh` over the devices of every process: each process reads the same blocks from
+the store, :func:`shard_rows` keeps only its own rows on its devices, and the results are
+gathered with :func:`to_host` (``process_allgather``). Host arrays enter a multi-process mesh
+only from numpy (:func:`replicate` and :func:`shard_rows` copy a local device array to the host
+first: backends do not transfer device arrays between processes). Only process 0 writes the
+output files; :func:`barrier` keeps the processes in step.
 """
 
 from __future__ import annotations
@@ -52,6 +40,25 @@ def train_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices if devices is not None else jax.devices()), (AXIS,))
 
 
+def local_mesh(mesh: Mesh | None = None) -> Mesh:
+    """The part of ``mesh`` (default :func:`train_mesh`) on this process's own devices: the
+    mesh itself with one process."""
+    mesh = mesh if mesh is not None else train_mesh()
+    if jax.process_count() == 1:
+        return mesh
+    return Mesh(np.array([d for d in mesh.devices.flat if d.process_index == jax.process_index()]),
+                (AXIS,))
+
+
+def _placeable(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` with local device arrays copied to the host when ``mesh`` spans processes."""
+    if jax.process_count() == 1 or all(d.process_index == jax.process_index()
+                                       for d in mesh.devices.flat):
+        return tree
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
+                        and x.is_fully_addressable else x, tree)
+
+
 def padded_size(n: int, mesh: Mesh) -> int:
     """n rounded up to a multiple of the device count."""
     d = mesh.devices.size
@@ -60,12 +67,12 @@ def padded_size(n: int, mesh: Mesh) -> int:
 
 def shard_rows(x: Any, mesh: Mesh) -> jax.Array:
     """Places x (leading axis divisible by the device count) split along its first axis."""
-    return jax.device_put(x, NamedSharding(mesh, P(AXIS)))
+    return jax.device_put(_placeable(x, mesh), NamedSharding(mesh, P(AXIS)))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree whole on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return jax.device_put(_placeable(tree, mesh), NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -89,6 +96,25 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def my_share(items: list, rank: int | None = None, count: int | None = None) -> list:
+    """The items process ``rank`` of ``count`` (default: this process) works on: every
+    ``count``-th, starting at ``rank``. With one process, all of them."""
+    rank = jax.process_index() if rank is None else rank
+    count = jax.process_count() if count is None else count
+    return list(items)[rank::count]
+
+
+def from_writer(x: Any, shape: tuple[int, ...]) -> Any:
+    """Process 0's f32 array ``x`` (of ``shape``) in every process; ``x`` as it is with one
+    process. Other processes pass None."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    value = np.asarray(x, np.float32) if is_writer() else np.zeros(shape, np.float32)
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
 def is_writer() -> bool:

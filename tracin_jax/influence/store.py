@@ -109,11 +109,14 @@ class FeatureStore:
         self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
         if sharding.is_writer():
             self.root.mkdir(parents=True, exist_ok=True)
-        with self.locked():
-            if not (self.root / MANIFEST).exists():
-                self.manifest = {"format": FORMAT, "header": self.header, "checkpoints": {},
-                                 "chunks": {}}
-                self._save_manifest()
+            with self.locked():
+                if not (self.root / MANIFEST).exists():
+                    self.manifest = {"format": FORMAT, "header": self.header, "checkpoints": {},
+                                     "chunks": {}}
+                    self._save_manifest()
+        sharding.barrier("store-created")  # other processes read the manifest once it exists
+        if not sharding.is_writer():
+            self._load_manifest()
 
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST
@@ -221,15 +224,18 @@ class FeatureStore:
         }
 
     def write_chunk(self, epoch: int, k: int, features: np.ndarray) -> None:
-        """Writes chunk k of ``epoch`` (f32[rows, C, D]) atomically, then records it."""
+        """Writes chunk k of ``epoch`` (f32[rows, C, D]) atomically, then records it.
+
+        Any process may write the chunks it computed; only process 0 records them in the
+        manifest (the others' chunks are recorded from their files, :meth:`missing_chunks`)."""
         start, stop = self.chunk_rows(k)
         expect = (stop - start, self.num_classes, self.dim)
         if features.shape != expect:
             raise ValueError(f"chunk {k} has shape {features.shape}, expected {expect}")
+        path = self.chunk_path(epoch, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npy_atomic(path, np.asarray(features, np.float32))
         if sharding.is_writer():
-            path = self.chunk_path(epoch, k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_npy_atomic(path, np.asarray(features, np.float32))
             self.manifest["chunks"][f"{epoch}/{k}"] = self._chunk_entry(epoch, k)
             self._save_manifest()
 
@@ -370,28 +376,61 @@ def _featurise_locked(store, grad_fn, epoch, lr, variables, fingerprint, images,
                       batch_size, mesh, bar, precond=None) -> dict:
     store.open_checkpoint(epoch, lr, fingerprint)
     sharding.barrier(f"store-opened-{epoch}")  # stale chunks are gone before anyone looks
-    missing = set(store.missing_chunks(epoch))
+    missing = store.missing_chunks(epoch)
     sharding.barrier(f"store-checked-{epoch}")  # nothing is written before everyone looked
+    mine = set(sharding.my_share(missing))  # with several processes, each computes its share
     stats = {"chunks_computed": 0, "chunks_reused": 0, "examples_computed": 0, "seconds": 0.0}
-    if missing:
+    if mine:
         grad_fn, variables = preconditioned_call(grad_fn, variables, precond)
         variables = sharding.replicate(variables, mesh)
+    others = 0
     for k in range(store.n_chunks):
         start, stop = store.chunk_rows(k)
-        if k in missing:
+        if k in mine:
             t0 = time.perf_counter()
             feats = compute_features(grad_fn, variables, lr, images[start:stop],
                                      labels[start:stop], batch_size, mesh)
             store.write_chunk(epoch, k, sharding.to_host(feats))
+            _fault_injection()
             stats["seconds"] += time.perf_counter() - t0
             stats["chunks_computed"] += 1
             stats["examples_computed"] += stop - start
+        elif k in missing:
+            others += stop - start
+            continue
         else:
             stats["chunks_reused"] += 1
         if bar is not None:
             bar.update(stop - start)
     sharding.barrier(f"store-done-{epoch}")
+    if len(mine) != len(missing):  # the other processes' chunks: record them, check them
+        left = store.missing_chunks(epoch)
+        if left:
+            raise InputError(f"{store.root}: chunks {left} of epoch {epoch} were not written by "
+                             "the other processes (is the store on a file system every process "
+                             "shares?)")
+        if bar is not None:
+            bar.update(others)
     return stats
+
+
+_written = {"chunks": 0}
+
+
+def _fault_injection() -> None:
+    """Test hook: ``TRACIN_JAX_KILL_AFTER_CHUNKS=n`` SIGKILLs this process after the n-th chunk
+    it wrote (only in process ``TRACIN_JAX_KILL_RANK`` when that is set)."""
+    at = os.environ.get("TRACIN_JAX_KILL_AFTER_CHUNKS")
+    if at is None:
+        return
+    rank = os.environ.get("TRACIN_JAX_KILL_RANK")
+    if rank is not None and int(rank) != jax.process_index():
+        return
+    _written["chunks"] += 1
+    if _written["chunks"] == int(at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def featurise(store: FeatureStore, grad_fn: Callable, checkpoints: Iterable[Any],

@@ -1,0 +1,141 @@
+"""Several JAX processes: influence on 2 local CPU processes equals 1 process, resumes after one
+process is killed, and a cluster that cannot form gives one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tracin_jax.influence import run_influence
+from tracin_jax.launch import free_port
+
+VARIANTS = {  # name: (CLI flags, run_influence arguments)
+    "head": ([], {}),
+    "all-countsketch": (["--params", "all", "--proj-dim", "64"], {"params": "all", "proj_dim": 64}),
+    "logra": (["--params", "all", "--proj-kind", "logra", "--proj-dim", "2"],
+              {"params": "all", "proj_kind": "logra", "proj_dim": 2}),
+}
+CHUNK = 4  # 16 training slices -> 4 chunks, shared by the processes
+FILES = ("scores.npy", "self_influence.npy", "patient_scores.npy")
+
+
+def _cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "tracin_jax.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _launch(n, *args, env=None):
+    return _cli("launch", "-n", str(n), "--", *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dist") / "run"
+    shutil.copytree(tiny_run, workdir)
+    return workdir
+
+
+def _same(a, b, rtol=1e-6):
+    for name in FILES:
+        x, y = np.load(a / name), np.load(b / name)
+        assert x.shape == y.shape, name
+        scale = max(float(np.abs(x).max()), 1e-30)
+        assert float(np.abs(x - y).max()) <= rtol * scale, name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_equal_one(run_dir, tmp_path, variant):
+    flags, kwargs = VARIANTS[variant]
+    ref = tmp_path / "one"
+    run_influence(run_dir, ref, chunk_size=CHUNK, batch_size=4, progress=False,
+                  store_dir=tmp_path / "store-one", **kwargs)
+    out = tmp_path / "two"
+    proc = _launch(2, "influence", "--workdir", str(run_dir), "--out", str(out),
+                   "--chunk-size", str(CHUNK), "--batch-size", "4", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same(ref, out)
+    import json
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["process_count"] == 2 and meta["device_count"] == 2
+    # Each process computed its own share of the 4 chunks x 3 checkpoints: process 0 two per
+    # checkpoint (its timings are the ones recorded).
+    assert meta["timings"]["train_features"]["chunks_computed"] == 6
+    assert "[1] influence written" not in proc.stdout  # only process 0 prints results
+    assert "[0] influence written" in proc.stdout
+
+
+def test_killed_process_resumes_to_the_same_scores(run_dir, tmp_path):
+    ref = tmp_path / "one"
+    run_influence(run_dir, ref, chunk_size=CHUNK, batch_size=4, progress=False,
+                  store_dir=tmp_path / "store-one")
+    out = tmp_path / "two"
+    args = ("influence", "--workdir", str(run_dir), "--out", str(out), "--chunk-size", str(CHUNK),
+            "--batch-size", "4", "--params", "head", "--loss", "ce")
+    proc = _launch(2, *args, env={"TRACIN_JAX_KILL_AFTER_CHUNKS": "3", "TRACIN_JAX_KILL_RANK": "1"})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tracin-jax: error: process 1 of 2 exited with status 137"), last
+    assert "killed by signal 9" in last
+    assert not (out / "meta.json").exists()
+    proc = _launch(2, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    stats = json.loads((out / "meta.json").read_text())["timings"]["train_features"]
+    assert stats["chunks_reused"] >= 2  # process 0's share of epochs 1-2 at least was kept
+    ref_ce = tmp_path / "one-ce"
+    run_influence(run_dir, ref_ce, chunk_size=CHUNK, batch_size=4, progress=False, loss="ce",
+                  store_dir=tmp_path / "store-ce")
+    _same(ref_ce, out)
+
+
+def _one_line(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_unreachable_coordinator_is_one_line(tmp_path):
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "1", "TRACIN_JAX_COORDINATOR_TIMEOUT": "2"}
+    line = _one_line(_cli("influence", "--workdir", str(tmp_path), "--out", str(tmp_path / "o"),
+                          env=env, timeout=60))
+    assert "no coordinator answered within 2 s" in line and env["JAX_COORDINATOR_ADDRESS"] in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 is outside [0, 2)"),
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID is not"),
+    ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "not integers"),
+])
+def test_bad_cluster_settings_are_one_line(tmp_path, env, needle):
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", **env}
+    line = _one_line(_cli("train", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"),
+                          env=env, timeout=60))
+    assert needle in line, line
+    assert not (tmp_path / "w").exists()
+
+
+def test_same_process_id_twice_is_one_line_each(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    base = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+            "TRACIN_JAX_COORDINATOR_TIMEOUT": "10", "TRACIN_JAX_HEARTBEAT_TIMEOUT": "5"}
+    args = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(tmp_path),
+            "--out", str(tmp_path / "o")]
+    procs = [subprocess.Popen(args, env={**base, "JAX_PROCESS_ID": i}, stderr=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, text=True) for i in ("0", "1", "1")]
+    outs = [p.communicate(timeout=120)[1] for p in procs]
+    for p, err in zip(procs, outs):
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1, err[-2000:]
+        assert lines[0].startswith("tracin-jax: error:"), lines[0]
+    assert any("same JAX_PROCESS_ID" in err for err in outs), outs
+    assert not (tmp_path / "o").exists()
