@@ -315,26 +315,43 @@ def make_step_fns(model: UNet):
     return jax.jit(forward), jax.jit(step)
 
 
+def torch_device(ctx) -> str:
+    """The PyTorch device of the Captum baseline: ``ctx.torch_device`` (``cpu`` unless set;
+    ``cuda`` puts the PyTorch model, its batches and Captum's computation on the GPU)."""
+    return getattr(ctx, "torch_device", None) or "cpu"
+
+
+def _torch_sync(device: str) -> None:
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def torch_step_rate(ctx, reps: int) -> dict | None:
     """The same batched forward + backward in PyTorch (context for the Captum comparison), with
-    1 thread and with every usable CPU (minimum over ``reps`` each); ``s`` is the faster."""
+    1 thread and with every usable CPU (minimum over ``reps`` each); ``s`` is the faster.
+    On a GPU (``torch_device(ctx)`` not ``cpu``) the threads are not varied."""
     try:
         import torch
 
         from benchmarks import torch_unet
     except ImportError:
         return None
+    dev = torch_device(ctx)
     model = torch_unet.load_flax_variables(
-        torch_unet.TorchUNet(ctx.case.width, ctx.case.depth), ctx.variables[0]).eval()
-    x = torch.from_numpy(np.ascontiguousarray(np.asarray(ctx.xb).transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(np.asarray(ctx.yb).astype(np.int64))
+        torch_unet.TorchUNet(ctx.case.width, ctx.case.depth), ctx.variables[0]).eval().to(dev)
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(ctx.xb).transpose(0, 3, 1, 2))).to(dev)
+    y = torch.from_numpy(np.asarray(ctx.yb).astype(np.int64)).to(dev)
 
     def run():
         model.zero_grad(set_to_none=True)
         torch_unet.tumour_dice_loss(model(x), y).sum().backward()
+        _torch_sync(dev)
 
     by_threads = {}
-    for n in sorted({machine_cpus(), 1}, reverse=True):
+    threads = sorted({machine_cpus(), 1}, reverse=True) if dev == "cpu" else [machine_cpus()]
+    for n in threads:
         torch.set_num_threads(n)
         run()
         best = math.inf
@@ -347,7 +364,7 @@ def torch_step_rate(ctx, reps: int) -> dict | None:
     threads = min(by_threads, key=by_threads.get)
     best = by_threads[threads]
     return {"s": _r(best, 4), "examples_per_s": _r(len(x) / best, 2), "threads": threads,
-            "s_by_threads": {n: _r(v, 4) for n, v in by_threads.items()}}
+            "s_by_threads": {n: _r(v, 4) for n, v in by_threads.items()}, "device": dev}
 
 
 def rate_section(ctx, grad_fn, method: str, reps: int, step_s: float) -> dict:
@@ -475,15 +492,16 @@ def load_torch_checkpoint(model, path: str) -> float:
     return float(ckpt["learning_rate"])
 
 
-def class_expanded(images: np.ndarray, labels: np.ndarray):
+def class_expanded(images: np.ndarray, labels: np.ndarray, device: str = "cpu"):
     """Captum scores one scalar loss per item, so each example becomes 3 items, one per class:
-    item 3*n + c is (image n, labels n + 4*c); the loss decodes c and returns D_c."""
+    item 3*n + c is (image n, labels n + 4*c); the loss decodes c and returns D_c. The tensors
+    live on ``device``."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(labels.astype(np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
     x3 = x.repeat_interleave(NUM_CLASSES, dim=0)
-    c = torch.arange(NUM_CLASSES).repeat(len(x))
+    c = torch.arange(NUM_CLASSES, device=x.device).repeat(len(x))
     y3 = y.repeat_interleave(NUM_CLASSES, dim=0) + 4 * c[:, None, None]
     return torch.utils.data.TensorDataset(x3, y3)
 
@@ -520,6 +538,9 @@ def run_captum(ctx, subset_name: str, paths: list[str]) -> tuple[np.ndarray, dic
       checkpoint's gradient dot product by its learning rate once, as the engine does.
     - Warm-up calls on one batch of each set run first (``warmup_s``, not part of ``s``); they
       also choose PyTorch's intra-op threads (see below in the code).
+    - Device: :func:`torch_device` (``cpu`` unless ``ctx.torch_device`` says ``cuda``: the model,
+      the items and Captum's computation on the GPU; the checkpoint files are still read from
+      disk and copied to the GPU at every load).
     """
     import torch
     from captum.influence import TracInCP
@@ -527,15 +548,16 @@ def run_captum(ctx, subset_name: str, paths: list[str]) -> tuple[np.ndarray, dic
     from benchmarks import torch_unet
 
     case = ctx.case
-    model = torch_unet.TorchUNet(case.width, case.depth).eval()
+    dev = torch_device(ctx)
+    model = torch_unet.TorchUNet(case.width, case.depth).eval().to(dev)
     if subset_name == "head":
         for name, p in model.named_parameters():
             p.requires_grad_(name == "head.weight")
         layers, bs = ["head"], case.batch
     else:
         layers, bs = None, 1
-    train_ds = class_expanded(ctx.train.images, ctx.train.labels)
-    test_ds = class_expanded(ctx.test.images, ctx.test.labels)
+    train_ds = class_expanded(ctx.train.images, ctx.train.labels, dev)
+    test_ds = class_expanded(ctx.test.images, ctx.test.labels, dev)
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=False)
     test_dl = torch.utils.data.DataLoader(test_ds, batch_size=bs, shuffle=False)
 
@@ -544,7 +566,7 @@ def run_captum(ctx, subset_name: str, paths: list[str]) -> tuple[np.ndarray, dic
                           checkpoints_load_func=load_torch_checkpoint, layers=layers,
                           loss_fn=class_loss, batch_size=bs, sample_wise_grads_per_batch=False)
         s = tracin.influence(test_dl)  # [3 * n_test, 3 * n_train]
-        return s.detach().numpy()
+        return s.detach().cpu().numpy()
 
     # Warm-up (PyTorch's first calls for new shapes are slow) on one batch of each set; it also
     # chooses the intra-op threads: on a machine shared with other processes, PyTorch's OpenMP
@@ -556,6 +578,8 @@ def run_captum(ctx, subset_name: str, paths: list[str]) -> tuple[np.ndarray, dic
     warm_test = torch.utils.data.DataLoader(sub(test_ds), batch_size=bs)
     choice = ctx.torch_threads
     candidates = [int(choice)] if choice not in (None, "auto") else sorted({1, machine_cpus()})
+    if dev != "cpu":  # the threads hardly matter with the work on the GPU: no probing
+        candidates = [torch.get_num_threads()]
     probe: dict[int, float] = {}
     for _ in range(2 if len(candidates) > 1 else 1):
         for n in candidates:
@@ -573,7 +597,7 @@ def run_captum(ctx, subset_name: str, paths: list[str]) -> tuple[np.ndarray, dic
     m["mode"] = (f"layers={layers}, per-item autograd loop, batch {bs} items, "
                  f"{'other parameters frozen' if layers else 'all parameters'}")
     m["checkpoint_loads"] = len(paths) * (1 + math.ceil(len(train_ds) / bs))
-    m["torch_device"] = "cpu"
+    m["torch_device"] = dev
     return scores, m
 
 
@@ -701,6 +725,7 @@ def run_case(case: Case, args, machine: dict, emit: Callable[[dict], None]) -> N
 def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
     ctx = prepare_case(case, tmp)
     ctx.torch_threads = args.torch_threads
+    ctx.torch_device = getattr(args, "torch_device", "cpu")
     step_compile = measure_step(ctx, args.reps)
     use_captum = case.captum and not args.no_captum and not args.rate_only and have_captum()
     torch_rate = torch_step_rate(ctx, min(args.reps, 2)) if have_captum() else None
@@ -929,6 +954,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", default="auto",
                    help="PyTorch intra-op threads of the Captum runs: a number, or auto (the "
                         "faster of 1 and all CPUs, probed before each run)")
+    p.add_argument("--torch-device", default="cpu",
+                   help="PyTorch device of the Captum baseline and its training step: cpu or cuda")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
 
