@@ -7,6 +7,11 @@ removing a used file, or changing any data setting, gives a new key. Files are w
 atomically (temporary file in the same folder, fsync, ``os.replace``); an unreadable or
 inconsistent cache file is ignored and rebuilt.
 
+Several processes loading the same data at once (the processes of one data-parallel run) may
+each build and write the same file: each writes its own temporary file and the replacements
+are atomic, so a reader sees either no file or a complete one, and the contents are the same
+whichever replacement comes last.
+
 Default folder: ``$TRACIN_JAX_CACHE`` if set, else ``~/.cache/tracin_jax``.
 """
 

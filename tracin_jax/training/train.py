@@ -9,6 +9,14 @@
 Resuming: running again on the same workdir restores the latest complete checkpoint and goes on
 from the next epoch; epoch ``e`` shuffles with a seed derived from ``(train.seed, e)``, so a
 resumed run visits the data in the same order as an uninterrupted one.
+
+Data parallel (:mod:`tracin_jax.training.parallel`): the batch is split over every device of
+every JAX process (one 1-D mesh), the variables and optimiser state are replicated, and XLA
+all-reduces the gradients of the global-batch loss. Any device and process count trains the
+same model up to float reassociation, with the same augmentation keys, and a checkpoint
+written with one count resumes with any other. Every process loads the same data and runs the
+same loop; only process 0 writes the workdir. ``train.batch_size`` must be a multiple of the
+device count.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from tracin_jax.config import Config, config_from_dict
 from tracin_jax.data.dataset import class_slice_counts
 from tracin_jax.errors import InputError
 from tracin_jax.models import build_model, count_params
-from tracin_jax.training import augment
+from tracin_jax.training import augment, parallel
 from tracin_jax.training.losses import (CLASS_NAMES, absent_class_predictions,
                                         classwise_dice_loss, dice_from_counts, hard_dice_counts,
                                         training_loss)
@@ -146,7 +154,15 @@ def make_apply(model) -> Callable:
     return apply
 
 
-def make_train_step(model, tx, tcfg, image_hw: tuple[int, int], downsample: int = 1):
+def make_train_step(model, tx, tcfg, image_hw: tuple[int, int], downsample: int = 1,
+                    out_sharding=None):
+    """Jitted step(variables, opt_state, images f32[B,H,W,C], labels int32[B,H,W], key) ->
+    (variables, opt_state, loss f32[]); variables and opt_state are donated.
+
+    The loss is the mean over the B examples of the batch, however they are placed; the
+    shardings of the inputs choose the placement. ``out_sharding`` (e.g. replicated on the
+    data-parallel mesh) fixes that of every output; None leaves it to XLA.
+    """
     resize_to = int(round(tcfg.resize_to / downsample))
 
     def step(variables, opt_state, images, labels, key):
@@ -170,23 +186,35 @@ def make_train_step(model, tx, tcfg, image_hw: tuple[int, int], downsample: int 
         params = optax.apply_updates(variables["params"], updates)
         return {"params": params, "batch_stats": batch_stats}, opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_sharding)
 
 
-def make_eval_step(model, eps: float):
+def make_eval_step(model, eps: float, out_sharding=None):
+    """Jitted step(variables, images f32[B,H,W,C], labels int32[B,H,W]) -> (counts f32[3, K]
+    summed over the batch (see :func:`~tracin_jax.training.losses.hard_dice_counts`), loss f32[]:
+    the sum over the batch of the mean tumour-class soft-Dice loss); ``out_sharding`` as in
+    :func:`make_train_step`."""
+
     def step(variables, images, labels):
         logits = model.apply(variables, images, train=False)
         counts = hard_dice_counts(jnp.argmax(logits, -1), labels, logits.shape[-1])
         loss = jnp.sum(jnp.mean(classwise_dice_loss(logits, labels, eps)[:, 1:], axis=-1))
         return counts, loss
 
-    return jax.jit(step)
+    return jax.jit(step, out_shardings=out_sharding)
 
 
-def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
+def _put_local(images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+
+
+def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             put: Callable = _put_local) -> dict:
     """Per-class hard Dice over the whole split (global counts), mean soft-Dice loss, and the
     voxels predicted as classes absent from the split's labels.
 
+    ``put(images, labels)`` places one host batch for ``eval_step`` (default: this process's
+    default device; :func:`~tracin_jax.training.parallel.put_batch` for the mesh).
     Returns {"dice": {class: float | None}, "fp_voxels": {class: int} (absent classes only),
     "loss": float | None}; see :func:`~tracin_jax.training.losses.dice_from_counts`.
     """
@@ -195,8 +223,7 @@ def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch
         return {"dice": dict.fromkeys(CLASS_NAMES), "fp_voxels": {}, "loss": None}
     counts, total = 0.0, 0.0
     for s in range(0, n, batch_size):
-        c, l = eval_step(variables, jnp.asarray(images[s:s + batch_size]),
-                         jnp.asarray(labels[s:s + batch_size], jnp.int32))
+        c, l = eval_step(variables, *put(images[s:s + batch_size], labels[s:s + batch_size]))
         counts, total = counts + np.asarray(c), total + float(l)
     dice = dice_from_counts(counts)[1:]
     fp = absent_class_predictions(counts)[1:]
@@ -233,7 +260,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def _rewrite_metrics(path: Path, last_epoch: int) -> None:
-    """Keeps metric lines of epochs that have a checkpoint (drops those of a killed epoch)."""
+    """Keeps metric lines of epochs that have a checkpoint (drops those of a killed epoch).
+    Process 0 only (the caller checks)."""
     if not path.exists():
         return
     keep = []
@@ -262,6 +290,12 @@ def _check_same_config(workdir: Path, config: Config) -> None:
                 raise InputError(
                     f"{workdir} holds a run with a different config ({section}.{key}: {a!r} there, "
                     f"{b!r} now); use a new --workdir")
+
+
+def _finished(workdir: Path, epochs: int) -> bool:
+    """Whether ``workdir`` holds the checkpoint of epoch ``epochs`` or a later one."""
+    done = checkpoints.list_epochs(workdir) if workdir.is_dir() else []
+    return bool(done) and done[-1] >= epochs
 
 
 def _run_record(data_dir, dataset) -> dict:
@@ -307,6 +341,14 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
     initialisation, compiling the train step), a warning for tumour classes absent from a split,
     and one line per epoch. A non-finite training loss stops the run with InputError before the
     epoch's checkpoint is saved (earlier checkpoints stay).
+
+    Several devices or processes: every process calls this with the same arguments (same config,
+    same data, a workdir on a file system every process reads); each batch is split over all
+    their devices (see the module docstring) and only process 0 writes the workdir. Returns, in
+    every process, after the last checkpoint is complete. ``train.batch_size`` not a multiple of
+    the global device count is refused before anything is written (one-line InputError naming it
+    and the device count), unless every epoch is already trained; the last, partial batch of an
+    epoch keeps its meaning (a smaller step, as with one device).
     """
     from tracin_jax.data import load_dataset
 
@@ -319,6 +361,10 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"--workdir {workdir} exists and is not a folder")
     _check_same_config(workdir, config)
+    mesh = parallel.data_mesh()
+    if not _finished(workdir, config.train.epochs):  # a finished run loads with any count
+        parallel.check_batch_size(config.train.batch_size, mesh.size)
+    writer = parallel.is_writer()
     # Everything that can fail on bad input happens before the workdir is written.
     log(f"loading data from {data_dir} ...")
     dataset = load_dataset(data_dir, config.data, progress=progress)
@@ -332,11 +378,12 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
     for line in absent_class_warnings(dataset):
         log(line)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / CONFIG_FILE).exists():
-        write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
-    if write_run:
-        write_json_atomic(workdir / RUN_FILE, record)
+    if writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not (workdir / CONFIG_FILE).exists():
+            write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
+        if write_run:
+            write_json_atomic(workdir / RUN_FILE, record)
 
     tcfg = config.train
     model = build_model(config.model)
@@ -354,14 +401,22 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
         last = done[-1]
         variables, opt_state, meta = checkpoints.load_training_state(workdir, last, variables, opt_state)
         start, step_count = last + 1, int(meta["step"])
-        _rewrite_metrics(workdir / METRICS_FILE, last)
+        if writer:
+            _rewrite_metrics(workdir / METRICS_FILE, last)
         log(f"resuming {workdir} after epoch {last} (step {meta['step']}) [{elapsed()}]")
     if start > tcfg.epochs:
         log(f"{workdir}: all {tcfg.epochs} epochs already trained")
         return _last_metrics(workdir)
 
-    train_step = make_train_step(model, tx, tcfg, train.images.shape[1:3], config.data.downsample)
-    eval_step = make_eval_step(model, tcfg.dice_eps)
+    if mesh.size > 1 or jax.process_count() > 1:
+        log(f"data parallel over {mesh.size} devices of {jax.process_count()} processes")
+    variables, opt_state = parallel.put_replicated((variables, opt_state), mesh)
+    rng = parallel.put_key(key, mesh)
+    train_step = make_train_step(model, tx, tcfg, train.images.shape[1:3], config.data.downsample,
+                                 out_sharding=parallel.replicated(mesh))
+    eval_step = make_eval_step(model, tcfg.dice_eps, out_sharding=parallel.replicated(mesh))
+    put = partial(parallel.put_batch, mesh)
+    eval_bs = parallel.eval_batch_size(tcfg.batch_size, mesh.size)
     n, bs = len(train.images), tcfg.batch_size
     n_batches = math.ceil(n / bs)
     last_metrics: dict = {}
@@ -375,12 +430,11 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
                    disable=not progress, leave=False, dynamic_ncols=True)
         for b in range(n_batches):
             idx = np.sort(order[b * bs:(b + 1) * bs])
-            step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), b)
+            step_key = jax.random.fold_in(jax.random.fold_in(rng, epoch), b)
             if not compiled:
                 log("compiling the train step (the first step waits for it) ...")
             variables, opt_state, loss = train_step(
-                variables, opt_state, jnp.asarray(train.images[idx]),
-                jnp.asarray(train.labels[idx], jnp.int32), step_key)
+                variables, opt_state, *put(train.images[idx], train.labels[idx]), step_key)
             step_count += 1
             _fault_injection(step_count)
             loss_value = float(loss)
@@ -408,25 +462,29 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
         if epoch == start:
             log(f"epoch {epoch} trained in {train_time:.1f}s; evaluating (compiles the "
                 f"evaluation step) ...")
-        ev_train = evaluate(eval_step, variables, train.images, train.labels, max(bs, 16))
-        ev_test = evaluate(eval_step, variables, test.images, test.labels, max(bs, 16))
+        ev_train = evaluate(eval_step, variables, train.images, train.labels, eval_bs, put)
+        ev_test = evaluate(eval_step, variables, test.images, test.labels, eval_bs, put)
         last_metrics = {
             "epoch": epoch, "step": step_count, "lr": lr, "train_loss": train_loss,
             "train_dice": ev_train["dice"], "test_dice": ev_test["dice"],
             "train_fp_voxels": ev_train["fp_voxels"], "test_fp_voxels": ev_test["fp_voxels"],
             "test_loss": ev_test["loss"], "epoch_time_s": round(train_time, 3),
         }
-        with open(workdir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(last_metrics) + "\n")
+        if writer:
+            with open(workdir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(last_metrics) + "\n")
         checkpoints.save_checkpoint(workdir, epoch, variables, opt_state,
                                     {"step": step_count, "lr": lr})
         log(_format_metrics(last_metrics))
+    parallel.barrier("tracin_jax.train.done")  # every checkpoint is complete for every process
     log(f"trained epochs {start}..{tcfg.epochs} [{elapsed()}]")
     return last_metrics
 
 
 def _all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+    """Whether every leaf (arrays this process holds whole) is finite; checked on the host."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return all(bool(np.isfinite(parallel.host_copy(x)).all()) for x in leaves)
 
 
 def _fault_injection(step: int) -> None:

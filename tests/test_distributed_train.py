@@ -1,0 +1,206 @@
+"""Data-parallel training: two JAX processes (gloo CPU collectives, one device each) or two
+devices of one process train the same model as one device, and a checkpoint written with one
+process count resumes with another.
+
+Reference runs are the session's `tiny_run` (one process, one device) or one trained here; the
+weights agree to float reassociation (the gradient and BatchNorm sums are split over devices).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import tracin_jax
+from tracin_jax import checkpoints
+from tracin_jax.errors import InputError
+from tracin_jax.training import parallel
+from tracin_jax.training.train import train_and_evaluate
+
+from conftest import TINY_OVERRIDES, tiny_config
+
+# Float reassociation only: the differences seen are below 1e-6 absolute.
+RTOL, ATOL = 1e-4, 1e-5
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(data, workdir, overrides=TINY_OVERRIDES) -> list[str]:
+    sets = [a for o in overrides for a in ("--set", o)]
+    return ["train", "--data", str(data), "--workdir", str(workdir), "--config", "tiny", *sets]
+
+
+def _two_processes(args, logs, env_of=lambda rank: {}) -> tuple[list[int], list[str]]:
+    """Runs ``tracin-jax ARGS`` as processes 0 and 1 of a 2-process JAX cluster on this machine;
+    returns their exit statuses and outputs. Output goes to files (a full pipe would block one
+    process inside a collective that the other waits on)."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(rank), **env_of(rank)}
+        with open(logs / f"process{rank}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "tracin_jax.cli", *args],
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return codes, [(logs / f"process{rank}.log").read_text() for rank in (0, 1)]
+
+
+def _metrics(workdir) -> dict[int, dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len({r["epoch"] for r in records}) == len(records), "an epoch logged twice"
+    return {r["epoch"]: r for r in records}
+
+
+def _assert_same_training(a, b, epochs) -> None:
+    """Checkpoints (step, lr, variables) and metric lines of ``epochs`` agree between runs."""
+    ca = {c.epoch: c for c in tracin_jax.load_run(a).checkpoints}
+    cb = {c.epoch: c for c in tracin_jax.load_run(b).checkpoints}
+    ma, mb = _metrics(a), _metrics(b)
+    for e in epochs:
+        assert (ca[e].step, ca[e].lr) == (cb[e].step, cb[e].lr)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL),
+                     ca[e].variables, cb[e].variables)
+        x, y = ma[e], mb[e]
+        assert (x["step"], x["lr"]) == (y["step"], y["lr"])
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-5)
+        # Hard Dice: a voxel whose two best logits tie to float precision may flip class.
+        for key in ("train_dice", "test_dice"):
+            assert x[key] == pytest.approx(y[key], abs=1e-2)
+        for key in ("train_fp_voxels", "test_fp_voxels"):
+            assert x[key] == pytest.approx(y[key], abs=2)
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(
+        tiny_data, tiny_run, tmp_path):
+    """Two processes train from scratch (both preprocessing into the same fresh data cache) and
+    process 0 is SIGKILLed one step into epoch 3; then one process resumes the workdir."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    n_steps = -(-len(tracin_jax.load_run(tiny_run).train.ids) // 4)
+
+    def env_of(rank):
+        kill = {"TRACIN_JAX_KILL_AT_STEP": str(2 * n_steps + 1)} if rank == 0 else {}
+        return {"TRACIN_JAX_CACHE": str(cache), **kill}
+
+    codes, outs = _two_processes(_train_args(tiny_data, workdir), tmp_path, env_of)
+    assert all(c != 0 for c in codes), outs
+    assert checkpoints.list_epochs(workdir) == [1, 2], outs
+    assert list(_metrics(workdir)) == [1, 2]  # one writer: no line twice
+    # Both wrote the cache at the same time: one complete file, no temporary left.
+    names = [p.name for p in cache.iterdir() if "brats" in p.name]
+    assert len(names) == 1 and names[0].startswith("brats-") and names[0].endswith(".npz"), names
+    _assert_same_training(workdir, tiny_run, [1, 2])
+
+    train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lambda s: None)
+    assert checkpoints.list_epochs(workdir) == [1, 2, 3]
+    _assert_same_training(workdir, tiny_run, [1, 2, 3])
+
+
+def test_one_process_checkpoint_resumes_in_two(tiny_data, tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    for epoch in (2, 3):
+        shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR / str(epoch))
+    assert checkpoints.list_epochs(workdir) == [1]
+
+    codes, outs = _two_processes(_train_args(tiny_data, workdir), tmp_path)
+    assert codes == [0, 0], outs
+    assert "data parallel over 2 devices of 2 processes" in outs[0]
+    assert checkpoints.list_epochs(workdir) == [1, 2, 3]
+    assert list(_metrics(workdir)) == [1, 2, 3]  # one writer: no line twice
+    _assert_same_training(workdir, tiny_run, [1, 2, 3])
+
+
+_FAKE_DEVICES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from tracin_jax.config import apply_overrides, get_config
+    from tracin_jax.errors import InputError
+    from tracin_jax.training.train import train_and_evaluate
+
+    overrides, data, workdir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    assert jax.device_count() == 2, jax.devices()
+    config = apply_overrides(get_config("tiny"), overrides)
+    quiet = dict(progress=False, log=lambda s: None)
+    try:
+        train_and_evaluate(apply_overrides(config, ["train.batch_size=3"]), data,
+                           workdir + "-odd", **quiet)
+    except InputError as e:
+        print("refused:", e)
+    train_and_evaluate(config, data, workdir, **quiet)
+""")
+
+
+def test_two_devices_of_one_process_train_like_one(tiny_data, tmp_path):
+    """15 training slices in batches of 4: the last batch (3) does not split over 2 devices and
+    is computed whole on each; so are the 3 test slices. Augmentation on: the same keys give
+    the same flips and crops however the batch is split."""
+    overrides = [*TINY_OVERRIDES, "data.slices=26:29", "data.test_fraction=0.1",
+                 "train.epochs=2", "train.augment_flip=true", "train.augment_resize_crop=true",
+                 "train.resize_to=80"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    with open(tmp_path / "two.log", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FAKE_DEVICES_SCRIPT, json.dumps(overrides), str(tiny_data),
+             str(two)], stdout=out, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "XLA_FLAGS": flags.strip()})
+    try:  # the one-device reference meanwhile, in this process
+        train_and_evaluate(tiny_config(*overrides[len(TINY_OVERRIDES):]), tiny_data, one,
+                           progress=False, log=lambda s: None)
+        code = proc.wait(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = (tmp_path / "two.log").read_text()
+    assert code == 0, output[-3000:]
+    refusal = [l for l in output.splitlines() if l.startswith("refused:")]
+    assert len(refusal) == 1 and "train.batch_size=3" in refusal[0] and "2 devices" in refusal[0]
+    assert not (tmp_path / "two-odd").exists()
+
+    run = json.loads((two / "run.json").read_text())
+    assert (len(run["train_ids"]), len(run["test_ids"])) == (15, 3)
+    _assert_same_training(two, one, [1, 2])
+
+
+def test_batch_size_must_split_over_the_devices():
+    parallel.check_batch_size(4, 1)
+    parallel.check_batch_size(8, 4)
+    with pytest.raises(InputError) as e:
+        parallel.check_batch_size(10, 4)
+    msg = str(e.value)
+    assert "train.batch_size=10" in msg and "4 devices" in msg and "\n" not in msg
+    assert [parallel.eval_batch_size(b, d) for b, d in ((4, 1), (4, 3), (20, 8), (32, 2))] == \
+        [16, 18, 24, 32]
+
+
+def test_one_device_batches_are_split_on_the_data_axis():
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    for size in (1, 3, 4):
+        assert parallel.batch_sharding(mesh, size).spec == jax.sharding.PartitionSpec("data")
+    images, labels = parallel.put_batch(mesh, np.zeros((3, 2, 2, 1), np.float32),
+                                        np.ones((3, 2, 2), np.uint8))
+    assert labels.dtype == np.int32 and images.shape == (3, 2, 2, 1)
+    key = parallel.put_key(jax.random.key(7), mesh)
+    assert jax.random.key_data(key).tolist() == jax.random.key_data(jax.random.key(7)).tolist()
