@@ -592,19 +592,24 @@ def factored_checkpoints(run: Any, setup: EkfacSetup, checkpoints: Sequence[Any]
 def load_or_fit(folder: Path, key: str, epoch: int, fit) -> dict:
     """Factors of checkpoint ``epoch`` from ``folder/epoch{E}-{key}.npz``, else ``fit()``
     (then saved atomically, so an interrupted run resumes from the checkpoints already fitted)."""
+    from tracin_jax.influence import sharding
+
     path = folder / f"epoch{epoch}-{key}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            out: dict = {}
-            for k in z.files:
-                name, part = k.rsplit("::", 1)
-                out.setdefault(name, {})[part] = z[k]
-            return out
-    factors = fit()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_npz_atomic(path, **{f"{name}::{part}": v for name, d in factors.items()
-                             for part, v in d.items()})
-    return factors
+    factors = None
+    if not path.exists() and sharding.is_writer():  # several processes: process 0 fits, the
+        factors = fit()                               # others read its file (the same numbers)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_npz_atomic(path, **{f"{name}::{part}": v for name, d in factors.items()
+                                 for part, v in d.items()})
+    sharding.barrier(f"ekfac-factors-{epoch}")
+    if factors is not None:
+        return factors
+    with np.load(path) as z:
+        out: dict = {}
+        for k in z.files:
+            name, part = k.rsplit("::", 1)
+            out.setdefault(name, {})[part] = z[k]
+        return out
 
 
 def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_dim=None,
@@ -623,7 +628,6 @@ def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_d
     are fitted on the training split at every chosen checkpoint.
     """
     from tracin_jax import load_run
-    from tracin_jax.atomic import write_json_atomic
     from tracin_jax.influence.engine import (_check_args, _check_loss, check_writable_folder,
                                              compute_influence, parse_checkpoints)
 
@@ -660,8 +664,9 @@ def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_d
         extra_timings={"load_s": round(load_s, 3), "ekfac_fit_s": round(fit_s, 3)})
     meta["ekfac"] = {**setup.describe(), "factors": str(folder)}
     meta["timings"]["total_s"] = round(meta["timings"].get("total_s", 0) + fit_s, 3)
-    write_json_atomic(Path(out) / "meta.json", meta, indent=1)
-    return meta
+    from tracin_jax.influence.engine import write_meta
+
+    return write_meta(Path(out), meta, "ekfac-meta-written")
 
 
 __all__ = ["ConvLayer", "DEFAULT_DAMPING", "EkfacSetup", "FISHERS", "ekfac_setup",
