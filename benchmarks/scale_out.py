@@ -9,7 +9,8 @@
 2. ``processes``: ``tracin-jax influence`` in one process, then under ``tracin-jax launch -n N``
    (N processes pinned to their own share of the cores), each on a fresh feature store and with
    a warm compilation cache (so compilation is not what is compared); reports the wall times,
-   their ratio, and the largest relative difference of the scores.
+   their ratio, the stages' own timings (gradients, contraction; compilation included) and the
+   largest relative difference of the scores.
 
 One JSON line per measurement on stdout. Every figure is a ratio of runs made by this script, one
 after the other, on the same machine.
@@ -52,6 +53,12 @@ def _max_rel_diff(a: Path, b: Path) -> float:
     return worst
 
 
+def _stage_seconds(out: Path) -> dict:
+    """The influence folder's own timings (process 0's): gradients and contraction."""
+    t = json.loads((out / "meta.json").read_text())["timings"]
+    return {"features_s": t.get("features_s"), "scores_s": t.get("scores_s")}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a trained run")
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                 "one_s": round(res[1], 2), "n_s": round(res[a.processes], 2),
                 "speedup": round(res[1] / res[a.processes], 2),
                 "max_rel_diff": _max_rel_diff(tmp / f"p1-{rep}", tmp / f"p{a.processes}-{rep}"),
+                "one_stages": _stage_seconds(tmp / f"p1-{rep}"),
+                "n_stages": _stage_seconds(tmp / f"p{a.processes}-{rep}"),
                 **machine}), flush=True)
 
 
