@@ -21,6 +21,8 @@ device count.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -35,7 +37,7 @@ import numpy as np
 import optax
 from tracin_jax.progress import tqdm
 
-from tracin_jax import checkpoints
+from tracin_jax import checkpoints, identity
 from tracin_jax.atomic import write_json_atomic
 from tracin_jax.config import Config, config_from_dict
 from tracin_jax.data.dataset import class_slice_counts
@@ -333,8 +335,46 @@ def _check_same_data(workdir: Path, record: dict, log: Callable[[str], None]) ->
     return False
 
 
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def train_lock(workdir: Path, log: Callable[[str], None]):
+    """Holds an exclusive lock on ``<workdir>/train.lock`` (``fcntl.flock``, released by the
+    kernel when its holder dies, SIGKILL included). A second ``train`` on the same workdir waits
+    for the first, saying so, then resumes after the epochs it finished."""
+    handle = open(workdir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another run is training in {workdir}; waiting for it (its checkpoints will be "
+                "reused)")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
+def check_num_classes(config: Config, labels: np.ndarray, data_dir) -> None:
+    """One-line InputError when ``model.num_classes`` cannot hold the data's label values
+    (classes 0..num_classes-1)."""
+    found = sorted(int(v) for v in np.unique(labels))
+    if found and found[-1] >= config.model.num_classes:
+        raise InputError(
+            f"model.num_classes={config.model.num_classes} but the labels of {data_dir} take the "
+            f"values {', '.join(map(str, found))}; use --set model.num_classes={found[-1] + 1}")
+
+
 def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLike,
                        progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Trains (or resumes) a run and returns the last epoch's metrics; see :func:`_train`."""
+    with contextlib.ExitStack() as stack:
+        return _train(config, data_dir, workdir, progress, log, stack)
+
+
+def _train(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLike,
+           progress: bool, log: Callable[[str], None], stack: contextlib.ExitStack) -> dict:
     """Trains (or resumes) a run and returns the last epoch's metrics.
 
     Prints each long step before it starts and its elapsed time after (data loading, model
@@ -371,6 +411,8 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
     train, test = dataset.train, dataset.test
     if len(train.images) == 0:
         raise InputError(f"{data_dir}: the training split has no slices")
+    check_num_classes(config, np.concatenate([train.labels.reshape(-1),
+                                              test.labels.reshape(-1)]), data_dir)
     record = _run_record(data_dir, dataset)
     write_run = _check_same_data(workdir, record, log)
     log(f"loaded {len(train.images)} train / {len(test.images)} test slices of "
@@ -384,6 +426,9 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
             write_json_atomic(workdir / CONFIG_FILE, config.to_dict())
         if write_run:
             write_json_atomic(workdir / RUN_FILE, record)
+        stack.enter_context(train_lock(workdir, log))
+    parallel.barrier("train-locked")  # every process resumes from the same checkpoint
+    run_id = identity.run_hash(json.loads(config.to_json()), train.ids, test.ids)
 
     tcfg = config.train
     model = build_model(config.model)
@@ -475,6 +520,8 @@ def train_and_evaluate(config: Config, data_dir: str | os.PathLike, workdir: str
                 f.write(json.dumps(last_metrics) + "\n")
         checkpoints.save_checkpoint(workdir, epoch, variables, opt_state,
                                     {"step": step_count, "lr": lr})
+        if writer:
+            identity.record_checkpoint(workdir, run_id, epoch, variables)
         log(_format_metrics(last_metrics))
     parallel.barrier("tracin_jax.train.done")  # every checkpoint is complete for every process
     log(f"trained epochs {start}..{tcfg.epochs} [{elapsed()}]")

@@ -1,0 +1,82 @@
+"""Training guards: a config that contradicts the data, two runs on one workdir, the run's identity."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from tracin_jax import identity
+from tracin_jax.cli import main
+from tracin_jax.training.train import LOCK_FILE, train_and_evaluate
+
+from conftest import TINY_OVERRIDES
+
+
+def test_num_classes_below_the_labels_is_refused_before_writing(tiny_data, tmp_path, capsys):
+    sets = [a for o in [*TINY_OVERRIDES, "model.num_classes=2"] for a in ("--set", o)]
+    code = main(["train", "--data", str(tiny_data), "--workdir", str(tmp_path / "w"),
+                 "--config", "tiny", *sets])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tracin-jax")]
+    assert code == 2 and len(err) == 1, err
+    assert "model.num_classes=2" in err[0] and "0, 1, 2, 3" in err[0], err[0]
+    assert "model.num_classes=4" in err[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_identity_records_every_checkpoint(tiny_run):
+    from tracin_jax import load_run
+
+    stored = identity.read(tiny_run)
+    assert stored is not None and sorted(stored["checkpoints"]) == ["1", "2", "3"]
+    run = load_run(tiny_run)
+    assert identity.describe(run, [1, 2, 3]) == {"run": stored["run"],
+                                                 "checkpoints": stored["checkpoints"]}
+    # A run without identity.json (trained before it existed) gets the same fingerprints.
+    assert identity.describe(run, [2])["checkpoints"]["2"] == stored["checkpoints"]["2"]
+
+
+def test_identity_check_refuses_another_run(tiny_run, tmp_path):
+    from tracin_jax import load_run
+
+    run = load_run(tiny_run)
+    good = identity.describe(run, [1, 3])
+    identity.check_same_run(good, run, "folder X")
+    identity.check_same_run(None, run, "folder X")  # records without identity pass
+    from tracin_jax.errors import InputError
+
+    with pytest.raises(InputError, match="another run"):
+        identity.check_same_run({**good, "run": "0" * 16}, run, "folder X")
+    other = {"run": good["run"], "checkpoints": {**good["checkpoints"], "3": "f" * 16}}
+    with pytest.raises(InputError, match="other weights of epoch 3"):
+        identity.check_same_run(other, run, "folder X")
+
+
+def test_a_second_train_waits_for_the_first(tiny_data, tiny_run, tmp_path):
+    from conftest import tiny_config
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    held = open(workdir / LOCK_FILE, "a+")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    lines, done = [], threading.Event()
+
+    def second():
+        train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lines.append)
+        done.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not any("waiting for it" in ln for ln in lines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any("another run is training" in ln for ln in lines), lines
+    assert not done.is_set()
+    held.close()  # the first run ends: the second resumes and finds every epoch trained
+    t.join(timeout=120)
+    assert done.is_set() and any("already trained" in ln for ln in lines), lines
+    assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
