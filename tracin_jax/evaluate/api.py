@@ -15,6 +15,29 @@ Steps (all inputs are checked before anything is trained or written):
    cached in ``<out>/randomised/<folder>/``) and, if given, the mislabel AUC;
 5. ``evaluation.json``, ``evaluation.md``, ``lds.png``, ``leave_out.png`` in ``out``.
 
+Sharing the retrainings out (:mod:`.workers`; every model file is trained under a claim, so
+processes never train one twice and a killed process's models are taken over):
+
+- ``workers=N`` (N > 1): all models of steps 1 and 3 are trained first by N worker processes
+  (each ``tracin-jax evaluate <same settings> --worker --workers 1``, pinned to its own cores on
+  CPU), then this process scores. ``workers=None`` picks N: on CPU the usable cores, at most one
+  per model to train, and one (this process) when the models to train take fewer than
+  :data:`AUTO_MIN_STEPS` optimiser steps in all (starting processes would cost about as much
+  as they save); on GPU/TPU one (the vmapped multi-model step).
+- ``worker=True``: only trains (the same models, claiming them), writes no evaluation output,
+  returns once every model exists: a job array or ``parallel`` runs many such workers, then one
+  ``score_only=True`` call (which never trains, and fails with one line naming the missing
+  models) or a plain call (which trains what is missing) scores.
+- several JAX processes (``jax.process_count() > 1``, :mod:`tracin_jax.distributed`): every
+  process trains on its own first local device (``workers`` is ignored) until all models exist;
+  process 0 then writes the ground truth's arrays, every process takes part in the scoring (the
+  randomisation check's influence recomputation is a collective), and only process 0 writes the
+  outputs.
+
+On CPU a model's float rounding depends on the number of cores of the process that trains it
+(:mod:`.workers`): with as many cores per training process, every way of sharing out gives bit
+for bit the same models and numbers.
+
 Defaults size the demo study (40 synthetic cases, 32 training patients): 64 subsets x 1 seed.
 ``small=True`` is the preset the test suite uses (6 subsets, one leave-out query, k = 1).
 """
@@ -44,6 +67,7 @@ SMALL = {"subsets": 6, "fraction": 0.5, "seeds": 1, "leave_out_queries": 1, "lea
          "leave_out_random": 1, "resamples": 200}
 MIN_PATIENTS = 4
 MODES = ("auto", "sequential", "vmap")
+AUTO_MIN_STEPS = 256  # optimiser steps to train below which workers=None trains in-process
 LOSS_KEYS = {"dice": "dice_loss", "ce": "ce_loss"}
 
 
@@ -133,6 +157,102 @@ def _cached_without(gt_mod, run, removed: Sequence[str], seed: int, steps: str) 
     return gt_mod.leave_out_path(run, removed, seed, steps).exists()
 
 
+def _check_sharing(workers, worker: bool, score_only: bool) -> None:
+    if workers is not None and (not isinstance(workers, (int, np.integer))
+                                or isinstance(workers, bool) or workers < 1):
+        raise InputError(f"--workers {workers!r}: must be at least 1 (leave it out for the "
+                         "default: one per usable core on CPU)")
+    if worker and score_only:
+        raise InputError("--worker trains and --score-only never trains: give one of them")
+
+
+def _worker_argv(workdir, folders: Sequence[Path], out, *, data_dir, mode: str,
+                 baselines: bool, subsets, fraction, seeds, seed, leave_out_queries,
+                 leave_out_k, leave_out_random, leave_out_variants, leave_out_steps) -> list[str]:
+    """The command line of a worker process: ``tracin-jax evaluate`` with every setting that
+    decides which models are trained, resolved (so a worker trains exactly the same models),
+    plus ``--worker --workers 1``."""
+    import sys
+
+    argv = [sys.executable, "-m", "tracin_jax.cli", "evaluate",
+            "--workdir", str(Path(workdir).resolve()),
+            "--influence", *[str(Path(f).resolve()) for f in folders],
+            "--out", str(Path(out).resolve()),
+            "--subsets", str(int(subsets)), "--fraction", repr(float(fraction)),
+            "--seeds", str(int(seeds)), "--seed", str(int(seed)),
+            "--leave-out-queries", str(int(leave_out_queries)),
+            "--leave-out-k", ",".join(str(int(k)) for k in leave_out_k),
+            "--leave-out-random", str(int(leave_out_random)),
+            f"--leave-out-variants={','.join(leave_out_variants)}",
+            "--leave-out-steps", leave_out_steps, "--mode", mode,
+            "--no-randomisation", "--worker", "--workers", "1"]
+    if not baselines:
+        argv.append("--no-baseline")
+    if data_dir is not None:
+        argv += ["--data", str(Path(data_dir).resolve())]
+    return argv
+
+
+def _worker_count(workers: int | None, run, missing: Sequence) -> int:
+    """Worker processes for ``missing`` models: ``workers`` (at most one per model), or with
+    None the module docstring's default."""
+    import jax
+
+    from tracin_jax.evaluate import ground_truth as gt_mod
+    from tracin_jax.evaluate.workers import usable_cpus
+
+    if not missing:
+        return 1
+    if workers is None:
+        if jax.default_backend() != "cpu":
+            return 1
+        if sum(gt_mod.unit_steps(run, u) for u in missing) < AUTO_MIN_STEPS:
+            return 1
+        workers = usable_cpus()
+    return max(1, min(int(workers), len(missing)))
+
+
+def _train_shared(run, gt_plan, units: list, missing: list, *, n: int, mode: str,
+                  progress: bool, log: Callable[[str], None], argv: list[str]) -> dict:
+    """Trains every missing model of ``units`` (ground truth, then leave-out) before scoring:
+    in ``n`` > 1 worker processes running ``argv``, or here under claims (a worker, or one of
+    several JAX processes). Returns {"workers", "processes", "to_train", "trained_here",
+    "seconds"}."""
+    import jax
+
+    from tracin_jax.evaluate import ground_truth as gt_mod
+    from tracin_jax.evaluate import workers as workers_mod
+    from tracin_jax.progress import tqdm
+
+    t0 = time.perf_counter()
+    trained = 0
+    if not gt_plan.complete:
+        gt_mod.prepare_ground_truth(gt_plan)  # links the models reusable from sibling folders
+    for folder in {u.path.parent for u in units}:
+        folder.mkdir(parents=True, exist_ok=True)
+    if missing and n > 1:
+        log(f"retraining: {len(missing)} of {len(units)} models to train, in {n} worker "
+            "processes")
+        workers_mod.run_workers(argv, n, [u.path for u in units],
+                                on_cpu=jax.default_backend() == "cpu", progress=progress)
+    elif missing:
+        procs = jax.process_count()
+        where = f" (process {jax.process_index()} of {procs})" if procs > 1 else ""
+        log(f"retraining: {len(missing)} of {len(units)} models to train{where}")
+        bar = tqdm(total=len(units), initial=sum(u.done for u in units), desc="retraining",
+                   unit="model", disable=not progress, dynamic_ncols=True)
+        trained = gt_mod.train_units(run, units, mode=mode, bar=bar)
+        bar.close()
+    return {"workers": n, "processes": jax.process_count(), "to_train": len(missing),
+            "trained_here": trained, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _barrier(name: str) -> None:
+    from tracin_jax.influence.sharding import barrier
+
+    barrier(name)
+
+
 def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None = None,
                  fraction: float | None = None, seeds: int | None = None, seed: int = 0,
                  leave_out_queries: int | None = None, leave_out_k=None,
@@ -140,7 +260,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                  leave_out_steps: str = "epochs", randomisation: bool = True,
                  baselines: bool = True, mislabel=None, mode: str = "auto",
                  small: bool = False, progress: bool = True,
-                 data_dir=None, log: Callable[[str], None] = print) -> dict:
+                 data_dir=None, log: Callable[[str], None] = print, workers: int | None = 1,
+                 worker: bool = False, score_only: bool = False) -> dict:
     """Evaluates every folder of ``influence_dirs`` (keyed by folder name) against the ground
     truth of ``workdir``; writes the outputs listed in the module docstring into ``out``.
 
@@ -150,8 +271,10 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     ``epochs`` (a model without k patients trains the run's epochs, so fewer steps) or
     ``matched`` (as many steps as the model on all patients). ``baselines``: also score the
     attribution-free :mod:`.baselines` (under ``"baselines"``, each variant's paired
-    ``vs_baseline``; leave-out too unless ``leave_out_variants`` leaves it out). Returns the
-    dict written to ``evaluation.json``.
+    ``vs_baseline``; leave-out too unless ``leave_out_variants`` leaves it out).
+    ``workers``, ``worker``, ``score_only``: how the retrainings are shared out (module
+    docstring). Returns the dict written to ``evaluation.json`` (with ``worker``: a summary of
+    the retrainings, nothing written).
     """
     from tracin_jax import load_run
 
@@ -167,6 +290,7 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     check_step_rule(leave_out_steps)
     if mode not in MODES:
         raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    _check_sharing(workers, worker, score_only)
 
     # -- every input check before any work ----------------------------------------------
     workdir, out = Path(workdir), Path(out)
@@ -218,14 +342,52 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     plan = (lo_mod.removal_plan({n: scored[n] for n in lo_names}, queries, ks, randoms)
             if queries and lo_names else None)
 
-    # -- 1. ground truth ------------------------------------------------------------------
+    removal_ids = [[patients[p] for p in s] for s in plan["sets"]] if plan is not None else []
+
+    # -- 0. the retrainings shared out over processes (workers, a job array, JAX processes) --
+    import jax
+
     from tracin_jax.evaluate import ground_truth as gt_mod
 
+    multi = jax.process_count() > 1
+    retraining = None
+    if worker or score_only or multi or workers != 1:
+        settings = dict(subsets=subsets, fraction=fraction, seeds=seeds, seed=seed)
+        gt_plan = gt_mod.plan_ground_truth(run, small=small, **settings)
+        lo_units = (gt_mod.leave_out_units(run, removal_ids, seed, leave_out_steps)
+                    if plan is not None else [])
+        units = ([] if gt_plan.complete else gt_plan.units) + lo_units
+        missing = gt_plan.missing() + [u for u in lo_units if not u.done]
+        if score_only:
+            if missing:
+                raise InputError(
+                    f"--score-only: {len(missing)} of {len(units)} models are missing "
+                    f"({gt_mod.describe_units(missing)}); train them with the same command and "
+                    "--worker (in as many processes as you like), or run it without --score-only")
+        else:
+            n = 1 if multi else _worker_count(workers, run, missing)
+            if n > 1 or worker or multi:  # else steps 1 and 3 train here, as they go
+                argv = _worker_argv(workdir, folders, out, data_dir=data_dir, mode=mode,
+                                    baselines=baselines, leave_out_queries=queries_n,
+                                    leave_out_k=ks, leave_out_random=draws,
+                                    leave_out_variants=lo_names, leave_out_steps=leave_out_steps,
+                                    **settings)
+                retraining = _train_shared(run, gt_plan, units, missing, n=n, mode=mode,
+                                           progress=progress, log=log, argv=argv)
+        if worker:
+            return {"worker": True, "models": len(units), **(retraining or {})}
+
+    # -- 1. ground truth ------------------------------------------------------------------
     t0 = time.perf_counter()
     log(f"ground truth: {subsets} subsets x {seeds} seed(s) of {len(patients)} patients "
         f"(fraction {fraction}); cached in {workdir / 'ground_truth'}")
+    rank0 = jax.process_index() == 0
+    if multi and not rank0:  # process 0 writes the ground truth's arrays, the others read them
+        _barrier("tracin_jax_evaluate_ground_truth")
     gt = gt_mod.compute_ground_truth(run, subsets=subsets, fraction=fraction, seeds=seeds,
                                      seed=seed, mode=mode, progress=progress, small=small)
+    if multi and rank0:
+        _barrier("tracin_jax_evaluate_ground_truth")
     gt_s = time.perf_counter() - t0
     losses = {"dice": np.asarray(gt.dice_loss), "ce": np.asarray(gt.ce_loss)}
     masks = np.asarray(gt.masks, bool)
@@ -278,7 +440,6 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     leave_out_info: dict = {}
     if plan is not None:
         sets = plan["sets"]
-        removal_ids = [[patients[p] for p in s] for s in sets]
         todo = len(sets) - sum(_cached_without(gt_mod, run, r, seed, leave_out_steps)
                                for r in removal_ids)
         per_model = _unit_seconds(gt)
@@ -342,5 +503,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
         "leave_out": leave_out_info,
         "mislabel": str(mislabel) if mislabel else None,
     }
-    write_outputs(result, out)
+    if retraining is not None:
+        result["retraining"] = retraining
+    if rank0:
+        write_outputs(result, out)
     return result

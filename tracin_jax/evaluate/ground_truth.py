@@ -27,6 +27,13 @@ truth with more seeds reuses the finished models of one with fewer (``--seeds 2`
 for the same removal set and seed reuses it. With ``steps="matched"`` the model trains for as
 many optimiser steps as one on all patients (more passes over the kept slices) instead of the
 run's epochs; such models are cached under their own keys.
+
+Every model file (a *unit*) is trained by :func:`train_units` under a claim
+(:mod:`tracin_jax.evaluate.workers`): several processes working on the same workdir (worker
+processes, a job array, several JAX processes) share the units out and never train one twice.
+``settings.json`` of a ground truth folder holds the settings its key hashes; a folder whose
+``settings.json`` differs from the settings computed for the same key is refused (one line)
+rather than mixed with models of another run.
 """
 
 from __future__ import annotations
@@ -36,17 +43,19 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from tracin_jax.atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
+from tracin_jax.atomic import fsync_dir, save_npy_atomic, save_npz_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.progress import tqdm
+from tracin_jax.evaluate import workers as workers_mod
 from tracin_jax.evaluate.retrain import (check_step_rule, patient_subsets, resolve_mode,
-                                         run_patients, test_outputs, train_models, unstack)
+                                         run_patients, schedule_steps, test_outputs,
+                                         train_models, unstack)
 
 GROUND_TRUTH_DIR = "ground_truth"
 LEAVE_OUT_DIR = "leave_out"
@@ -140,38 +149,150 @@ def _fault_injection(done_in_process: int) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes the same finished model file as ``src`` (a hard link, else an atomic copy)."""
+    """``dst`` becomes the same finished model file as ``src`` (a hard link, else an atomic copy;
+    nothing when another process made it first)."""
     try:
         os.link(src, dst)
+    except FileExistsError:
+        return
     except OSError:
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
 
 
-def _groups(items: list, size: int) -> Iterable[list]:
-    for s in range(0, len(items), size):
-        yield items[s:s + size]
+def _create_json(path: Path, obj: Any) -> None:
+    """Writes ``path`` unless it exists, atomically, through a temporary file private to this
+    process: processes creating the same file at once never share a temporary file, and the
+    first one's file stays."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here: the same content replaces the same content
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be written ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _train_and_save(run, jobs: list[tuple[np.ndarray, int, Path]], mode: str, group: int,
-                    bar: tqdm, steps: str = "epochs") -> None:
-    """Trains every (mask bool[P], training seed, output file) job, ``group`` at a time, and
-    writes each model's test outputs (plus ``seconds``, ``mode`` and the ``steps`` rule)
-    atomically to its file."""
-    written = 0
-    for chunk in _groups(jobs, group):
-        t0 = time.perf_counter()
-        variables = train_models(run, np.stack([m for m, _, _ in chunk]), [s for _, s, _ in chunk],
-                                 mode=mode, progress=False, steps=steps)
-        outs = [test_outputs(run, unstack(variables, k)) for k in range(len(chunk))]
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        for (_, _, path), out in zip(chunk, outs):
-            save_npz_atomic(path, seconds=np.float64(seconds), mode=np.array(mode),
-                            steps=np.array(steps), **out)
-            written += 1
-            bar.update(1)
-            _fault_injection(written)
+@dataclass(frozen=True)
+class Unit:
+    """One model file to train: the model trains on the patients of ``mask`` (bool[P]) with
+    training seed ``seed`` under the ``steps`` rule, and its test outputs go to ``path``."""
+
+    path: Path
+    mask: np.ndarray = field(repr=False, compare=False)
+    seed: int
+    steps: str = "epochs"
+    label: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.path.exists()
+
+
+def describe_units(units: Sequence[Unit], shown: int = 4) -> str:
+    """The first ``shown`` units by label, each kind named once: ``ground truth m0001_r00,
+    m0002_r00, leave-out 3fa2b1c0 and 4 more``."""
+    parts, kind = [], None
+    for u in units[:shown]:
+        label = u.label or u.path.stem
+        k, _, name = label.rpartition(" ")
+        parts.append(name if k == kind else label)
+        kind = k
+    more = len(units) - shown
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+
+
+def unit_steps(run, unit: Unit) -> int:
+    """Optimiser steps the training of ``unit`` takes."""
+    _, slice_patient = run_patients(run)
+    return schedule_steps(run, int(np.asarray(unit.mask, bool)[slice_patient].sum()), unit.steps)
+
+
+def _local_device():
+    """This process's first device: models are trained where no other process computes."""
+    import jax
+
+    return jax.default_device(jax.local_devices()[0])
+
+
+def train_units(run, units: Sequence[Unit], *, mode: str = "auto", group: int | None = None,
+                bar: tqdm | None = None, poll_s: float | None = None,
+                log=None) -> int:
+    """Trains every unit whose file is missing, each under a claim, until all files exist.
+
+    Up to ``group`` units at a time (the units this process manages to claim, with the same
+    steps rule; one in sequential mode) train together; each one's test outputs (plus
+    ``seconds``, ``mode``, ``steps``, the ``worker`` that trained it and its number of ``cpus``)
+    are written atomically, then its claim is released. Units claimed by other live processes
+    are left to them: once nothing is left to claim, this process waits (polling every
+    ``poll_s`` seconds; ``bar`` counts the finished files) until their files exist or their
+    claims become free. Training runs on this process's first local device. Returns the number
+    of units trained here.
+    """
+    mode = resolve_mode(mode)
+    size = 1 if mode == "sequential" else int(group or VMAP_GROUP)
+    poll_s = workers_mod.POLL_S if poll_s is None else poll_s
+    log = log or workers_mod._stderr
+    units = list(units)
+
+    def sync_bar() -> None:
+        if bar is not None:
+            bar.update(sum(u.done for u in units) - bar.n)
+
+    written, waiting = 0, False
+    pending = [u for u in units if not u.done]
+    while pending:
+        batch: list[tuple[Unit, workers_mod.Claim]] = []
+        for u in pending:
+            if len(batch) == size:
+                break
+            if batch and u.steps != batch[0][0].steps:
+                continue
+            claim = workers_mod.try_claim(u.path, log=log)
+            if claim is not None:
+                batch.append((u, claim))
+        if not batch:
+            if not waiting:
+                log(f"waiting for {len(pending)} model(s) claimed by other processes")
+                waiting = True
+            time.sleep(poll_s)
+            sync_bar()
+            pending = [u for u in pending if not u.done]
+            continue
+        waiting = False
+        try:
+            t0 = time.perf_counter()
+            with _local_device():
+                variables = train_models(run, np.stack([u.mask for u, _ in batch]),
+                                         [u.seed for u, _ in batch], mode=mode, progress=False,
+                                         steps=batch[0][0].steps)
+                outs = [test_outputs(run, unstack(variables, k)) for k in range(len(batch))]
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for (u, claim), out in zip(batch, outs):
+                save_npz_atomic(u.path, seconds=np.float64(seconds), mode=np.array(mode),
+                                steps=np.array(u.steps), worker=np.array(workers_mod.owner()),
+                                cpus=np.int64(workers_mod.usable_cpus()), **out)
+                claim.release()
+                written += 1
+                sync_bar()
+                _fault_injection(written)
+        finally:
+            for _, claim in batch:
+                claim.release()
+        pending = [u for u in pending if not u.done]
+    sync_bar()
+    return written
 
 
 # Config keys added after ground truths were first cached, with the value every earlier run had:
@@ -229,6 +350,88 @@ def _reusable_units(root: Path, settings: dict) -> dict[tuple[int, int], Path]:
     return found
 
 
+@dataclass
+class GroundTruthPlan:
+    """What a ground truth needs, computed without writing anything (:func:`plan_ground_truth`)."""
+
+    folder: Path  # <workdir>/ground_truth/<key>
+    settings: dict
+    masks: np.ndarray  # bool[M, P]
+    training_seeds: list[int]
+    units: list[Unit]  # M x R, (m, r) in row-major order
+    reusable: dict  # {unit file: finished file of a sibling ground truth}
+    patients: list[str]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the folder holds a finished ground truth (``meta.json``)."""
+        return (self.folder / "meta.json").exists()
+
+    def missing(self) -> list[Unit]:
+        """Units neither trained nor reusable from a sibling (none once complete)."""
+        if self.complete:
+            return []
+        return [u for u in self.units if not u.done and u.path not in self.reusable]
+
+
+def plan_ground_truth(workdir, *, subsets: int | None = None, fraction: float | None = None,
+                      seeds: int | None = None, seed: int = 0,
+                      small: bool = False) -> GroundTruthPlan:
+    """The folder, subsets, training seeds and units of a ground truth (settings checked as
+    :func:`compute_ground_truth` does); writes nothing."""
+    preset = SMALL if small else DEFAULTS
+    subsets = preset["subsets"] if subsets is None else subsets
+    fraction = preset["fraction"] if fraction is None else fraction
+    seeds = preset["seeds"] if seeds is None else seeds
+    _check_settings(subsets, fraction, seeds)
+    run = _as_run(workdir)
+    patients, _ = run_patients(run)
+    _check_patients(run, patients)
+    settings = ground_truth_settings(run, subsets=subsets, fraction=fraction, seeds=seeds,
+                                     seed=seed)
+    out = Path(run.workdir) / GROUND_TRUTH_DIR / _digest(settings)
+    _check_stored_settings(out, settings, run)
+    masks = patient_subsets(len(patients), int(subsets), float(fraction), int(seed))
+    tseeds = training_seeds(seed, int(seeds))
+    found = _reusable_units(out.parent, settings)
+    units, reusable = [], {}
+    for m in range(int(subsets)):
+        for r in range(int(seeds)):
+            name = f"m{m:04d}_r{r:02d}"
+            units.append(Unit(out / "units" / f"{name}.npz", masks[m], tseeds[r], "epochs",
+                              f"ground truth {name}"))
+            if (m, r) in found and found[(m, r)] != units[-1].path:
+                reusable[units[-1].path] = found[(m, r)]
+    return GroundTruthPlan(folder=out, settings=settings, masks=masks, training_seeds=tseeds,
+                           units=units, reusable=reusable, patients=patients)
+
+
+def _check_stored_settings(folder: Path, settings: dict, run) -> None:
+    """One-line InputError when ``folder/settings.json`` exists and is not ``settings``."""
+    stored_path = folder / "settings.json"
+    if not stored_path.exists():
+        return
+    try:
+        stored = json.loads(stored_path.read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored != json.loads(json.dumps(settings)):
+        raise InputError(f"{stored_path}: differs from the settings the run in {run.workdir} "
+                         "gives for this ground truth (the run changed under an existing ground "
+                         "truth, or the file was edited); move that folder away to start afresh")
+
+
+def prepare_ground_truth(plan: GroundTruthPlan) -> None:
+    """Creates the folder of ``plan`` (``units/``, ``settings.json``) and links the reusable
+    units; safe to run in several processes at once."""
+    (plan.folder / "units").mkdir(parents=True, exist_ok=True)
+    if not (plan.folder / "settings.json").exists():
+        _create_json(plan.folder / "settings.json", plan.settings)
+    for dst, src in plan.reusable.items():
+        if not dst.exists():
+            _link_or_copy(src, dst)
+
+
 def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float | None = None,
                          seeds: int | None = None, seed: int = 0, mode: str = "auto",
                          progress: bool = True, small: bool = False,
@@ -243,51 +446,38 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
       small: the test suite's preset (``SMALL``) for settings not given.
       group: models trained together in vmap mode (default 8; sequential trains one at a time).
     Returns:
-      :class:`GroundTruth`; its folder is ``<workdir>/ground_truth/<key>/``.
+      :class:`GroundTruth`; its folder is ``<workdir>/ground_truth/<key>/``. Units being
+      trained by other processes are waited for (:func:`train_units`).
     """
-    preset = SMALL if small else DEFAULTS
-    subsets = preset["subsets"] if subsets is None else subsets
-    fraction = preset["fraction"] if fraction is None else fraction
-    seeds = preset["seeds"] if seeds is None else seeds
-    _check_settings(subsets, fraction, seeds)
     mode = resolve_mode(mode)
     run = _as_run(workdir)
-    patients, _ = run_patients(run)
-    _check_patients(run, patients)
-    settings = ground_truth_settings(run, subsets=subsets, fraction=fraction, seeds=seeds, seed=seed)
-    out = Path(run.workdir) / GROUND_TRUTH_DIR / _digest(settings)
-    if (out / "meta.json").exists():
+    plan = plan_ground_truth(run, subsets=subsets, fraction=fraction, seeds=seeds, seed=seed,
+                             small=small)
+    out = plan.folder
+    if plan.complete:
         return load_ground_truth(out)
 
-    masks = patient_subsets(len(patients), int(subsets), float(fraction), int(seed))
-    tseeds = training_seeds(seed, int(seeds))
-    (out / "units").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "settings.json", settings)
-    units = [(m, r) for m in range(int(subsets)) for r in range(int(seeds))]
-    path = {u: out / "units" / f"m{u[0]:04d}_r{u[1]:02d}.npz" for u in units}
-    reusable = _reusable_units(out.parent, settings)
-    for u in units:
-        if not path[u].exists() and u in reusable:
-            _link_or_copy(reusable[u], path[u])
-    missing = [u for u in units if not path[u].exists()]
-    bar = tqdm(total=len(units), initial=len(units) - len(missing), desc="ground truth",
+    prepare_ground_truth(plan)
+    units = plan.units
+    bar = tqdm(total=len(units), initial=sum(u.done for u in units), desc="ground truth",
                unit="model", disable=not progress, dynamic_ncols=True)
-    size = 1 if mode == "sequential" else int(group or VMAP_GROUP)
-    _train_and_save(run, [(masks[m], tseeds[r], path[(m, r)]) for m, r in missing], mode, size, bar)
+    train_units(run, units, mode=mode, group=group, bar=bar)
     bar.close()
 
-    outs = {u: _load_outputs(path[u]) for u in units}
-    m_, r_ = int(subsets), int(seeds)
-    arrays = {"masks": masks}
+    m_, r_ = plan.masks.shape[0], len(plan.training_seeds)
+    outs = {(m, r): _load_outputs(units[m * r_ + r].path) for m in range(m_) for r in range(r_)}
+    arrays = {"masks": plan.masks}
     for name in OUTPUT_KEYS:
         arrays[name] = np.stack([np.stack([outs[(m, r)][name] for r in range(r_)])
                                  for m in range(m_)]).astype(np.float32)
     for name, value in arrays.items():
         save_npy_atomic(out / f"{name}.npy", value)
+    settings = plan.settings
     meta = {
-        "patients": patients, "test_ids": settings["test_ids"], "M": m_, "R": r_,
-        "alpha": float(fraction), "seed": int(seed), "training_seeds": tseeds,
-        "subset_size": int(masks[0].sum()), "config": settings["config"],
+        "patients": plan.patients, "test_ids": settings["test_ids"], "M": m_, "R": r_,
+        "alpha": float(settings["fraction"]), "seed": int(settings["seed"]),
+        "training_seeds": plan.training_seeds,
+        "subset_size": int(plan.masks[0].sum()), "config": settings["config"],
         "workdir": str(Path(run.workdir).resolve()),
         "unit_seconds": [[float(outs[(m, r)]["seconds"]) for r in range(r_)] for m in range(m_)],
         "unit_modes": [[str(outs[(m, r)]["mode"]) for r in range(r_)] for m in range(m_)],
@@ -323,6 +513,24 @@ def _removal_mask(patients: Sequence[str], removed: Sequence[str], where) -> np.
     return np.array([p not in set(map(str, removed)) for p in patients], bool)
 
 
+def leave_out_units(workdir, removal_sets: Sequence[Sequence[str]], seed: int,
+                    steps: str = "epochs") -> list[Unit]:
+    """The units of the models trained without each removal set (one per distinct file, in
+    order of first appearance); checks the sets, writes nothing."""
+    check_step_rule(steps)
+    run = _as_run(workdir)
+    patients, _ = run_patients(run)
+    _check_patients(run, patients)
+    units, seen = [], set()
+    for removed in removal_sets:
+        mask = _removal_mask(patients, removed, run.workdir)
+        p = leave_out_path(run, removed, seed, steps)
+        if p not in seen:
+            seen.add(p)
+            units.append(Unit(p, mask, int(seed), steps, f"leave-out {p.stem[:8]}"))
+    return units
+
+
 def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: int, *,
                          mode: str = "auto", progress: bool = True,
                          group: int | None = None, steps: str = "epochs") -> list[dict]:
@@ -332,27 +540,18 @@ def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: i
     as on all patients; see :func:`~tracin_jax.evaluate.retrain.train_models`); the two are
     cached apart. Returns one :func:`~tracin_jax.evaluate.retrain.test_outputs` dict per
     removal set (plus ``seconds``); trains only those not yet cached in
-    ``<workdir>/ground_truth/leave_out/``.
+    ``<workdir>/ground_truth/leave_out/`` (each under a claim, :func:`train_units`).
     """
     mode = resolve_mode(mode)
-    check_step_rule(steps)
     run = _as_run(workdir)
-    patients, _ = run_patients(run)
-    _check_patients(run, patients)
-    masks = [_removal_mask(patients, r, run.workdir) for r in removal_sets]
-    folder = Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
+    units = leave_out_units(run, removal_sets, seed, steps)
     paths = [leave_out_path(run, r, seed, steps) for r in removal_sets]
-    todo, seen = [], set()
-    for mask, p in zip(masks, paths):
-        if not p.exists() and p not in seen:
-            todo.append((mask, int(seed), p))
-            seen.add(p)
+    todo = [u for u in units if not u.done]
     if todo:
-        folder.mkdir(parents=True, exist_ok=True)
+        todo[0].path.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(todo), desc="leave-out retraining", unit="model",
                    disable=not progress, dynamic_ncols=True)
-        size = 1 if mode == "sequential" else int(group or VMAP_GROUP)
-        _train_and_save(run, todo, mode, size, bar, steps)
+        train_units(run, todo, mode=mode, group=group, bar=bar)
         bar.close()
     return [_load_outputs(p) for p in paths]
 

@@ -122,6 +122,16 @@ def full_data_steps(run) -> int:
     return cfg.epochs * math.ceil(len(run.train.ids) / cfg.batch_size)
 
 
+def schedule_steps(run, n_slices: int, steps: str = "epochs") -> int:
+    """Optimiser steps of a retraining on ``n_slices`` training slices under the ``steps`` rule
+    (the length of its :func:`model_schedule`)."""
+    check_step_rule(steps)
+    if steps == "matched":
+        return full_data_steps(run)
+    cfg = run.config.train
+    return cfg.epochs * math.ceil(n_slices / cfg.batch_size)
+
+
 @functools.lru_cache(maxsize=8)
 def _train_fns(config: Config, image_shape: tuple[int, int, int]):
     """(model, tx, jitted single-model step, jitted K-model vmapped step) for a config."""
@@ -191,7 +201,9 @@ def train_models(run, masks: np.ndarray, seeds: Sequence[int], *, mode: str = "a
         first train step of the call, compilation included), ``steps`` (the others, their count
         in ``n_steps``), and ``mode``.
     Returns:
-      variables {'params', 'batch_stats'} with every leaf stacked on a leading K axis.
+      variables {'params', 'batch_stats'} with every leaf stacked on a leading K axis, on JAX's
+      default device (with several JAX processes, this process's first local device: no
+      collective is involved, so each process can train its own models).
     """
     check_step_rule(steps)
     patients, slice_patient = run_patients(run)
