@@ -301,3 +301,22 @@ def test_default_worker_count(monkeypatch):
     assert api._worker_count(None, None, []) == 1
     assert api._worker_count(4, None, missing[:2]) == 2  # never more workers than models
     assert api._worker_count(1, None, missing) == 1
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 cores: one per JAX process")
+def test_two_jax_processes_equal_one(tmp_path, tiny_run, tiny_influence, reference):
+    """`tracin-jax launch -n 2 -- evaluate`: each JAX process (pinned to its own core) trains the
+    models it claims; process 0 scores. Same models and numbers as one process on one core."""
+    work = _copy(tiny_run, tmp_path / "run")
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "tracin_jax.cli", "launch", "-n", "2", "--",
+                           *map(str, _command(work, tiny_influence, out))],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k != "TRACIN_JAX_QUIET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    units = _units(work)
+    assert len({u["worker"] for u in units.values()}) == 2  # both processes trained models
+    _same_models(units, reference.units)
+    result = json.loads((out / "evaluation.json").read_text())
+    assert _numbers(result) == _numbers(reference.result)
+    assert "[0] evaluation written" in proc.stdout and "[1] evaluation written" not in proc.stdout
