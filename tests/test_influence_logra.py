@@ -213,13 +213,18 @@ def test_command_line_logra_matches_python(tiny_run, tmp_path, capsys):
 def test_memory_check_counts_logra_features_not_weight_gradients(toy, setup, tmp_path):
     """A budget that fits LoGra's batch (B x C x D) is accepted; weight gradients are never
     formed, so the subset's size must not be charged for them."""
-    from tracin_jax.influence.engine import compute_influence, memory_estimate
+    from tracin_jax.influence import sharding
+    from tracin_jax.influence.engine import (compute_influence, gradient_workspace,
+                                             memory_estimate)
 
     subset, projector, fn = setup
+    workspace = gradient_workspace(fn, toy.checkpoints[0].variables, toy.train.images,
+                                   toy.train.labels, BATCH, sharding.train_mesh())
     common = dict(n_test=3, n_train=7, num_classes=3, dim=fn.dim, n_checkpoints=2,
                   chunk_size=256, batch_size=BATCH, split="test")
     fits = memory_estimate(**common, grad_params=fn.dim)["total"]
     assert memory_estimate(**common, grad_params=subset.size)["total"] > 1.5 * fits
+    fits += workspace  # XLA's workspace of the LoGra program (its output gradients included)
     meta = compute_influence(fn, toy.checkpoints, toy.train, toy.test, tmp_path / "out",
                              store_dir=tmp_path / "store", batch_size=BATCH, progress=False,
                              memory_budget_gb=1.2 * fits / 2**30)

@@ -117,11 +117,14 @@ def test_split_train_gives_symmetric_scores_with_self_influence_on_the_diagonal(
 
 def _stage_only_budget(toy, fn) -> float:
     """A budget (GB) that holds the stage's working memory but not the full score tensor."""
-    from tracin_jax.influence.engine import memory_estimate
+    from tracin_jax.influence import sharding
+    from tracin_jax.influence.engine import gradient_workspace, memory_estimate
 
+    workspace = gradient_workspace(fn, toy.checkpoints[0].variables, toy.train.images,
+                                   toy.train.labels, 2, sharding.train_mesh())
     est = memory_estimate(n_test=3, n_train=7, num_classes=3, dim=fn.dim,
                           n_checkpoints=len(toy.checkpoints), chunk_size=3, batch_size=2,
-                          grad_params=fn.subset.size, split="test")
+                          grad_params=fn.subset.size, split="test", workspace_bytes=workspace)
     return est["total"] / 2**30
 
 

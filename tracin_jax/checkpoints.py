@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tracin_jax.errors import InputError
+from tracin_jax.errors import WRITE_ERRNOS, InputError, cannot_write
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"  # one JSON line per finished epoch, written by training
 
 
 def _manager(workdir: str | os.PathLike, read_only: bool = False) -> ocp.CheckpointManager:
@@ -79,6 +81,73 @@ def list_epochs(workdir: str | os.PathLike) -> list[int]:
         raise InputError(f"{path}: cannot list checkpoints: {_describe(e)}") from None
 
 
+def finished_epochs(workdir: str | os.PathLike) -> list[int]:
+    """Epochs that ``metrics.jsonl`` records as trained, ascending (empty without the file;
+    unreadable lines are skipped)."""
+    import json
+
+    path = Path(workdir) / METRICS_FILE
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    found = set()
+    for line in text.splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
+            found.add(epoch)
+    return sorted(found)
+
+
+def missing_epochs(workdir: str | os.PathLike, available: list[int] | None = None) -> list[int]:
+    """Epochs the run finished whose checkpoint is gone, ascending.
+
+    Training saves a checkpoint after every epoch, from epoch 1 on, so an epoch counts as
+    finished when a later checkpoint exists or ``metrics.jsonl`` lists it. A run still
+    training (or stopped) has no missing epoch: only gaps count. ``available``: the epochs with
+    a checkpoint (default :func:`list_epochs`).
+    """
+    have = set(list_epochs(workdir) if available is None else available)
+    done = set(range(1, max(have) + 1)) if have else set()
+    done |= set(finished_epochs(workdir))
+    return sorted(done - have)
+
+
+def check_complete(workdir: str | os.PathLike, available: list[int] | None = None, *,
+                   epochs: list[int] | None = None, option: str = "--checkpoints") -> None:
+    """One-line InputError when checkpoints the caller relies on are missing.
+
+    ``epochs`` None: the caller uses every checkpoint (TracIn's learning-rate-weighted sum over
+    all epochs), so any missing epoch (:func:`missing_epochs`) would silently change what it
+    computes; a list: only those epochs must exist. The message names the missing and the
+    available epochs and how to choose a subset on purpose (``option``).
+    """
+    have = list_epochs(workdir) if available is None else sorted(available)
+    listing = ", ".join(map(str, have)) or "none"
+    if epochs is not None:
+        gone = [e for e in epochs if e not in have]
+        if gone:
+            raise InputError(f"{workdir}: no checkpoint for epoch{'s' if len(gone) > 1 else ''} "
+                             f"{', '.join(map(str, gone))} (available: {listing})")
+        return
+    gone = missing_epochs(workdir, have)
+    if not gone:
+        return
+    folders = ", ".join(f"{CHECKPOINT_DIR}/{e}" for e in gone)
+    tail = [e for e in gone if not have or e > have[-1]]
+    redo = (" (resume training to save the last one again)" if tail and len(tail) == len(gone)
+            else "")
+    raise InputError(
+        f"{workdir}: the run finished epoch{'s' if len(gone) > 1 else ''} "
+        f"{', '.join(map(str, gone))} but {folders} {'are' if len(gone) > 1 else 'is'} missing"
+        f"{redo}; available: {listing}. Using all checkpoints would silently leave "
+        f"{'them' if len(gone) > 1 else 'it'} out: restore {'them' if len(gone) > 1 else 'it'}, "
+        f"or choose epochs on purpose, e.g. {option} {','.join(map(str, have))}")
+
+
 def save_checkpoint(workdir, epoch: int, variables: Any, opt_state: Any, meta: dict) -> None:
     """Writes checkpoint ``epoch`` atomically. meta must be JSON-serialisable.
 
@@ -86,17 +155,49 @@ def save_checkpoint(workdir, epoch: int, variables: Any, opt_state: Any, meta: d
     arrays of several processes."""
     if jax.process_index() != 0:
         return
-    mngr = _manager(workdir)
-    mngr.save(
-        epoch,
-        args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(_local_copy(variables)),
-            opt_state=ocp.args.StandardSave(_local_copy(opt_state)),
-            meta=ocp.args.JsonSave(dict(meta, epoch=epoch)),
-        ),
-    )
-    mngr.wait_until_finished()
-    mngr.close()
+    mngr = None
+    _mute_orbax_write_debris()
+    try:
+        mngr = _manager(workdir)
+        mngr.save(
+            epoch,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(_local_copy(variables)),
+                opt_state=ocp.args.StandardSave(_local_copy(opt_state)),
+                meta=ocp.args.JsonSave(dict(meta, epoch=epoch)),
+            ),
+        )
+        mngr.wait_until_finished()
+    except Exception as e:
+        code = _write_errno(e)
+        if code is None:
+            raise
+        # A refused write (a full disk): the unfinished checkpoint goes, earlier ones stay.
+        root = Path(workdir) / CHECKPOINT_DIR
+        for tmp in root.glob(f"{epoch}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(root / str(epoch), OSError(code, os.strerror(code))) from None
+    finally:
+        if mngr is not None:
+            try:
+                mngr.close()
+            except Exception:
+                pass
+
+
+def _write_errno(error: BaseException) -> int | None:
+    """The errno of :data:`~tracin_jax.errors.WRITE_ERRNOS` behind a failed Orbax/TensorStore
+    write (an OSError in the chain, or TensorStore's ``[os_error_code='28']``), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            return error.errno
+        for m in re.finditer(r"os_error_code='?(\d+)", str(error)):
+            if int(m.group(1)) in WRITE_ERRNOS:
+                return int(m.group(1))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _abstract(tree: Any) -> Any:
@@ -169,6 +270,31 @@ def _mute_orbax_read_debris() -> None:
     hook._tracin_jax_filter = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_OrbaxReadDebrisFilter())
+
+
+class _OrbaxWriteDebrisFilter(logging.Filter):
+    """Drops Orbax's own log records (with tracebacks) of a checkpoint write the file system
+    refused (TensorStore's ``[os_error_code='28']``: no space left, and the other
+    :data:`~tracin_jax.errors.WRITE_ERRNOS`): :func:`save_checkpoint` reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        codes = [int(c) for c in re.findall(r"os_error_code='?(\d+)", text)]
+        return not any(c in WRITE_ERRNOS for c in codes)
+
+
+def _mute_orbax_write_debris() -> None:
+    """A refused checkpoint write fails in several of Orbax's threads at once; each logs the
+    failure with a traceback, and their pending coroutines die with "Event loop is closed".
+    This drops that debris (:class:`_OrbaxWriteDebrisFilter`, :func:`_mute_orbax_read_debris`);
+    the failure itself reaches the caller as one line. Installed once per process."""
+    _mute_orbax_read_debris()
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxWriteDebrisFilter) for f in absl.filters):
+        absl.addFilter(_OrbaxWriteDebrisFilter())
 
 
 def _restore(workdir, epoch: int, args: dict) -> dict:

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tracin_jax.errors import InputError
+from tracin_jax.errors import InputError, write_error
+from tracin_jax.paths import check_writable_folder
 
 DESCRIPTION = ("Class-wise TracIn explanations of brain-tumour segmentation models: write synthetic "
                "data (synth), train a U-Net (train), score training slices per class (influence), "
@@ -23,6 +24,7 @@ DESCRIPTION = ("Class-wise TracIn explanations of brain-tumour segmentation mode
 def _cmd_synth(args) -> None:
     from tracin_jax.data import write_synthetic_dataset
 
+    check_writable_folder(args.out, "--out")
     if args.cases < 2:
         raise InputError(f"--cases {args.cases}: need at least 2 cases for a train/test split")
     t0 = time.perf_counter()
@@ -39,6 +41,7 @@ def _config_from_args(args):
 def _cmd_train(args) -> None:
     from tracin_jax.training.train import train_and_evaluate
 
+    check_writable_folder(args.workdir, "--workdir")
     config = _config_from_args(args)
     if not Path(args.data).is_dir():
         raise InputError(f"--data {args.data}: not a folder")
@@ -66,8 +69,8 @@ def _cmd_influence(args) -> dict:
         checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
         proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
         loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
-        batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data,
-        method=args.method, damping=args.damping, fisher=args.fisher,
+        batch_size=args.batch_size, chunk_size=args.chunk_size,
+        memory_budget_gb=args.memory_budget_gb, data_dir=args.data, method=args.method, damping=args.damping, fisher=args.fisher,
         precondition=args.precondition, relatif=args.relatif,
     )
     print(f"influence written to {args.out}")
@@ -93,7 +96,12 @@ def _cmd_trak(args) -> dict:
 
 
 def _cmd_explain(args) -> None:
+    from tracin_jax import distributed
     from tracin_jax.explain import run_explain
+
+    check_writable_folder(args.out, "--out")  # in every process: all refuse alike
+    if not distributed.is_main_process():
+        return  # the report is written by process 0; the others wait for it at the end
 
     run_explain(args.workdir, args.influence, args.out, k=args.k, modality=args.modality,
                 data_dir=args.data, level=args.level, similarity=args.similarity)
@@ -101,18 +109,31 @@ def _cmd_explain(args) -> None:
 
 
 def _cmd_evaluate(args) -> dict:
+    from tracin_jax import distributed
     from tracin_jax.evaluate.api import run_evaluate
+    from tracin_jax.evaluate.workers import WorkerFailed
 
-    result = run_evaluate(
-        args.workdir, args.influence, args.out, subsets=args.subsets, fraction=args.fraction,
-        seeds=args.seeds, seed=args.seed, leave_out_queries=args.leave_out_queries,
-        leave_out_k=args.leave_out_k, leave_out_random=args.leave_out_random,
-        leave_out_variants=args.leave_out_variants, leave_out_steps=args.leave_out_steps,
-        randomisation=not args.no_randomisation, baselines=not args.no_baseline,
-        mislabel=args.mislabel, mode=args.mode,
-        small=args.small, data_dir=args.data)
-    print((Path(args.out) / "evaluation.md").read_text())
-    print(f"evaluation written to {args.out}")
+    if not args.worker:  # before the retrainings, not after them
+        check_writable_folder(args.out, "--out")
+    try:
+        result = run_evaluate(
+            args.workdir, args.influence, args.out, subsets=args.subsets, fraction=args.fraction,
+            seeds=args.seeds, seed=args.seed, leave_out_queries=args.leave_out_queries,
+            leave_out_k=args.leave_out_k, leave_out_random=args.leave_out_random,
+            leave_out_variants=args.leave_out_variants, leave_out_steps=args.leave_out_steps,
+            randomisation=not args.no_randomisation, baselines=not args.no_baseline,
+            mislabel=args.mislabel, mode=args.mode,
+            small=args.small, data_dir=args.data, workers=args.workers, worker=args.worker,
+            score_only=args.score_only)
+    except WorkerFailed as e:  # a crashed or killed worker: one line, exit status 1
+        print(f"tracin-jax: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if args.worker:
+        print(f"worker: {result.get('trained_here', 0)} model(s) trained in this process; all "
+              f"{result['models']} models of this evaluation are done")
+    elif distributed.is_main_process():
+        print((Path(args.out) / "evaluation.md").read_text())
+        print(f"evaluation written to {args.out}")
     return result
 
 
@@ -123,6 +144,7 @@ def _cmd_demo(args) -> None:
     from tracin_jax.influence import run_influence
     from tracin_jax.training.train import train_and_evaluate
 
+    check_writable_folder(args.workdir, "--workdir")
     root = Path(args.workdir)
     data, run, infl, report = root / "data", root / "run", root / "influence", root / "report"
     config = apply_overrides(get_config("demo"), args.set or [])
@@ -191,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--chunk-size", type=int, default=256,
+                   help="training examples per feature-store chunk and scoring block: the unit "
+                        "of resuming and of sharing the gradients between processes")
     i.add_argument("--memory-budget-gb", type=float, default=2.0)
     i.add_argument("--data", default=None, help="data folder, if moved since training")
     i.add_argument("--trak-models", type=int, default=4,
@@ -245,7 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mode", default="auto", help="auto | sequential | vmap (multi-model training)")
     v.add_argument("--small", action="store_true", help="tiny settings (tests, smoke runs)")
     v.add_argument("--data", default=None, help="data folder, if moved since training")
+    v.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes that train the models before scoring (default: on CPU "
+                        "one per usable core, at most one per model to train, and none for a "
+                        "few hundred training steps; on GPU/TPU 1, this process; with several "
+                        "JAX processes each trains on its own device)")
+    v.add_argument("--worker", action="store_true",
+                   help="only train this evaluation's missing models, claiming each (run many "
+                        "at once: a job array, GNU parallel); writes no evaluation output")
+    v.add_argument("--score-only", action="store_true",
+                   help="never train: score once every model exists (after --worker runs), "
+                        "else fail naming the missing models")
     v.set_defaults(func=_cmd_evaluate)
+
+    n = sub.add_parser("launch", help="run one stage in N local JAX processes (one machine, "
+                       "several cores or GPUs), e.g. launch -n 2 -- influence --workdir W --out O")
+    n.add_argument("-n", "--processes", type=int, required=True, help="number of processes")
+    n.add_argument("--devices", default="auto",
+                   help="auto (a GPU per process when nvidia-smi lists GPUs, else a share of the "
+                        "CPU cores per process) | cpu | gpu")
+    n.add_argument("stage", nargs=argparse.REMAINDER,
+                   help="-- then the stage and its arguments: train | influence | evaluate | explain")
+    n.set_defaults(func=_cmd_launch)
 
     d = sub.add_parser("demo", help="synth -> train -> influence -> report on the embedded data")
     d.add_argument("--workdir", default="runs/demo")
@@ -253,21 +299,68 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.set_defaults(func=_cmd_demo)
+    for name in CACHED_STAGES:
+        sub.choices[name].add_argument(
+            "--no-compile-cache", action="store_true",
+            help="do not use the persistent XLA compilation cache ($TRACIN_JAX_CACHE/xla; "
+                 "TRACIN_JAX_XLA_CACHE=off does the same)")
     return p
+
+
+def _cmd_launch(args) -> int:
+    from tracin_jax.launch import launch
+
+    return launch(args.stage, args.processes, devices=args.devices)
+
+
+def _start(args) -> None:
+    """Before a stage touches JAX: join the cluster the environment asks for, then turn on the
+    persistent compilation cache (:mod:`tracin_jax.compile_cache`)."""
+    if args.command not in CACHED_STAGES:
+        return
+    from tracin_jax import compile_cache, distributed
+
+    if args.command in CLUSTER_STAGES:
+        distributed.initialize()
+    compile_cache.enable(on=not getattr(args, "no_compile_cache", False))
+
+
+CLUSTER_STAGES = ("train", "influence", "evaluate", "explain")
+CACHED_STAGES = (*CLUSTER_STAGES, "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files; never open a window
     args = build_parser().parse_args(argv)
+    from tracin_jax import distributed
+
+    if args.command in CLUSTER_STAGES and distributed.needs_supervisor():
+        return distributed.supervise(sys.argv[1:] if argv is None else list(argv))
+
     try:
-        args.func(args)
+        try:
+            _start(args)
+            code = args.func(args)
+            distributed.finish()
+        except OSError as e:  # a full disk, a read-only file system: one line, no traceback
+            error = write_error(e, getattr(args, "out", None) or getattr(args, "workdir", None))
+            if error is None:
+                raise
+            raise error from None
     except InputError as e:
-        print(f"tracin-jax: error: {e}", file=sys.stderr)
+        distributed.abort(2, f"tracin-jax: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("tracin-jax: interrupted; rerun the same command to resume", file=sys.stderr)
+        distributed.abort(130, "tracin-jax: interrupted; rerun the same command to resume")
         return 130
-    return 0
+    except BaseException:
+        if distributed.is_multiprocess():  # a traceback, then out without the shutdown barrier
+            import traceback
+
+            traceback.print_exc()
+            distributed.abort(1)
+        raise
+    return code if args.command == "launch" else 0
 
 
 if __name__ == "__main__":

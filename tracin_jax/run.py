@@ -86,6 +86,19 @@ class Run:
         have = ", ".join(str(c.epoch) for c in self.checkpoints)
         raise InputError(f"{self.workdir}: no checkpoint for epoch {epoch} (have {have})")
 
+    def missing_epochs(self) -> list[int]:
+        """Epochs this run finished whose checkpoint is gone (see
+        :func:`tracin_jax.checkpoints.missing_epochs`); empty for a complete or unfinished run."""
+        return checkpoints.missing_epochs(self.workdir, [c.epoch for c in self.checkpoints])
+
+    def check_complete(self, epochs=None, option: str = "--checkpoints") -> None:
+        """One-line InputError when a checkpoint the caller needs is missing: with ``epochs``
+        None every finished epoch (a caller of all checkpoints), else the epochs listed (see
+        :func:`tracin_jax.checkpoints.check_complete`)."""
+        checkpoints.check_complete(self.workdir, [c.epoch for c in self.checkpoints],
+                                   epochs=None if epochs is None else [int(e) for e in epochs],
+                                   option=option)
+
     def apply(self, variables: Any, images: jax.Array) -> jax.Array:
         """Inference mode (BatchNorm running stats). images f32[B,H,W,4] -> logits f32[B,H,W,4].
 

@@ -36,7 +36,28 @@ CROP_SPACES = ("stored", "canonical")
 
 
 class NegativeVoxelsWarning(UserWarning):
-    """A case's image holds negative voxels, which paper normalisation maps below -1."""
+    """A case's image holds negative voxels, which paper normalisation maps below -1.
+
+    Printed as one line, ``NegativeVoxelsWarning: case ...`` (without Python's usual second line
+    quoting the source code that raised it; see :func:`one_line_warnings`). Filter it as any
+    warning, e.g. ``warnings.simplefilter("ignore", NegativeVoxelsWarning)``."""
+
+
+def one_line_warnings(category: type[Warning]) -> None:
+    """Makes warnings of ``category`` (and its subclasses) print as one line
+    ``<Category>: <message>``: wraps ``warnings.formatwarning`` once per category, leaving
+    every other warning's format as it was."""
+    current = warnings.formatwarning
+    if category in getattr(current, "_one_line_categories", ()):
+        return
+
+    def formatwarning(message, cat, filename, lineno, line=None):
+        if isinstance(cat, type) and issubclass(cat, category):
+            return f"{cat.__name__}: {message}\n"
+        return current(message, cat, filename, lineno, line)
+
+    formatwarning._one_line_categories = (*getattr(current, "_one_line_categories", ()), category)
+    warnings.formatwarning = formatwarning
 
 
 class CaseVolumes(NamedTuple):
@@ -172,6 +193,7 @@ def warn_negative(case_id: str, negative: dict[str, float]) -> None:
     if not negative:
         return
     files = ", ".join(f"{Path(name).name} (min {low:g})" for name, low in negative.items())
+    one_line_warnings(NegativeVoxelsWarning)
     warnings.warn(f"case {case_id}: negative voxels in {files}; paper normalisation 2x/max(x)-1 maps "
                   f"them below -1 (kept as they are)", NegativeVoxelsWarning, stacklevel=3)
 

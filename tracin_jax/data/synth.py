@@ -45,8 +45,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,7 +55,7 @@ import nibabel as nib
 import numpy as np
 from tracin_jax.progress import tqdm
 
-from tracin_jax.errors import InputError
+from tracin_jax.errors import WRITE_ERRNOS, InputError, cannot_write
 
 DATASET_DIR = "MICCAI_BraTS_2019_Data_Training"
 GRADE_DIR = "HGG"
@@ -473,7 +474,11 @@ def write_synthetic_dataset(out_dir, cases: int = 16, seed: int = 0, progress: b
     """Writes a synthetic BraTS 2019-layout training set into ``out_dir``; returns its case ids.
 
     The dataset is built in a hidden temporary folder next to the target and renamed into place,
-    so an interrupted run leaves no half-written dataset. If
+    so an interrupted run leaves no half-written dataset (a killed run's temporary folder is
+    removed by the next run; folders and files get the ordinary modes, 0o777 / 0o666 minus the
+    umask). ``out_dir`` is checked first: a file there or above it, or a folder that cannot be
+    written, is a one-line InputError before anything is created; so is a write the file
+    system refuses (a full disk), after the temporary folder is removed. If
     ``out_dir/MICCAI_BraTS_2019_Data_Training`` already holds a complete dataset written with the
     same ``seed``, ``cases`` and ``shape`` (its ``synth.json`` says so), nothing is regenerated;
     if it exists with any other content, InputError.
@@ -487,6 +492,9 @@ def write_synthetic_dataset(out_dir, cases: int = 16, seed: int = 0, progress: b
         155 mm field of view with larger voxels, for tests).
       workers: generator threads (default: min(4, CPU count)).
     """
+    from tracin_jax.paths import check_writable_folder
+
+    check_writable_folder(out_dir, "--out")
     if cases < 1:
         raise InputError(f"synthetic dataset needs at least 1 case, got cases={cases}")
     shape = tuple(int(s) for s in shape)
@@ -505,8 +513,10 @@ def write_synthetic_dataset(out_dir, cases: int = 16, seed: int = 0, progress: b
                 f"cases={cases}, shape={shape}: remove it or choose another output folder"
             )
         target.rmdir()
+    made = not out_dir.exists()  # removed again, if still empty, when this run fails
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET_DIR}.partial-", dir=out_dir))
+    _remove_stale_partials(out_dir)
+    tmp = _new_partial(out_dir)
     try:
         grade_dir = tmp / GRADE_DIR
         grade_dir.mkdir()
@@ -521,7 +531,50 @@ def write_synthetic_dataset(out_dir, cases: int = 16, seed: int = 0, progress: b
                 bar.update(1)
         (tmp / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n")
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            try:
+                out_dir.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise cannot_write(target, e) from None
         raise
     return list(ids)
+
+
+PARTIAL = f".{DATASET_DIR}.partial-"
+
+
+def _new_partial(out_dir: Path) -> Path:
+    """A fresh temporary folder ``.<dataset>.partial-<pid>-<random>`` in ``out_dir``, made with
+    the ordinary mode (0o777 minus the umask, unlike ``tempfile.mkdtemp``'s 0o700), which the
+    dataset keeps when renamed into place."""
+    while True:
+        tmp = out_dir / f"{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Removes temporary folders of killed runs (a ``<pid>`` that names no running process;
+    folders without one, from older versions, too)."""
+    for p in out_dir.glob(f"{PARTIAL}*"):
+        m = re.match(r"(\d+)-[0-9a-f]+$", p.name[len(PARTIAL):])
+        if m:
+            pid = int(m.group(1))
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+                continue  # a run writing right now
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue  # exists, another user's
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import stats
 from tracin_jax.progress import tqdm
 
-from tracin_jax.errors import InputError
+from tracin_jax.errors import WRITE_ERRNOS, InputError, cannot_write
 from tracin_jax.explain import faithfulness as fa
 from tracin_jax.explain import figures as fig
 from tracin_jax.explain import ranking, report, selection
@@ -207,7 +207,10 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
                 z_min: float = 2.0, alpha: float = 0.05, random_seeds: int = 5, seed: int = 0,
                 epoch: int | None = None, batch_size: int = 16, progress: bool = True) -> dict:
     """Writes the explanation report of an opened run (see :func:`run_explain`); returns metrics."""
+    from tracin_jax.paths import check_writable_folder
+
     t0 = time.perf_counter()
+    check_writable_folder(out, "--out")
     if int(k) < 1:
         raise InputError(f"k={k}: must be at least 1")
     if level not in LEVELS:
@@ -262,8 +265,10 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
         report.write_metrics(tmp, metrics)
         (tmp / "index.html").write_text(render(metrics), encoding="utf-8")
         report.finish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         report.abandon(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:  # a full disk: one line, the
+            raise cannot_write(f"--out {out}", e) from None     # earlier report kept
         raise
     return metrics
 
@@ -412,9 +417,13 @@ def run_explain(workdir: str | os.PathLike, influence_dir: str | os.PathLike, ou
     n_extremes=10, n_permutations=1000, z_min=2.0, alpha=0.05, random_seeds=5, seed=0,
     epoch=None (last checkpoint's features), batch_size=16.
 
-    Raises InputError (one line) for a bad influence folder or option.
+    Raises InputError (one line) for a bad influence folder or option, an ``out`` that cannot
+    be written (checked first, before any work) or a write the file system refuses (a full
+    disk: the report's temporary folder is removed, an earlier report in ``out`` stays).
     """
+    from tracin_jax.paths import check_writable_folder
     from tracin_jax.run import load_run
 
+    check_writable_folder(out, "--out")
     return explain_run(load_run(workdir, data_dir), influence_dir, out, k=k, modality=modality,
                        progress=progress, **options)

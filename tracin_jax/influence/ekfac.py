@@ -657,16 +657,14 @@ def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_d
     factored = factored_checkpoints(run, setup, chosen, folder, batch_size=batch_size,
                                     progress=progress)
     fit_s = time.perf_counter() - t
-    meta = compute_influence(
+    # meta.json is written once, last, with its "ekfac" entry (its total_s includes the fit):
+    # a folder never looks complete without it.
+    return compute_influence(
         setup.grad_fn, factored, train, test, out, split=split, topk=topk, batch_size=batch_size,
         chunk_size=chunk_size, memory_budget_gb=memory_budget_gb, progress=progress,
         store_dir=store_dir, workdir=workdir,
-        extra_timings={"load_s": round(load_s, 3), "ekfac_fit_s": round(fit_s, 3)})
-    meta["ekfac"] = {**setup.describe(), "factors": str(folder)}
-    meta["timings"]["total_s"] = round(meta["timings"].get("total_s", 0) + fit_s, 3)
-    from tracin_jax.influence.engine import write_meta
-
-    return write_meta(Path(out), meta, "ekfac-meta-written")
+        extra_timings={"load_s": round(load_s, 3), "ekfac_fit_s": round(fit_s, 3)},
+        extra_meta={"ekfac": {**setup.describe(), "factors": str(folder)}})
 
 
 __all__ = ["ConvLayer", "DEFAULT_DAMPING", "EkfacSetup", "FISHERS", "ekfac_setup",

@@ -4,7 +4,8 @@ Stages (each a separate, swappable part): parameter subset (:mod:`.subsets`) -> 
 gradients (:mod:`.grads`, optionally projected by :mod:`.projection`) -> training features on
 disk (:mod:`.store`) -> blocked contraction, top-K, patients, self-influence (:mod:`.scores`).
 
-Files written into ``out`` (each to a temporary name, then renamed; ``meta.json`` last):
+Files written into ``out`` (each in full under a temporary name, then all renamed together,
+``meta.json`` last, so an earlier complete folder stays as it was until the new one is complete):
 
 - ``scores.npy``: f32[n_test, C, n_train, C] (test example, test class, train example, train
   class; by default C = 3: NCR/NET, ED, ET, the gradient function's ``class_names`` and
@@ -39,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from tracin_jax.progress import tqdm
 
-from tracin_jax.atomic import save_npy_atomic, write_json_atomic
+from tracin_jax.atomic import StagedFiles, open_memmap, write_json_atomic
+from tracin_jax.checkpoints import check_complete
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, class_axis, make_class_grad_fn,
@@ -51,9 +53,10 @@ from tracin_jax.influence.scores import (contract, finalise_topk, patient_index,
                                          squared_norms, topk_from_scores)
 from tracin_jax.influence.store import (FeatureStore, compute_features, feature_shape,
                                         featurise_checkpoint, finish_stats, make_header,
-                                        store_key)
+                                        pending_bytes, store_key)
 from tracin_jax.influence.subsets import resolve_subset
 from tracin_jax.models.interface import head_name
+from tracin_jax.paths import check_free_space, check_writable_folder  # noqa: F401 (re-exported)
 from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 
 DEFAULT_TOPK = 10
@@ -82,9 +85,17 @@ def class_present(labels: np.ndarray, class_labels: Sequence[int] | int = DEFAUL
 
 
 def parse_checkpoints(spec: Any, available: Sequence[int], workdir: Any = "") -> list[int]:
-    """``all`` | [E1, E2, ...] | "E1,E2,..." | E -> epochs (in the given order, no repeats)."""
+    """``all`` | [E1, E2, ...] | "E1,E2,..." | E -> epochs (in the given order, no repeats).
+
+    ``all`` with a ``workdir`` refuses a run whose finished epochs lack a checkpoint (one-line
+    InputError naming the missing and available epochs, :func:`tracin_jax.checkpoints.
+    check_complete`): the learning-rate-weighted sum would silently drop them. A list chooses
+    a subset on purpose.
+    """
     have = ", ".join(str(e) for e in available)
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        if workdir:
+            check_complete(workdir, [int(e) for e in available])
         return list(available)
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split(",") if p.strip()]
@@ -129,31 +140,14 @@ def _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed
         raise InputError(f"projection seed {proj_seed!r} must be an integer")
 
 
-def check_writable_folder(path: str | os.PathLike, what: str) -> None:
-    """Raises a one-line InputError unless folder ``path`` exists and is writable or can be
-    created (its nearest existing parent is a writable folder). Creates nothing."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path}: exists and is not a folder")
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise InputError(f"{what} {path}: cannot be created, {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        detail = "is not writable" if probe == path else f"cannot be created, {probe} is not writable"
-        raise InputError(f"{what} {path}: {detail}")
-
-
 def _check_loss(loss) -> None:
     if loss not in LOSSES:
         raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
 
 
 def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_checkpoints: int,
-                    chunk_size: int, batch_size: int, grad_params: int, split: str) -> dict:
+                    chunk_size: int, batch_size: int, grad_params: int, split: str,
+                    workspace_bytes: int = 0) -> dict:
     """Bytes the influence stage holds at its peak, by part (float32 everywhere).
 
     - ``query_features``: the test features f32[n_test, C, T*D], twice (the per-checkpoint
@@ -164,14 +158,12 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
       concatenation, and its device copy);
     - ``batch_gradients``: one gradient batch before projection, f32[B, C, P] for P parameters,
       twice (the stacked per-example leaves and their flattened concatenation);
-    - ``block_scores``: one block's scores f32[n_query, C, chunk, C], on device and on the host.
+    - ``block_scores``: one block's scores f32[n_query, C, chunk, C], on device and on the host;
+    - ``gradient_workspace``: ``workspace_bytes``, the temporary buffers XLA allocates for the
+      compiled gradient program of one batch (:func:`gradient_workspace`; 0 when unknown).
 
     ``total`` is their sum; the full score tensor (f32[n_test, C, n_train, C]) comes on top
-    when it is kept. The fixed XLA workspace of the gradient program is not included.
-
-    Measured on the project's 2-core CPU machine (exact ``all`` gradients of a width-8 U-Net,
-    D = 486,652, 6 checkpoints, 60 training and 20 test slices, batch 4): estimate 7.22 GB,
-    peak RSS 7.55 GB of which 0.28 GB before the stage started.
+    when it is kept.
     """
     f, c = 4, num_classes
     width = min(chunk_size, n_train)
@@ -182,15 +174,65 @@ def memory_estimate(*, n_test: int, n_train: int, num_classes: int, dim: int, n_
         "train_block": 3 * width * row,
         "batch_gradients": 2 * batch_size * c * grad_params * f,
         "block_scores": 2 * n_query * c * width * c * f,
+        "gradient_workspace": int(workspace_bytes or 0),
     }
     parts["total"] = sum(parts.values())
     return parts
 
 
+def gradient_workspace(grad_fn, variables, images, labels, batch_size: int, mesh,
+                       precond_shapes: Sequence[Sequence[int]] | None = None) -> int | None:
+    """Bytes of temporary buffers of the compiled gradient program the stage runs on one
+    batch of ``images``/``labels`` (per device), from XLA's ``memory_analysis()``.
+
+    The program is compiled exactly as :func:`~.store.compute_features` calls it (same batch,
+    shardings and, with ``precond_shapes`` (the subset's leaf shapes), the preconditioned
+    variant), so the stage reuses it. None when the function cannot be lowered ahead of time
+    (a plain Python callable) or the backend does not report the sizes.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    n = len(images)
+    bs = sharding.padded_size(max(1, min(batch_size, n)), mesh)
+    fn = grad_fn
+    if precond_shapes is not None:
+        fn = getattr(grad_fn, "scaled_fn", None)
+        if fn is None:
+            return None
+    if mesh.devices.size > 1:
+        try:
+            fn = sharding.per_device(fn, mesh)
+        except TypeError:
+            fn = sharding.per_device.__wrapped__(fn, mesh)
+    else:
+        fn = getattr(fn, "fn", fn) if precond_shapes is None else fn
+    lower = getattr(fn, "lower", None)
+    if lower is None:
+        return None
+    rep, rows = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(sharding.AXIS))
+
+    def spec(x, where):
+        return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=where)
+
+    first = jax.tree.map(lambda x: spec(x, rep), variables)
+    if precond_shapes is not None:
+        first = (first, [jax.ShapeDtypeStruct(tuple(s), jnp.float32, sharding=rep)
+                         for s in precond_shapes])
+    x = jax.ShapeDtypeStruct((bs, *np.shape(images)[1:]), jnp.float32, sharding=rows)
+    y = jax.ShapeDtypeStruct((bs, *np.shape(labels)[1:]), jnp.int32, sharding=rows)
+    try:
+        analysis = lower(first, x, y).compile().memory_analysis()
+    except Exception:  # a backend or function without ahead-of-time compilation
+        return None
+    temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+    return int(temp) if temp is not None and temp >= 0 else None
+
+
 def batch_params(grad_fn, dim: int) -> int:
     """Numbers per (example, class) that a gradient batch holds before projection: the subset's
-    size, or D for LoGra (:mod:`.logra`: no weight gradients are formed; its output gradients,
-    like XLA's workspace, are not counted) and for a function without a subset."""
+    size, or D for LoGra (:mod:`.logra`: no weight gradients are formed; its output gradients
+    are part of the program's workspace, :func:`gradient_workspace`) and for a function without
+    a subset."""
     subset, projector = getattr(grad_fn, "subset", None), getattr(grad_fn, "projector", None)
     if subset is None or getattr(projector, "kind", None) == "logra":
         return dim
@@ -346,13 +388,19 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
 
 def write_score_files(out: Path, result: dict, test_present: np.ndarray,
                       train_present: np.ndarray, *, topk: int | None = None,
-                      scores_tmp: Path | None = None) -> dict[str, list[int]]:
-    """Stage 3's arrays, each written atomically into ``out``; returns {file name: shape}.
+                      scores_tmp: Path | None = None,
+                      staged: StagedFiles | None = None) -> dict[str, list[int]]:
+    """Stage 3's arrays, written into ``out``; returns {file name: shape}.
 
     ``result``: :func:`~.scores.score_blocks`' dict (``self_influence`` f32[n_train, C] or None,
     ``topk_state``, ``patient_scores`` f32[n_test, C, n_patients, C] or None); ``scores_tmp``:
-    a finished, flushed ``scores.npy.tmp`` to rename to ``scores.npy`` (None: no slice scores).
-    Files of :data:`OUTPUT_FILES` not written now are removed (no stale file of an earlier run).
+    a finished, flushed ``scores.npy.tmp`` to become ``scores.npy`` (None: no slice scores).
+
+    With ``staged`` (:class:`~tracin_jax.atomic.StagedFiles` of ``out``) the files are only
+    staged under temporary names; :func:`write_meta` with the same ``staged`` puts them in
+    place (and removes the files of :data:`OUTPUT_FILES` this run did not write) before
+    meta.json. Without it each file is replaced atomically now and stale ones are removed. A
+    full disk: one-line InputError, this run's temporary files removed.
     """
     written: dict[str, list[int]] = {}
     arrays = {"test_present.npy": test_present, "train_present.npy": train_present}
@@ -367,17 +415,25 @@ def write_score_files(out: Path, result: dict, test_present: np.ndarray,
         if topk is not None:
             for name, arr in topk_from_scores(pat, topk, test_present).items():
                 arrays[f"topk_patients_{name}.npy"] = arr
-    if sharding.is_writer():
+    if not sharding.is_writer():
+        return written
+    now = staged is None
+    staged = StagedFiles(out) if now else staged
+    try:
         if scores_tmp is not None:
             shape = list(np.load(scores_tmp, mmap_mode="r").shape)
-            os.replace(scores_tmp, out / "scores.npy")
+            if Path(scores_tmp) != staged.path("scores.npy"):
+                os.replace(scores_tmp, staged.path("scores.npy"))
+            staged.adopt("scores.npy")
             written["scores.npy"] = shape
         for name, arr in arrays.items():
-            save_npy_atomic(out / name, np.asarray(arr))
+            staged.npy(name, np.asarray(arr))
             written[name] = list(np.shape(arr))
-        for name in OUTPUT_FILES:
-            if name not in written:
-                (out / name).unlink(missing_ok=True)
+    except BaseException:
+        staged.discard()
+        raise
+    if now:
+        staged.commit(remove=OUTPUT_FILES)
     return written
 
 
@@ -387,7 +443,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                       progress: bool = True, store_dir: str | os.PathLike | None = None,
                       workdir: str | os.PathLike | None = None, class_names=None,
                       class_labels=None, extra_timings: dict | None = None, mesh=None,
-                      precondition=None, relatif: bool = False) -> dict:
+                      precondition=None, relatif: bool = False,
+                      extra_meta: dict | None = None) -> dict:
     """The engine without the workdir: gradient function, checkpoints and examples given.
 
     ``checkpoints``: objects with ``epoch``, ``lr``, ``variables``; ``train``/``test``: objects
@@ -403,7 +460,16 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     ``checkpoint.opt_state`` when the checkpoint has one), applied to test and training
     gradients alike as ``sqrt(diag)`` before projection (:func:`~.store.compute_features`).
     ``relatif``: RelatIF-style normalisation of the training side (:class:`~.precondition.
-    RelatIFBlocks`); ``self_influence.npy`` keeps the un-normalised values. Returns the meta dict.
+    RelatIFBlocks`); ``self_influence.npy`` keeps the un-normalised values. ``extra_meta``:
+    entries added to meta.json. Returns the meta dict.
+
+    Before any work: ``out`` and the store must be writable, the estimated memory
+    (:func:`memory_estimate`, XLA's workspace of the gradient program included) must fit
+    ``memory_budget_gb``, and the file systems must have room for the store chunks still to
+    compute and the output files (:func:`~tracin_jax.paths.check_free_space`); each refusal is
+    one line. The output files are written under temporary names and put in place together at
+    the end (meta.json last): a failure, a full disk included, leaves an earlier complete
+    folder in ``out`` as it was, and removes this run's temporary files.
     """
     timings = dict(extra_timings or {})
     out = Path(out)
@@ -437,17 +503,35 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
             raise ValueError("compute_influence needs store_dir or workdir")
         store_dir = Path(workdir) / "features" / store_key(header)
     subset = getattr(grad_fn, "subset", None)
-    estimate = memory_estimate(
-        n_test=n_test, n_train=n_train, num_classes=c, dim=dim, n_checkpoints=len(checkpoints),
-        chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, local),
-        grad_params=batch_params(grad_fn, dim), split=split)
+    sizes = dict(n_test=n_test, n_train=n_train, num_classes=c, dim=dim,
+                 n_checkpoints=len(checkpoints), chunk_size=chunk_size,
+                 batch_size=sharding.padded_size(batch_size, local),
+                 grad_params=batch_params(grad_fn, dim), split=split)
     budget = float(memory_budget_gb) * 2**30
-    check_memory(estimate, budget, projected=getattr(grad_fn, "projector", None) is not None)
+    projected = getattr(grad_fn, "projector", None) is not None
+    check_memory(memory_estimate(**sizes), budget, projected)  # before compiling anything
+    workspace = gradient_workspace(
+        grad_fn, checkpoints[0].variables, train.images, train.labels, batch_size, local,
+        precond_shapes=subset.shapes if precondition is not None and subset is not None else None)
+    estimate = memory_estimate(**sizes, workspace_bytes=workspace or 0)
+    check_memory(estimate, budget, projected)
+    full_bytes = 4 * n_test * c * n_train * c
+    fits = estimate["total"] + full_bytes <= budget
+    k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
+    k = min(int(k), n_train) if k else None  # ranks beyond n_train would be empty
+    patients, patient_of = patient_index(train.cases)
+    pat_fits = estimate["total"] + 4 * n_test * c * len(patients) * c <= budget
+    needs = [("feature store", store_dir,
+              pending_bytes(store_dir, header, [ck.epoch for ck in checkpoints]))]
+    if sharding.is_writer():
+        needs.append(("--out", out, output_bytes(n_test, n_train, c, len(patients), fits=fits,
+                                                 patients_fit=pat_fits, k=k, topk=topk)))
+    check_free_space(needs)
     store = FeatureStore(store_dir, header, ids=train_ids)  # refuses another setting's store
+    made_out = sharding.is_writer() and not out.exists()  # removed again if this run fails
     if sharding.is_writer():
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "meta.json").unlink(missing_ok=True)
         except OSError as e:
             raise InputError(f"--out {out}: cannot be written ({e.strerror})") from None
 
@@ -496,62 +580,103 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                                       if test_s > 0 else None)
     timings["train_features"] = finish_stats(train_stats)
 
-    # Stage 2: blocked contraction over the training axis.
+    # Stage 2: blocked contraction over the training axis. Every output file is written under
+    # a temporary name (the score tensor while it is computed) and the earlier folder stays as
+    # it was until all are complete (:class:`~tracin_jax.atomic.StagedFiles`, meta.json last).
     t = time.perf_counter()
-    full_bytes = 4 * n_test * c * n_train * c
-    fits = estimate["total"] + full_bytes <= budget
-    k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
-    k = min(int(k), n_train) if k else None  # ranks beyond n_train would be empty
-    patients, patient_of = patient_index(train.cases)
-    pat_fits = estimate["total"] + 4 * n_test * c * len(patients) * c <= budget
     test_present = class_present(test.labels, class_labels)
     train_present = class_present(train.labels, class_labels)
-    scores_tmp = out / "scores.npy.tmp"
+    staged = StagedFiles(out)
     scores_out = None
-    if fits and sharding.is_writer():
-        scores_out = np.lib.format.open_memmap(scores_tmp, mode="w+", dtype=np.float32,
-                                               shape=(n_test, c, n_train, c))
-    read_train = partial(store.read_block, epochs)
-    if relatif:
-        read_train = RelatIFBlocks(read_train, blocks)
-    parts = []
-    for qs, qe, read_query in queries:
-        parts.append(score_blocks(
-            read_query(), read_train, blocks, mesh=mesh,
-            scores_out=scores_out[qs:qe] if scores_out is not None else None,
-            collect_scores=fits, topk=k, patient_of=patient_of if pat_fits else None,
-            n_patients=len(patients), progress=progress, self_influence=not parts))
-    result = _join_query_blocks(parts)
-    if relatif:  # the normalised self-influence is 1 by construction; keep the raw one
-        result["self_influence"] = read_train.self_influence()
-    timings["scores_s"] = round(time.perf_counter() - t, 3)
+    try:
+        if fits and sharding.is_writer():
+            scores_out = open_scores(staged, (n_test, c, n_train, c))
+        read_train = partial(store.read_block, epochs)
+        if relatif:
+            read_train = RelatIFBlocks(read_train, blocks)
+        parts = []
+        for qs, qe, read_query in queries:
+            parts.append(score_blocks(
+                read_query(), read_train, blocks, mesh=mesh,
+                scores_out=scores_out[qs:qe] if scores_out is not None else None,
+                collect_scores=fits, topk=k, patient_of=patient_of if pat_fits else None,
+                n_patients=len(patients), progress=progress, self_influence=not parts))
+        result = _join_query_blocks(parts)
+        if relatif:  # the normalised self-influence is 1 by construction; keep the raw one
+            result["self_influence"] = read_train.self_influence()
+        timings["scores_s"] = round(time.perf_counter() - t, 3)
 
-    # Stage 3: files (each atomic), meta.json last.
-    t = time.perf_counter()
-    if scores_out is not None:
-        scores_out.flush()
-        del scores_out
-    written = write_score_files(out, result, test_present, train_present, topk=topk,
-                                scores_tmp=scores_tmp if fits else None)
-    timings["write_s"] = round(time.perf_counter() - t, 3)
-    if "load_s" in timings:
-        timings["total_s"] = round(sum(v for key, v in timings.items()
-                                       if key in ("load_s", "features_s", "scores_s", "write_s")), 3)
+        # Stage 3: files (each complete under a temporary name), then meta.json last.
+        t = time.perf_counter()
+        if scores_out is not None:
+            scores_out.flush()
+            scores_out = None
+        written = write_score_files(out, result, test_present, train_present, topk=topk,
+                                    scores_tmp=staged.path("scores.npy") if fits else None,
+                                    staged=staged)
+        timings["write_s"] = round(time.perf_counter() - t, 3)
+        if "load_s" in timings:
+            timings["total_s"] = round(sum(
+                v for key, v in timings.items()
+                if key in ("load_s", "ekfac_fit_s", "features_s", "scores_s", "write_s")), 3)
 
-    subset = getattr(grad_fn, "subset", None)
-    projector = getattr(grad_fn, "projector", None)
-    meta = {
-        **folder_meta(workdir, split, class_names, class_labels, test, train, patients),
-        "checkpoints": [{"epoch": int(ck.epoch), "lr": float(ck.lr)} for ck in checkpoints],
-        "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
-        "gradient": {"tag": getattr(grad_fn, "tag", None), "feature_dim": dim},
-        "projection": projector.describe() if projector is not None else None,
-        "precondition": precondition.describe() if precondition is not None else None,
-        "relatif": bool(relatif),
-        "batch_size": int(batch_size),
-        **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
-    }
-    return write_meta(out, meta, "influence-written")
+        projector = getattr(grad_fn, "projector", None)
+        meta = {
+            **folder_meta(workdir, split, class_names, class_labels, test, train, patients),
+            "checkpoints": [{"epoch": int(ck.epoch), "lr": float(ck.lr)} for ck in checkpoints],
+            "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
+            "gradient": {"tag": getattr(grad_fn, "tag", None), "feature_dim": dim},
+            "projection": projector.describe() if projector is not None else None,
+            "precondition": precondition.describe() if precondition is not None else None,
+            "relatif": bool(relatif),
+            "batch_size": int(batch_size),
+            **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
+            "memory_estimate": estimate,
+            **(extra_meta or {}),
+        }
+        return write_meta(out, meta, "influence-written", staged=staged)
+    except BaseException:
+        scores_out = None
+        staged.discard()
+        if made_out:
+            _remove_if_empty(out)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def output_bytes(n_test: int, n_train: int, num_classes: int, n_patients: int, *, fits: bool,
+                 patients_fit: bool, k: int | None, topk: int | None) -> int:
+    """Disk bytes of the files an influence run writes into ``out`` (meta.json aside): the
+    score tensor when kept, self-influence, presence, top-K and patient scores."""
+    c = num_classes
+    total = 4 * n_train * c + (n_test + n_train) * c
+    if fits:
+        total += 4 * n_test * c * n_train * c
+    if k:
+        total += 16 * n_test * c * c * k
+    if patients_fit:
+        total += 4 * n_test * c * n_patients * c
+        if topk:
+            total += 16 * n_test * c * c * min(int(topk), n_patients)
+    return total
+
+
+def open_scores(staged: StagedFiles, shape: tuple[int, ...]) -> np.memmap:
+    """The score tensor's memory-mapped temporary file (``scores.npy.tmp``) in ``staged``'s
+    folder, its disk space allocated up front (:func:`tracin_jax.atomic.open_memmap`): a full
+    disk is a one-line InputError here, not a crash while the scores are written."""
+    from tracin_jax.atomic import writing
+
+    with writing(staged.path("scores.npy"), staged.folder / "scores.npy") as tmp:
+        mm = open_memmap(tmp, np.float32, shape)
+    staged.adopt("scores.npy")
+    return mm
 
 
 def folder_meta(workdir, split: str, class_names, class_labels, test, train, patients) -> dict:
@@ -588,11 +713,24 @@ def run_record(k: int, memory_budget_gb: float, full_bytes: int, store, written,
     }
 
 
-def write_meta(out: Path, meta: dict, barrier: str) -> dict:
+def write_meta(out: Path, meta: dict, barrier: str, staged: StagedFiles | None = None) -> dict:
     """Writes ``out/meta.json`` last (its presence marks a complete folder) from the writer
-    process, then waits for every process."""
+    process, then waits for every process.
+
+    With ``staged`` (the files :func:`write_score_files` staged): meta.json is staged too, then
+    the earlier meta.json is removed, the staged files are put in place, the files of
+    :data:`OUTPUT_FILES` not written now are removed, and meta.json comes last. A failure
+    before that (a full disk) removes the staged files and leaves ``out`` as it was."""
     if sharding.is_writer():
-        write_json_atomic(out / "meta.json", meta, indent=1)
+        if staged is None:
+            write_json_atomic(out / "meta.json", meta, indent=1)
+        else:
+            try:
+                staged.json("meta.json", meta, indent=1)
+            except BaseException:
+                staged.discard()
+                raise
+            staged.commit(first=("meta.json",), remove=OUTPUT_FILES, last="meta.json")
     sharding.barrier(barrier)
     return meta
 

@@ -248,6 +248,25 @@ class FeatureStore:
         return np.concatenate([self.read_chunk(e, k) for e in epochs], axis=-1)
 
 
+def pending_bytes(root: str | os.PathLike, header: dict, epochs: Iterable[int]) -> int:
+    """Disk bytes the chunk files of ``epochs`` still need in the store at ``root`` (header as
+    for :class:`FeatureStore`): a chunk file already there with its full size counts as done."""
+    n, size = int(header["n_examples"]), int(header["chunk_size"])
+    row = int(header["num_classes"]) * int(header["dim"]) * 4
+    total = 0
+    for epoch in epochs:
+        for k in range(max(1, math.ceil(n / size))):
+            rows = min(n, (k + 1) * size) - k * size
+            path = Path(root) / f"epoch_{int(epoch):04d}" / f"chunk_{k:05d}.npy"
+            try:
+                if path.stat().st_size >= rows * row:
+                    continue
+            except OSError:
+                pass
+            total += rows * row + 128  # + the .npy header
+    return total
+
+
 def make_header(grad_fn: Any, ids: Sequence[Any], chunk_size: int, num_classes: int,
                 dim: int) -> dict:
     """The store header for ``grad_fn`` on examples ``ids`` (everything but the checkpoint)."""

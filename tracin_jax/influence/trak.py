@@ -59,20 +59,22 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-from tracin_jax.atomic import save_npz_atomic
+from tracin_jax.atomic import StagedFiles, save_npz_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
-from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, check_memory,
-                                         check_writable_folder, class_present, folder_meta,
-                                         memory_estimate, parse_checkpoints, run_record,
-                                         write_meta, write_score_files)
+from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, _remove_if_empty,
+                                         check_free_space, check_memory, check_writable_folder,
+                                         class_present, folder_meta, gradient_workspace,
+                                         memory_estimate, open_scores, output_bytes,
+                                         parse_checkpoints, run_record, write_meta,
+                                         write_score_files)
 from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, ClassGradFunction, class_axis,
                                         make_class_grad_fn)
 from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
 from tracin_jax.influence.scores import patient_index, score_blocks
 from tracin_jax.influence.store import (FeatureStore, compute_features, feature_shape,
                                         featurise_checkpoint, finish_stats, ids_hash, make_header,
-                                        store_key)
+                                        pending_bytes, store_key)
 from tracin_jax.influence.subsets import resolve_subset
 from tracin_jax.progress import tqdm
 
@@ -317,6 +319,13 @@ def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MOD
         if len(ex.images) == 0:
             raise InputError(f"{workdir}: the {name} split has no slices")
     if models == "seeds":
+        last = run.checkpoints[-1].epoch
+        late = [e for e in run.missing_epochs() if e > last]
+        if late:  # the ensemble would silently start from an earlier epoch
+            raise InputError(f"{workdir}: the run finished epoch {late[-1]} but its checkpoint "
+                             f"{Path(workdir) / 'checkpoints' / str(late[-1])} is missing (last "
+                             f"available: {last}); the seeds ensemble starts from the run's last "
+                             "epoch: restore it, or resume training to save it again")
         run.checkpoints[-1].check()  # a damaged checkpoint fails before any training
     ensemble = (ensure_seed_models(run, n_models, mode=mode, progress=progress, log=log)
                 if models == "seeds" else checkpoint_models(run, checkpoints))
@@ -367,18 +376,35 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
     check_writable_folder(store_dir, "feature store")
     subset = getattr(grad_fn, "subset", None)
     m = len(ensemble)
+    workspace = gradient_workspace(grad_fn, ensemble[0].variables, train.images, train.labels,
+                                   batch_size, mesh)
     estimate = memory_estimate(
         n_test=n_test, n_train=n_train, num_classes=c, dim=dim, n_checkpoints=m,
         chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, mesh),
-        grad_params=subset.size if subset is not None else dim, split="test")
+        grad_params=subset.size if subset is not None else dim, split="test",
+        workspace_bytes=workspace or 0)
     estimate["kernel"] = 3 * dim * dim * 8
     estimate["total"] += estimate["kernel"]
     budget = float(memory_budget_gb) * 2**30
     check_memory(estimate, budget, projected=getattr(grad_fn, "projector", None) is not None)
-    store = FeatureStore(store_dir, header, ids=train_ids)
+    full_bytes = 4 * n_test * c * n_train * c
+    fits = estimate["total"] + full_bytes <= budget
+    k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
+    k = min(int(k), n_train) if k else None
+    patients, patient_of = patient_index(train.cases)
+    needs = [("feature store", store_dir,
+              pending_bytes(store_dir, header, [mdl.key for mdl in ensemble]))]
     if sharding.is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
+        needs.append(("--out", out, output_bytes(n_test, n_train, c, len(patients), fits=fits,
+                                                 patients_fit=True, k=k, topk=topk)))
+    check_free_space(needs)
+    store = FeatureStore(store_dir, header, ids=train_ids)
+    made_out = sharding.is_writer() and not out.exists()  # removed again if this run fails
+    if sharding.is_writer():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--out {out}: cannot be written ({e.strerror})") from None
 
     # Stage 1, per model: training features to the store, Q, test features preconditioned.
     t = time.perf_counter()
@@ -419,55 +445,57 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
         start, stop = blocks[kb]
         return store.read_block(keys, kb) * qbar[start:stop, :, None]
 
-    full_bytes = 4 * n_test * c * n_train * c
-    fits = estimate["total"] + full_bytes <= budget
-    k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
-    k = min(int(k), n_train) if k else None
-    patients, patient_of = patient_index(train.cases)
-    scores_tmp = out / "scores.npy.tmp"
+    staged = StagedFiles(out)
     scores_out = None
-    if fits and sharding.is_writer():
-        scores_out = np.lib.format.open_memmap(scores_tmp, mode="w+", dtype=np.float32,
-                                               shape=(n_test, c, n_train, c))
-    result = score_blocks(test_feats, read_block, blocks, mesh=mesh, scores_out=scores_out,
-                          collect_scores=fits, topk=k, patient_of=patient_of,
-                          n_patients=len(patients), progress=progress, self_influence=False)
-    result["self_influence"] = (np.mean(self_parts, axis=0) * qbar).astype(np.float32)
-    timings["scores_s"] = round(time.perf_counter() - t, 3)
+    try:
+        if fits and sharding.is_writer():
+            scores_out = open_scores(staged, (n_test, c, n_train, c))
+        result = score_blocks(test_feats, read_block, blocks, mesh=mesh, scores_out=scores_out,
+                              collect_scores=fits, topk=k, patient_of=patient_of,
+                              n_patients=len(patients), progress=progress, self_influence=False)
+        result["self_influence"] = (np.mean(self_parts, axis=0) * qbar).astype(np.float32)
+        timings["scores_s"] = round(time.perf_counter() - t, 3)
 
-    # Stage 3: files (each atomic), meta.json last.
-    t = time.perf_counter()
-    if scores_out is not None:
-        scores_out.flush()
-        del scores_out
-    test_present = class_present(test.labels, class_labels)
-    train_present = class_present(train.labels, class_labels)
-    written = write_score_files(out, result, test_present, train_present, topk=topk,
-                                scores_tmp=scores_tmp if fits else None)
-    timings["write_s"] = round(time.perf_counter() - t, 3)
-    timings["total_s"] = round(sum(v for key, v in timings.items() if key.endswith("_s")), 3)
+        # Stage 3: files (each complete under a temporary name), then meta.json last.
+        t = time.perf_counter()
+        if scores_out is not None:
+            scores_out.flush()
+            scores_out = None
+        test_present = class_present(test.labels, class_labels)
+        train_present = class_present(train.labels, class_labels)
+        written = write_score_files(out, result, test_present, train_present, topk=topk,
+                                    scores_tmp=staged.path("scores.npy") if fits else None,
+                                    staged=staged)
+        timings["write_s"] = round(time.perf_counter() - t, 3)
+        timings["total_s"] = round(sum(v for key, v in timings.items() if key.endswith("_s")), 3)
 
-    lrs = {int(ck.epoch): float(ck.lr) for ck in run_checkpoints}
-    projector = getattr(grad_fn, "projector", None)
-    meta = {
-        **folder_meta(workdir, "test", class_names, class_labels, test, train, patients),
-        "method": "trak",
-        # The run checkpoints among the models (their epochs and learning rates): what the
-        # explain stage checks against the run and uses for the latent features.
-        "checkpoints": [{"epoch": mdl.epoch, "lr": lrs[mdl.epoch]} for mdl in ensemble
-                        if mdl.epoch is not None and mdl.epoch in lrs],
-        "trak": {
-            "models_from": models, "models": [mdl.name for mdl in ensemble],
-            "output": "summed log-odds margin over the class's ground-truth region",
-            "out_to_loss": "mean over the region of 1 - p_c, averaged over the models",
-            "damping": float(damping), "lambda": [round(x, 8) for x in lambdas],
-        },
-        "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
-        "gradient": {"tag": f"trak({getattr(grad_fn, 'tag', None)})", "feature_dim": dim},
-        "projection": projector.describe() if projector is not None else None,
-        **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
-    }
-    return write_meta(out, meta, "trak-written")
+        lrs = {int(ck.epoch): float(ck.lr) for ck in run_checkpoints}
+        projector = getattr(grad_fn, "projector", None)
+        meta = {
+            **folder_meta(workdir, "test", class_names, class_labels, test, train, patients),
+            "method": "trak",
+            # The run checkpoints among the models (their epochs and learning rates): what the
+            # explain stage checks against the run and uses for the latent features.
+            "checkpoints": [{"epoch": mdl.epoch, "lr": lrs[mdl.epoch]} for mdl in ensemble
+                            if mdl.epoch is not None and mdl.epoch in lrs],
+            "trak": {
+                "models_from": models, "models": [mdl.name for mdl in ensemble],
+                "output": "summed log-odds margin over the class's ground-truth region",
+                "out_to_loss": "mean over the region of 1 - p_c, averaged over the models",
+                "damping": float(damping), "lambda": [round(x, 8) for x in lambdas],
+            },
+            "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
+            "gradient": {"tag": f"trak({getattr(grad_fn, 'tag', None)})", "feature_dim": dim},
+            "projection": projector.describe() if projector is not None else None,
+            **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
+        }
+        return write_meta(out, meta, "trak-written", staged=staged)
+    except BaseException:
+        scores_out = None
+        staged.discard()
+        if made_out:
+            _remove_if_empty(out)
+        raise
 
 
 def randomised_trak(run, meta: dict, out_dir, *, seed: int = 0, progress: bool = False) -> dict:
