@@ -353,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         distributed.abort(130, "tracin-jax: interrupted; rerun the same command to resume")
         return 130
-    except BaseException:
-        if distributed.is_multiprocess():  # a traceback, then out without the shutdown barrier
+    except BaseException as e:
+        if distributed.is_multiprocess():  # out without the shutdown barrier
+            peer = distributed.peer_failure(e)
+            if peer is not None:  # a consequence of another process's end: one line
+                distributed.abort(1, f"tracin-jax: error: {peer}")
             import traceback
 
             traceback.print_exc()

@@ -207,9 +207,24 @@ def _check_agreement(n: int, i: int, timeout_s: int) -> None:
 
 
 SUPERVISED = "TRACIN_JAX_SUPERVISED"
+PEER_STOPPED = "another process of the cluster stopped"  # a consequence, not a cause
 _LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 _STATUS = re.compile(r"absl::Status: (.*)$")
 _FATAL = re.compile(r"^F\d{4} [^]]*\] (.*)$")
+
+
+_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+               "failed to send rpc", "unavailable:", "deadline_exceeded", "socket closed")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """The one-line message for an error that only says another process is gone (a collective
+    whose peer closed its connection), else None."""
+    text = " ".join(str(error).split())
+    low = text.lower()
+    if any(sign in low for sign in _PEER_SIGNS):
+        return f"{PEER_STOPPED} ({text[:160]})"
+    return None
 
 
 def needs_supervisor() -> bool:
@@ -231,7 +246,7 @@ def _summary(lines: list[str]) -> str | None:
     if "unexpected task" in low or "invalid_argument" in low:
         return f"{COUNT} differs between the processes, or a {RANK} is outside it ({reason})"
     if "another task died" in low or "heartbeat" in low or "unavailable" in low:
-        return f"another process of the cluster stopped ({reason})"
+        return f"{PEER_STOPPED} ({reason})"
     return reason
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Sequence
 
-from tracin_jax.distributed import ADDRESS, COUNT, RANK, local_cpu_share
+from tracin_jax.distributed import ADDRESS, COUNT, PEER_STOPPED, RANK, local_cpu_share
 from tracin_jax.errors import InputError
 
 STAGES = ("train", "influence", "evaluate", "explain")
@@ -95,6 +95,20 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _first_cause(procs: list[subprocess.Popen], failed: tuple[int, int], last: dict,
+                 window_s: float = 1.0) -> tuple[int, int]:
+    """The failure to report: when one process dies, its peers soon fail too ("another process
+    of the cluster stopped"); within ``window_s`` of the first failure seen, the first failure
+    that is not such a consequence."""
+    time.sleep(window_s)
+    failures = [failed] + [(r, p.returncode) for r, p in enumerate(procs)
+                           if r != failed[0] and p.poll() not in (None, 0)]
+    for rank, code in failures:
+        if PEER_STOPPED not in last.get(rank, ""):
+            return rank, code
+    return failed
+
+
 def check_command(n: int, command: Sequence[str], devices: str) -> None:
     if n < 1:
         raise InputError(f"-n {n}: the number of processes must be at least 1")
@@ -155,6 +169,7 @@ def launch(command: Sequence[str], n: int, *, devices: str = "auto") -> int:
         print("tracin-jax launch: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     if failed is not None:
+        failed = _first_cause(procs, failed, last)
         _stop(procs)
     for t in threads:
         t.join(timeout=5)
