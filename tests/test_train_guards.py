@@ -80,3 +80,25 @@ def test_a_second_train_waits_for_the_first(tiny_data, tiny_run, tmp_path):
     t.join(timeout=120)
     assert done.is_set() and any("already trained" in ln for ln in lines), lines
     assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
+
+
+def test_evaluate_and_explain_refuse_influence_of_a_retrained_run(tiny_run, tiny_influence,
+                                                                   tmp_path, capsys):
+    """An influence folder whose recorded weights differ from the run's (the workdir that made it
+    is gone): both stages refuse it in one line before any work."""
+    infl = tmp_path / "influence"
+    shutil.copytree(tiny_influence, infl)
+    meta = json.loads((infl / "meta.json").read_text())
+    assert set(meta["run_identity"]["checkpoints"]) == {"1", "2", "3"}
+    meta["run_identity"]["checkpoints"]["2"] = "0" * 16
+    meta["workdir"] = str(tmp_path / "gone")
+    (infl / "meta.json").write_text(json.dumps(meta))
+    for args in (["explain", "--workdir", str(tiny_run), "--influence", str(infl), "--out",
+                  str(tmp_path / "report")],
+                 ["evaluate", "--workdir", str(tiny_run), "--influence", str(infl), "--out",
+                  str(tmp_path / "eval"), "--small"]):
+        code = main(args)
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("tracin-jax")]
+        assert code == 2 and len(err) == 1, err
+        assert "other weights of epoch 2" in err[0], err[0]
+    assert not (tmp_path / "report").exists() and not (tmp_path / "eval").exists()

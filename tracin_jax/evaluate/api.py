@@ -52,7 +52,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tracin_jax import identity
 from tracin_jax.errors import InputError
+from tracin_jax.paths import check_writable_folder
 from tracin_jax.evaluate import baselines as base_mod
 from tracin_jax.evaluate import lds as lds_mod
 from tracin_jax.evaluate import leave_out as lo_mod
@@ -294,8 +296,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
 
     # -- every input check before any work ----------------------------------------------
     workdir, out = Path(workdir), Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
+    if not worker:
+        check_writable_folder(out, "--out")
     if not influence_dirs:
         raise InputError("--influence: give at least one influence folder")
     run = load_run(workdir, data_dir)
@@ -316,6 +318,11 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                          "keyed by folder name)")
     variants = {n: _load_influence(f, patients, train_ids, test_ids, workdir)
                 for n, f in zip(names, folders)}
+    for n, v in variants.items():  # the epochs each folder used must still be there
+        run.check_complete(epochs=list(v["spec"].epochs), option=f"--influence {n}")
+        identity.check_same_run(v["meta"].get("run_identity"), run, f"--influence {n}")
+    if [e for e in run.missing_epochs() if e > run.checkpoints[-1].epoch]:
+        run.check_complete()  # the run's last epoch, which the retrainings copy, is gone
     present = next(iter(variants.values()))["present"]
     # Attribution-free baselines: the same tensor layout, scored on the Dice loss.
     base_scores = {}

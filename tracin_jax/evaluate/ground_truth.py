@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tracin_jax.atomic import fsync_dir, save_npy_atomic, save_npz_atomic, write_json_atomic
+from tracin_jax import identity
 from tracin_jax.errors import InputError
 from tracin_jax.progress import tqdm
 from tracin_jax.evaluate import workers as workers_mod
@@ -479,6 +480,7 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
         "training_seeds": plan.training_seeds,
         "subset_size": int(plan.masks[0].sum()), "config": settings["config"],
         "workdir": str(Path(run.workdir).resolve()),
+        "run_identity": identity.describe(run, [])["run"],
         "unit_seconds": [[float(outs[(m, r)]["seconds"]) for r in range(r_)] for m in range(m_)],
         "unit_modes": [[str(outs[(m, r)]["mode"]) for r in range(r_)] for m in range(m_)],
     }

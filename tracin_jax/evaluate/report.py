@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from tracin_jax.atomic import write_json_atomic
+from tracin_jax.atomic import StagedFiles, writing
 from tracin_jax.evaluate.leave_out import SIDES
 
 CLASS_NAMES = ("NCR/NET", "ED", "ET")
@@ -187,18 +187,22 @@ def markdown(result: dict) -> str:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(tmp, path):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with writing(tmp, path):
+            fig.tight_layout()
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_lds(result: dict, path: Path) -> None:
@@ -283,8 +287,24 @@ def plot_leave_out(result: dict, path: Path) -> None:
 def write_outputs(result: dict, out: Path) -> None:
     """evaluation.json, evaluation.md, lds.png and (with leave-out) leave_out.png; json last."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    plot_lds(result, out / "lds.png")
-    plot_leave_out(result, out / "leave_out.png")
-    _write_text_atomic(out / "evaluation.md", markdown(result))
-    write_json_atomic(out / "evaluation.json", result, indent=1)
+    staged = StagedFiles(out)  # nothing is replaced until every file is written
+    try:
+        plot_lds(result, staged.path("lds.png"))
+        staged.adopt("lds.png")
+        plot_leave_out(result, staged.path("leave_out.png"))
+        if staged.path("leave_out.png").exists():
+            staged.adopt("leave_out.png")
+        _write_text_atomic(staged.path("evaluation.md"), markdown(result))
+        staged.adopt("evaluation.md")
+        staged.json("evaluation.json", result, indent=1)
+    except BaseException:
+        staged.discard()
+        if created:
+            try:
+                out.rmdir()  # only if this run left it empty
+            except OSError:
+                pass
+        raise
+    staged.commit(first=("evaluation.json",), remove=("leave_out.png",), last="evaluation.json")

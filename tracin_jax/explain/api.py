@@ -299,8 +299,10 @@ def check_same_run(run, influence_dir: str | os.PathLike, meta: dict) -> None:
     Compared with the run's own record (``run.json``: the split's slice ids) and folder: the
     meta.json ``workdir`` (when it names an existing folder, it must be the run's, paths
     resolved), ``train_ids`` and ``test_ids`` (the training ids when the influence queries were
-    training slices), ``patients`` (the cases of the training ids) and the checkpoints' epochs
-    and learning rates.
+    training slices), ``patients`` (the cases of the training ids), the checkpoints' epochs
+    and learning rates, and the run identity the folder recorded (:mod:`tracin_jax.identity`:
+    the config, the split and the weights of every checkpoint it used), whether or not the
+    workdir that computed it still exists.
     """
     d = Path(influence_dir)
     wd = Path(getattr(run, "workdir", ""))
@@ -327,6 +329,10 @@ def check_same_run(run, influence_dir: str | os.PathLike, meta: dict) -> None:
             odd = sorted(set(map(str, patients)) ^ own_cases)[0]
             raise InputError(f"--influence {d} does not belong to --workdir {wd}: patient {odd!r} is "
                              "in one of them only")
+    if hasattr(run, "config") and hasattr(run, "checkpoint"):  # a Run: its recorded identity
+        from tracin_jax import identity
+
+        identity.check_same_run(meta.get("run_identity"), run, f"--influence {d}")
     have = {(int(c.epoch), float(c.lr)) for c in getattr(run, "checkpoints", [])}
     for c in meta.get("checkpoints") or []:
         try:

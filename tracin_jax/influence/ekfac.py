@@ -627,7 +627,7 @@ def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_d
     gradients (cosine in the F^-1 metric). Other arguments as in ``run_influence``; the factors
     are fitted on the training split at every chosen checkpoint.
     """
-    from tracin_jax import load_run
+    from tracin_jax import identity, load_run
     from tracin_jax.influence.engine import (_check_args, _check_loss, check_writable_folder,
                                              compute_influence, parse_checkpoints)
 
@@ -664,7 +664,8 @@ def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_d
         chunk_size=chunk_size, memory_budget_gb=memory_budget_gb, progress=progress,
         store_dir=store_dir, workdir=workdir,
         extra_timings={"load_s": round(load_s, 3), "ekfac_fit_s": round(fit_s, 3)},
-        extra_meta={"ekfac": {**setup.describe(), "factors": str(folder)}})
+        extra_meta={"ekfac": {**setup.describe(), "factors": str(folder)},
+                    "run_identity": identity.describe(run, [c.epoch for c in chosen])})
 
 
 __all__ = ["ConvLayer", "DEFAULT_DAMPING", "EkfacSetup", "FISHERS", "ekfac_setup",

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tracin_jax.progress import tqdm
 
+from tracin_jax import identity
 from tracin_jax.atomic import StagedFiles, open_memmap, write_json_atomic
 from tracin_jax.checkpoints import check_complete
 from tracin_jax.errors import InputError
@@ -382,7 +383,8 @@ def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=No
         grad_fn, chosen, train, test, out, split=split, topk=topk, batch_size=batch_size,
         chunk_size=chunk_size, memory_budget_gb=memory_budget_gb, progress=progress,
         store_dir=store_dir, workdir=workdir, extra_timings={"load_s": round(load_s, 3)},
-        precondition=precondition, relatif=relatif)
+        precondition=precondition, relatif=relatif,
+        extra_meta={"run_identity": identity.describe(run, epochs)})
     return meta
 
 

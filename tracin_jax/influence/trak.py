@@ -299,7 +299,7 @@ def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MOD
     ``mode``: how the extra models train (``auto``/``sequential``/``vmap``). The other
     arguments as in :func:`~.engine.run_influence`. Returns the meta dict.
     """
-    from tracin_jax import load_run
+    from tracin_jax import identity, load_run
     from tracin_jax.training.train import init_variables
 
     t0 = time.perf_counter()
@@ -334,14 +334,16 @@ def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MOD
                         damping=damping, topk=topk, batch_size=batch_size,
                         chunk_size=chunk_size, memory_budget_gb=memory_budget_gb,
                         progress=progress, workdir=workdir, run_checkpoints=run.checkpoints,
-                        extra_timings=timings)
+                        extra_timings=timings, extra_meta={"run_identity": identity.describe(
+                            run, sorted({m.epoch for m in ensemble if m.epoch is not None}))})
 
 
 def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any, test: Any,
                  out, *, models: str = "custom", damping: float = DEFAULT_DAMPING, topk=None,
                  batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
                  progress: bool = True, workdir=None, store_dir=None, run_checkpoints=(),
-                 extra_timings: dict | None = None, mesh=None) -> dict:
+                 extra_timings: dict | None = None, mesh=None,
+                 extra_meta: dict | None = None) -> dict:
     """TRAK without the workdir: the Flax ``model``, the features ``grad_fn`` (e.g.
     :func:`trak_grad_fn`; any ClassGradFn with a ``tag``), the models and the examples given.
 
@@ -488,6 +490,7 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
             "gradient": {"tag": f"trak({getattr(grad_fn, 'tag', None)})", "feature_dim": dim},
             "projection": projector.describe() if projector is not None else None,
             **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
+            **(extra_meta or {}),
         }
         return write_meta(out, meta, "trak-written", staged=staged)
     except BaseException:

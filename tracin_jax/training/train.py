@@ -38,7 +38,8 @@ import optax
 from tracin_jax.progress import tqdm
 
 from tracin_jax import checkpoints, identity
-from tracin_jax.atomic import write_json_atomic
+from tracin_jax.atomic import write_json_atomic, writing
+from tracin_jax.paths import check_free_space, check_writable_folder
 from tracin_jax.config import Config, config_from_dict
 from tracin_jax.data.dataset import class_slice_counts
 from tracin_jax.errors import InputError
@@ -274,8 +275,9 @@ def _rewrite_metrics(path: Path, last_epoch: int) -> None:
         except (ValueError, KeyError):
             continue
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    with writing(tmp, path):
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
 
 
 def _check_same_config(workdir: Path, config: Config) -> None:
@@ -398,8 +400,7 @@ def _train(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLi
         return f"{time.perf_counter() - t_start:.1f}s"
 
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise InputError(f"--workdir {workdir} exists and is not a folder")
+    check_writable_folder(workdir, "--workdir")
     _check_same_config(workdir, config)
     mesh = parallel.data_mesh()
     if not _finished(workdir, config.train.epochs):  # a finished run loads with any count
@@ -452,6 +453,9 @@ def _train(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLi
     if start > tcfg.epochs:
         log(f"{workdir}: all {tcfg.epochs} epochs already trained")
         return _last_metrics(workdir)
+    if writer:  # every checkpoint still to write: the variables and the optimiser state
+        per = sum(np.asarray(x).nbytes for x in jax.tree.leaves((variables, opt_state)))
+        check_free_space([("--workdir", workdir, (tcfg.epochs - start + 1) * per)])
 
     if mesh.size > 1 or jax.process_count() > 1:
         log(f"data parallel over {mesh.size} devices of {jax.process_count()} processes")
