@@ -136,7 +136,8 @@ def tiny_influence(tiny_run, tmp_path_factory) -> Path:
 # project's 2-core machine; a file not listed counts as short. Stale numbers cost time, never
 # correctness.
 FILE_SECONDS = {
-    "test_models_arch.py": 109, "test_evaluate_cli.py": 46, "test_influence_ekfac.py": 38,
+    "test_models_arch.py": 109, "test_distributed_influence.py": 95, "test_evaluate_workers.py": 50,
+    "test_distributed_train.py": 45, "test_compile_cache.py": 40, "test_gpu_check.py": 35, "test_evaluate_cli.py": 46, "test_influence_ekfac.py": 38,
     "test_explain_report.py": 37, "test_experiments_consistency.py": 34, "test_notebooks.py": 30,
     "test_training.py": 31, "test_influence_logra.py": 30, "test_evaluate_retrain.py": 29,
     "test_influence_grads.py": 28, "test_influence_engine.py": 28,
@@ -145,7 +146,8 @@ FILE_SECONDS = {
     "test_influence_semantics.py": 18, "test_explain_figures.py": 15,
     "test_explain_output.py": 14, "test_influence_sharding.py": 13, "test_influence_store.py": 12,
     "test_influence_faults.py": 12, "test_influence_projection.py": 11, "test_model.py": 11,
-    "test_explain_classes.py": 10, "test_losses.py": 9,
+    "test_explain_classes.py": 10, "test_losses.py": 9, "test_train_guards.py": 12,
+    "test_output_faults.py": 10,
 }
 
 

@@ -116,6 +116,26 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(
     _assert_same_training(workdir, tiny_run, [1, 2, 3])
 
 
+_FAKE_DEVICES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from tracin_jax.config import apply_overrides, get_config
+    from tracin_jax.errors import InputError
+    from tracin_jax.training.train import train_and_evaluate
+
+    overrides, data, workdir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    assert jax.device_count() == 2, jax.devices()
+    config = apply_overrides(get_config("tiny"), overrides)
+    quiet = dict(progress=False, log=lambda s: None)
+    try:
+        train_and_evaluate(apply_overrides(config, ["train.batch_size=3"]), data,
+                           workdir + "-odd", **quiet)
+    except InputError as e:
+        print("refused:", e)
+    train_and_evaluate(config, data, workdir, **quiet)
+""")
+
+
 def test_two_devices_of_one_process_train_like_one(tiny_data, tmp_path):
     """15 training slices in batches of 4: the last batch (3) does not split over 2 devices and
     is computed whole on each; so are the 3 test slices. Augmentation on: the same keys give
