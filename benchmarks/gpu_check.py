@@ -19,7 +19,7 @@ a time limit has already printed the others):
   examples/s, GFLOP (XLA's cost analysis) and GFLOP/s, ``vs_matmul`` (its FLOP rate over the
   baseline's), ``compile_over_step`` and ``epoch_s_estimate`` (2070 training slices, the
   paper's). Tiny: the same config at width 4, depth 2, 32 x 32.
-- ``retrain_vmap_vs_sequential``: one line per K (1, 8, 32; tiny: 1, 2): K models trained from
+- ``retrain_vmap_vs_sequential``: one line per K (1, 8, 32; tiny: 2): K models trained from
   scratch by :func:`tracin_jax.evaluate.retrain.train_models` on random halves of the patients
   of a synthetic training set (16 patients x 10 slices at 96 x 96, the ``demo`` config, as in
   the retraining studies, for 3 epochs; tiny: 4 patients x 4 slices, the ``tiny`` config),
@@ -116,7 +116,7 @@ SIZES = {
         paper_overrides=("model.width=4", "model.depth=2", "data.downsample=6"), paper_steps=3,
         retrain_config="tiny", retrain_overrides=("train.epochs=1",),
         retrain_patients=4, retrain_slices_per_patient=4, retrain_image=32,
-        retrain_k=(1, 2),
+        retrain_k=(2,),
         influence_case=dict(name="tiny-w4-32", width=4, size=32, n_train=4, n_test=2,
                             checkpoints=2, subsets=("head", "all:logra8"), batch=2, depth=2),
         influence_reps=1,

@@ -137,7 +137,7 @@ def tiny_influence(tiny_run, tmp_path_factory) -> Path:
 # correctness.
 FILE_SECONDS = {
     "test_models_arch.py": 109, "test_distributed_influence.py": 95, "test_evaluate_workers.py": 50,
-    "test_distributed_train.py": 45, "test_compile_cache.py": 40, "test_gpu_check.py": 35, "test_evaluate_cli.py": 46, "test_influence_ekfac.py": 38,
+    "test_distributed_train.py": 30, "test_compile_cache.py": 40, "test_gpu_check.py": 35, "test_evaluate_cli.py": 46, "test_influence_ekfac.py": 38,
     "test_explain_report.py": 37, "test_experiments_consistency.py": 34, "test_notebooks.py": 30,
     "test_training.py": 31, "test_influence_logra.py": 30, "test_evaluate_retrain.py": 29,
     "test_influence_grads.py": 28, "test_influence_engine.py": 28,

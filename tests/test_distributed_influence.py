@@ -128,7 +128,7 @@ def test_bad_cluster_settings_are_one_line(tmp_path, env, needle):
 def test_same_process_id_twice_is_one_line_each(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     base = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-            "TRACIN_JAX_COORDINATOR_TIMEOUT": "6", "TRACIN_JAX_HEARTBEAT_TIMEOUT": "2"}
+            "TRACIN_JAX_COORDINATOR_TIMEOUT": "3", "TRACIN_JAX_HEARTBEAT_TIMEOUT": "1"}
     args = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(tmp_path),
             "--out", str(tmp_path / "o")]
     procs = [subprocess.Popen(args, env={**base, "JAX_PROCESS_ID": i}, stderr=subprocess.PIPE,

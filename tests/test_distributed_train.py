@@ -1,6 +1,5 @@
-"""Data-parallel training: two JAX processes (gloo CPU collectives, one device each) or two
-devices of one process train the same model as one device, and a checkpoint written with one
-process count resumes with another.
+"""Data-parallel training: two JAX processes (gloo CPU collectives, one device each) train the
+same model as one device, and a checkpoint written with one process count resumes with another.
 
 Reference runs are the session's `tiny_run` (one process, one device) or one trained here; the
 weights agree to float reassociation (the gradient and BatchNorm sums are split over devices).
@@ -8,11 +7,9 @@ weights agree to float reassociation (the gradient and BatchNorm sums are split 
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -114,59 +111,6 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(
     train_and_evaluate(tiny_config(), tiny_data, workdir, progress=False, log=lambda s: None)
     assert checkpoints.list_epochs(workdir) == [1, 2, 3]
     _assert_same_training(workdir, tiny_run, [1, 2, 3])
-
-
-_FAKE_DEVICES_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax
-    from tracin_jax.config import apply_overrides, get_config
-    from tracin_jax.errors import InputError
-    from tracin_jax.training.train import train_and_evaluate
-
-    overrides, data, workdir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-    assert jax.device_count() == 2, jax.devices()
-    config = apply_overrides(get_config("tiny"), overrides)
-    quiet = dict(progress=False, log=lambda s: None)
-    try:
-        train_and_evaluate(apply_overrides(config, ["train.batch_size=3"]), data,
-                           workdir + "-odd", **quiet)
-    except InputError as e:
-        print("refused:", e)
-    train_and_evaluate(config, data, workdir, **quiet)
-""")
-
-
-def test_two_devices_of_one_process_train_like_one(tiny_data, tmp_path):
-    """15 training slices in batches of 4: the last batch (3) does not split over 2 devices and
-    is computed whole on each; so are the 3 test slices. Augmentation on: the same keys give
-    the same flips and crops however the batch is split."""
-    overrides = [*TINY_OVERRIDES, "data.slices=26:29", "data.test_fraction=0.1",
-                 "train.epochs=2", "train.augment_flip=true", "train.augment_resize_crop=true",
-                 "train.resize_to=80"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    with open(tmp_path / "two.log", "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _FAKE_DEVICES_SCRIPT, json.dumps(overrides), str(tiny_data),
-             str(two)], stdout=out, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "XLA_FLAGS": flags.strip()})
-    try:  # the one-device reference meanwhile, in this process
-        train_and_evaluate(tiny_config(*overrides[len(TINY_OVERRIDES):]), tiny_data, one,
-                           progress=False, log=lambda s: None)
-        code = proc.wait(timeout=TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = (tmp_path / "two.log").read_text()
-    assert code == 0, output[-3000:]
-    refusal = [l for l in output.splitlines() if l.startswith("refused:")]
-    assert len(refusal) == 1 and "train.batch_size=3" in refusal[0] and "2 devices" in refusal[0]
-    assert not (tmp_path / "two-odd").exists()
-
-    run = json.loads((two / "run.json").read_text())
-    assert (len(run["train_ids"]), len(run["test_ids"])) == (15, 3)
-    _assert_same_training(two, one, [1, 2])
 
 
 def test_batch_size_must_split_over_the_devices():
