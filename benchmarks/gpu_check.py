@@ -20,7 +20,7 @@ a time limit has already printed the others):
   baseline's), ``compile_over_step`` and ``epoch_s_estimate`` (2070 training slices, the
   paper's). Tiny: the same config at width 4, depth 2, 32 x 32.
 - ``retrain_vmap_vs_sequential``: one line per K (1, 8, 32; tiny: 2): K models trained from
-  scratch by :func:`tracin_jax.evaluate.retrain.train_models` on random halves of the patients
+  scratch by :func:`tracin_jax.training.multi.train_models` on random halves of the patients
   of a synthetic training set (16 patients x 10 slices at 96 x 96, the ``demo`` config, as in
   the retraining studies, for 3 epochs; tiny: 4 patients x 4 slices, the ``tiny`` config),
   once with ``mode="vmap"`` (the K models stacked, one vmapped step) and once with
@@ -290,7 +290,7 @@ def check_paper_step(size: Size, matmul_gflops: float | None) -> dict:
 
 
 def synthetic_run(config, patients: int, slices_per_patient: int, image: int) -> SimpleNamespace:
-    """What :func:`~tracin_jax.evaluate.retrain.train_models` reads of a run: its config and
+    """What :func:`~tracin_jax.training.multi.train_models` reads of a run: its config and
     its training split (images f32[n, H, W, 4], labels u8[n, H, W], a case id per slice)."""
     from benchmarks.influence import synthetic_examples
 
@@ -303,7 +303,7 @@ def synthetic_run(config, patients: int, slices_per_patient: int, image: int) ->
 
 
 def _train(run, masks, seeds, mode: str) -> tuple[dict, object]:
-    from tracin_jax.evaluate.retrain import train_models
+    from tracin_jax.training.multi import train_models
 
     timings: dict = {}
     t = time.perf_counter()

@@ -194,8 +194,6 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    import jax
-
     import tracin_jax
     from tracin_jax.config import apply_overrides, get_config
     from tracin_jax.data import write_synthetic_dataset
@@ -204,7 +202,7 @@ def run(args) -> dict:
     from tracin_jax.explain.report import jsonable
     from tracin_jax.influence import run_influence
     from tracin_jax.models import count_params, known_architectures
-    from tracin_jax.training.train import init_variables, train_and_evaluate
+    from tracin_jax.training.train import train_and_evaluate
 
     progress = not args.no_progress
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -237,7 +235,7 @@ def run(args) -> dict:
                               progress=progress)
         t3 = time.perf_counter()
         run_ = tracin_jax.load_run(folder / "run")
-        shapes = jax.eval_shape(lambda: init_variables(run_.model, jax.random.key(0), run_.image_shape))
+        shapes = run_.variable_shapes
         sel = metrics["selection"]
         names = metrics["influence"]["class_names"]
         entry = {"parameters": count_params(shapes["params"]), "classes": architecture_row(metrics),

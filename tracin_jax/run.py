@@ -66,7 +66,7 @@ class Run:
         epochs = checkpoints.list_epochs(self.workdir)
         if not epochs:
             raise InputError(f"{self.workdir}: no checkpoints found (train first)")
-        like = jax.eval_shape(lambda: init_variables(self.model, jax.random.key(0), self.image_shape))
+        like = self.variable_shapes
         self.checkpoints = []
         for e in epochs:
             meta = checkpoints.load_meta(self.workdir, e)
@@ -78,6 +78,14 @@ class Run:
         h = (d.crop[1] - d.crop[0]) // d.downsample
         w = (d.crop[3] - d.crop[2]) // d.downsample
         return (h, w, len(d.modalities))
+
+    @cached_property
+    def variable_shapes(self) -> Any:
+        """The model's variables tree ({'params', 'batch_stats'}) as ``jax.ShapeDtypeStruct``
+        leaves, for inputs of :attr:`image_shape` (``jax.eval_shape`` of the initialiser: no
+        arrays are allocated). Computed once per Run."""
+        return jax.eval_shape(lambda: init_variables(self.model, jax.random.key(0),
+                                                     self.image_shape))
 
     def checkpoint(self, epoch: int) -> Checkpoint:
         for c in self.checkpoints:

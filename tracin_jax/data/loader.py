@@ -15,12 +15,13 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from tracin_jax.progress import tqdm
 
-from tracin_jax.config import DataConfig
+if TYPE_CHECKING:  # annotations only (the config sits above the data and model stages)
+    from tracin_jax.config import DataConfig
 from tracin_jax.data import cache as cache_lib
 from tracin_jax.data.dataset import Dataset, Examples, class_slice_counts, from_arrays, to_arrays
 from tracin_jax.data.discover import GRADES, LAYOUTS, MODALITY_TOKENS, MSD_CHANNELS, Case, discover_cases

@@ -48,3 +48,13 @@ def first_cases(case_ids: list[str], max_cases: int) -> list[str]:
     """The first ``max_cases`` sorted case ids (all when ``max_cases`` <= 0)."""
     ids = sorted(case_ids)
     return ids[:max_cases] if max_cases > 0 else ids
+
+
+def patient_index(train_cases) -> tuple[list[str], np.ndarray]:
+    """(patients sorted by id, int32[n_train] position of each slice's patient in that list).
+
+    ``train_cases``: the case id of every training slice (``Examples.cases``). The order every
+    patient axis follows (``patient_scores``, retraining masks).
+    """
+    patients, index = np.unique(np.asarray([str(c) for c in train_cases]), return_inverse=True)
+    return [str(p) for p in patients], index.astype(np.int32)

@@ -54,9 +54,9 @@ from tracin_jax import identity
 from tracin_jax.errors import InputError
 from tracin_jax.progress import tqdm
 from tracin_jax.evaluate import workers as workers_mod
-from tracin_jax.evaluate.retrain import (check_step_rule, patient_subsets, resolve_mode,
-                                         run_patients, schedule_steps, test_outputs,
-                                         train_models, unstack)
+from tracin_jax.evaluate.retrain import patient_subsets, test_outputs
+from tracin_jax.training.multi import (check_step_rule, resolve_mode, run_patients,
+                                       schedule_steps, train_models, unstack)
 
 GROUND_TRUTH_DIR = "ground_truth"
 LEAVE_OUT_DIR = "leave_out"
@@ -443,7 +443,7 @@ def compute_ground_truth(workdir, *, subsets: int | None = None, fraction: float
       workdir: a training workdir (or a loaded :class:`tracin_jax.run.Run`).
       subsets: M (default 64; 6 with ``small``). fraction: alpha (default 0.5).
       seeds: R training seeds per subset (default 1). seed: draws the subsets and training seeds.
-      mode: ``auto`` | ``sequential`` | ``vmap`` (see :func:`~tracin_jax.evaluate.retrain.train_models`).
+      mode: ``auto`` | ``sequential`` | ``vmap`` (see :func:`~tracin_jax.training.multi.train_models`).
       small: the test suite's preset (``SMALL``) for settings not given.
       group: models trained together in vmap mode (default 8; sequential trains one at a time).
     Returns:
@@ -498,7 +498,7 @@ def _removal_key(run, removed: Sequence[str], seed: int, steps: str = "epochs") 
 
 def leave_out_path(workdir, removed: Sequence[str], seed: int, steps: str = "epochs") -> Path:
     """Cache file of the model trained without ``removed`` (exists once that model is trained);
-    ``steps``: the rule for its number of steps (:func:`~.retrain.train_models`)."""
+    ``steps``: the rule for its number of steps (:func:`~tracin_jax.training.multi.train_models`)."""
     run = _as_run(workdir)
     return (Path(run.workdir) / GROUND_TRUTH_DIR / LEAVE_OUT_DIR
             / f"{_removal_key(run, [str(p) for p in removed], seed, steps)}.npz")
@@ -539,7 +539,7 @@ def retrain_without_many(workdir, removal_sets: Sequence[Sequence[str]], seed: i
     """Models trained on every training patient except each removal set (training seed ``seed``).
 
     ``steps``: ``epochs`` (the run's epochs over the kept slices) or ``matched`` (as many steps
-    as on all patients; see :func:`~tracin_jax.evaluate.retrain.train_models`); the two are
+    as on all patients; see :func:`~tracin_jax.training.multi.train_models`); the two are
     cached apart. Returns one :func:`~tracin_jax.evaluate.retrain.test_outputs` dict per
     removal set (plus ``seconds``); trains only those not yet cached in
     ``<workdir>/ground_truth/leave_out/`` (each under a claim, :func:`train_units`).

@@ -4,7 +4,8 @@
 PNG figures, ``out/metrics.json``). Modules: ``inputs`` (reading and checking an influence
 folder), ``ranking`` (proponents, opponents, aggregates), ``features`` (last hidden layer maps,
 masking, similarity), ``faithfulness`` (FI curves and their statistics), ``selection`` (filter
-selection and ablation), ``figures``, ``report`` / ``page`` (HTML).
+selection and ablation), ``trust`` (the folder's evaluation against retraining, if any),
+``figures``, ``report`` / ``page`` (HTML).
 """
 
 from tracin_jax.explain.api import explain_run, run_explain

@@ -6,7 +6,8 @@
 Steps (each in its own module): rankings and aggregates (``ranking``), local explanation
 figures, global explanations, faithfulness of the rankings against last-hidden-layer
 similarity (``features``, ``faithfulness``), filter selection validated by ablation
-(``selection``), then ``index.html`` + ``metrics.json`` (``report``).
+(``selection``), the folder's evaluation against retraining if there is one (``trust``), then
+``index.html`` + ``metrics.json`` (``report``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tracin_jax.explain.features import SIMILARITIES, FeatureStore
 from tracin_jax.explain.global_view import global_explanations
 from tracin_jax.explain.inputs import PRESENT_FILE, Influence, classes_of, load_influence
 from tracin_jax.explain.local import local_explanations
+from tracin_jax.explain.trust import trust_section
 from tracin_jax.models.interface import head_name
 
 LEVELS = ("patient", "slice")
@@ -205,7 +207,8 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
                 items_per_class: int = 4, test_items: Sequence[str] | None = None,
                 similarity: str = "cosine", n_extremes: int = 10, n_permutations: int = 1000,
                 z_min: float = 2.0, alpha: float = 0.05, random_seeds: int = 5, seed: int = 0,
-                epoch: int | None = None, batch_size: int = 16, progress: bool = True) -> dict:
+                epoch: int | None = None, batch_size: int = 16, progress: bool = True,
+                evaluation: str | os.PathLike | None = None) -> dict:
     """Writes the explanation report of an opened run (see :func:`run_explain`); returns metrics."""
     from tracin_jax.paths import check_writable_folder
 
@@ -223,6 +226,7 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
     mod = modalities.index(modality)
     meta0 = _peek_meta(influence_dir)
     check_same_run(run, influence_dir, meta0)
+    trust = trust_section(run, influence_dir, out, evaluation)  # refuses before any work
     j_fixed = _class_arg(train_class, "train_class", classes_of(meta0, Path(influence_dir) / "meta.json")[0])
     train = run.train
     query = run.train if str(meta0.get("split", "test")) == "train" else run.test
@@ -259,6 +263,7 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
                                          n_extremes=n_extremes, n_permutations=n_permutations,
                                          z_min=z_min, alpha=alpha, random_seeds=random_seeds,
                                          seed=seed, epoch=ckpt.epoch))
+        metrics["trust"] = trust
         from tracin_jax.explain.page import render
 
         metrics = report.jsonable(metrics)
@@ -412,7 +417,8 @@ def _verdict(sel: dict, names: Sequence[str]) -> dict:
 
 def run_explain(workdir: str | os.PathLike, influence_dir: str | os.PathLike, out: str | os.PathLike,
                 *, k: int = 5, modality: str = "flair", data_dir: str | os.PathLike | None = None,
-                progress: bool = True, **options) -> dict:
+                progress: bool = True, evaluation: str | os.PathLike | None = None,
+                **options) -> dict:
     """Explanation report of the influence folder ``influence_dir`` of the run in ``workdir``.
 
     Writes ``out/index.html`` (offline; figures as PNG files beside it) and ``out/metrics.json``
@@ -423,7 +429,15 @@ def run_explain(workdir: str | os.PathLike, influence_dir: str | os.PathLike, ou
     n_extremes=10, n_permutations=1000, z_min=2.0, alpha=0.05, random_seeds=5, seed=0,
     epoch=None (last checkpoint's features), batch_size=16.
 
-    Raises InputError (one line) for a bad influence folder or option, an ``out`` that cannot
+    ``evaluation``: the ``tracin-jax evaluate --out`` folder (or its ``evaluation.json``) that
+    scored this influence folder of this run; the report then shows its class-wise LDS with
+    95% intervals, its paired difference with the model-free baseline and its leave-top-k-out
+    row (metrics ``"trust"``). None: the newest such evaluation found beside the run or the
+    influence folder (:mod:`.trust`), else the report says the scores have not been checked
+    against retraining and how to check them.
+
+    Raises InputError (one line) for a bad influence folder or option, an ``evaluation`` that
+    is unreadable, of another run or did not score this folder, an ``out`` that cannot
     be written (checked first, before any work) or a write the file system refuses (a full
     disk: the report's temporary folder is removed, an earlier report in ``out`` stays).
     """
@@ -432,4 +446,4 @@ def run_explain(workdir: str | os.PathLike, influence_dir: str | os.PathLike, ou
 
     check_writable_folder(out, "--out")
     return explain_run(load_run(workdir, data_dir), influence_dir, out, k=k, modality=modality,
-                       progress=progress, **options)
+                       progress=progress, evaluation=evaluation, **options)

@@ -91,6 +91,85 @@ def _header(m: dict) -> str:
     ])
 
 
+def _interval(ci, digits: int = 3) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "n/a"
+    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+
+
+def _trust(m: dict) -> str:
+    """How far to trust the scores: the folder's evaluation against retraining, if any."""
+    t = m.get("trust")
+    if t is None:  # metrics written before the section existed
+        return ""
+    head = "<h2>How far to trust these scores</h2>"
+    if not t["checked"]:
+        cmds = t["commands"]
+        return "\n".join([head, f'<p class="verdict">These scores have not been checked against '
+                          f"retraining: run <code>{esc(cmds[0])}</code>, then "
+                          f"<code>{esc(cmds[1])}</code>.</p>"])
+    lds, level = t["lds"] or {}, fmt(100 * (t.get("level") or 0.95), 3)
+    rows = [("all classes", lds.get("mean"), Raw(esc(_interval(lds.get("ci")))),
+             lds.get("n_targets"))]
+    rows += [(_cls(c), e.get("mean"), Raw(esc(_interval(e.get("ci")))), e.get("n_targets"))
+             for c, e in (lds.get("per_class") or {}).items()]
+    parts = [head,
+             f"<p>Checked against retraining by <code>{esc(t['evaluation'])}</code> "
+             f"({'given' if t.get('given') else 'found beside the run'}; this folder is its "
+             f"variant <code>{esc(t['variant'])}</code>, scored on the {esc(t.get('loss'))} loss): "
+             f"{fmt(t.get('subsets'))} random subsets of the training patients (each keeping a "
+             f"fraction {fmt(t.get('fraction'))} of them), each retrained from scratch with "
+             f"{fmt(t.get('seeds'))} seed(s). LDS: mean over (test slice, class) targets of the Spearman correlation, over "
+             "the retrained models, between the loss these scores predict and the loss measured "
+             "(1: the scores rank the subsets as retraining does; 0: no relation); "
+             f"{level}% intervals: percentile bootstrap over the retrained models"
+             + (f"; noise ceiling (the best any attribution can reach with this many seeds): "
+                f"{fmt(t['noise_ceiling'], 3)}" if t.get("noise_ceiling") is not None else "")
+             + ".</p>",
+             table(["class", "LDS", f"{level}% interval", "targets"], rows, left=1)]
+    vb, base = t.get("vs_baseline"), t.get("baseline")
+    if vb and base:
+        lo, hi = (vb.get("ci") or [None, None])[:2]
+        verdict = ("above the baseline (the interval excludes 0)" if lo is not None and lo > 0
+                   else "below the baseline (the interval excludes 0)" if hi is not None and hi < 0
+                   else "not separated from the baseline (the interval includes 0): these scores "
+                        "have not shown more than how much of each class a patient has")
+        parts.append(
+            f"<p>Against the model-free baseline <code>{esc(base['name'])}</code> (each training "
+            "patient scored by its voxels of the query's class; LDS "
+            f"{fmt((base.get('lds') or {}).get('mean'), 3)}): LDS difference, paired on the same "
+            f"retrained models, {fmt(vb.get('mean'), 3)} {esc(_interval(vb.get('ci')))}, "
+            f"{verdict}.</p>")
+    else:
+        parts.append("<p>No comparison with the model-free baseline (the evaluation ran "
+                     "without it).</p>")
+    lo = t.get("leave_out")
+    if lo:
+        cell = lambda d: Raw(esc(f"{fmt(d.get('mean'), 3)} {_interval(d.get('ci'))}"))  # noqa: E731
+
+        def paired(d):
+            if not d:
+                return None
+            text = f"{fmt(d.get('mean'), 3)} {_interval(d.get('ci'))}"
+            if d.get("wins") is not None:
+                text += f" ({d['wins']}/{d.get('n')} queries above 0)"
+            return Raw(esc(text))
+
+        rows = [(k, *(cell(r[s]) if s in r else None for s in ("proponents", "random",
+                                                               "opponents")),
+                 paired(r.get("proponents_minus_random")),
+                 paired(r.get("proponents_minus_opponents"))) for k, r in lo.items()]
+        parts += [f"<p>Leave-top-k-out on {fmt(t.get('leave_out_queries'))} queries: change of "
+                  "the query's class loss after retraining without the k top proponents, k "
+                  "random patients or the k top opponents (positive: the loss rose; proponents "
+                  "should raise it most). Intervals: bootstrap over queries.</p>",
+                  table(["k", "proponents", "random", "opponents", "proponents − random",
+                         "proponents − opponents"], rows, left=1)]
+    else:
+        parts.append("<p>No leave-top-k-out for this folder in that evaluation.</p>")
+    return "\n".join(parts)
+
+
 def _local(m: dict) -> str:
     names = _names(m)
     loc = m["local"]
@@ -271,6 +350,6 @@ def _selection(m: dict) -> str:
 def render(metrics: dict) -> str:
     """index.html of the report."""
     return page("Class-wise TracIn explanations",
-                [_header(metrics), _local(metrics), _global(metrics), _faithfulness(metrics),
+                [_header(metrics), _trust(metrics), _local(metrics), _global(metrics), _faithfulness(metrics),
                  _selection(metrics),
                  '<p class="note">All numbers: metrics.json in this folder.</p>'])

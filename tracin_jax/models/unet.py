@@ -13,12 +13,13 @@ class-wise influence of the ``head`` subset and the faithfulness analysis both u
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tracin_jax.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: the config validates model.arch against the models
+    from tracin_jax.config import ModelConfig
 
 
 def _norm(kind: str, features: int, train: bool, name: str, bn_momentum: float = 0.99) -> nn.Module | None:
