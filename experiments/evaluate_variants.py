@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    # name: run_influence keywords
+    # name: run_influence keywords (``method`` a name of tracin_jax.influence.methods.METHODS)
     "head-dice": {"params": "head"},
     "all-proj-dice": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch"},
     "head-ce": {"params": "head", "loss": "ce"},
@@ -56,7 +56,7 @@ VARIANTS = {
     "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
                      "normalise": True},
     "head-dice-last": {"params": "head", "checkpoints": "last"},
-    "head-trak": {"method": "trak", "params": "head", "n_models": 4},  # run_trak keywords
+    "head-trak": {"method": "trak", "params": "head", "models": 4},
     "ekfac-dice": {"params": "all", "method": "ekfac"},
     "head-ekfac-cos": {"params": "head", "method": "ekfac", "normalise": True},
     "head-adam": {"params": "head", "precondition": "adam"},
@@ -105,7 +105,6 @@ def run(args) -> dict:
     from tracin_jax.errors import InputError
     from tracin_jax.evaluate.api import run_evaluate
     from tracin_jax.influence import run_influence
-    from tracin_jax.influence.trak import run_trak
     from tracin_jax.training.train import train_and_evaluate
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -141,10 +140,7 @@ def run(args) -> dict:
             continue
         print(f"[3/4] influence '{name}' -> {folder}", file=sys.stderr)
         t = time.perf_counter()
-        if kw.pop("method", "tracin") == "trak":
-            run_trak(root / "run", folder, **kw, log=lambda s: print(s, file=sys.stderr))
-        else:
-            run_influence(root / "run", folder, **kw)
+        run_influence(root / "run", folder, **kw)
         timings[f"influence_{name}_s"] = time.perf_counter() - t
 
     from tracin_jax.evaluate.baselines import CLASS_VOXELS

@@ -140,7 +140,7 @@ FILE_SECONDS = {
     "test_distributed_train.py": 30, "test_compile_cache.py": 40, "test_gpu_check.py": 35, "test_evaluate_cli.py": 46, "test_influence_ekfac.py": 38,
     "test_explain_report.py": 37, "test_experiments_consistency.py": 34, "test_notebooks.py": 30,
     "test_training.py": 31, "test_influence_logra.py": 30, "test_evaluate_retrain.py": 29,
-    "test_influence_grads.py": 28, "test_influence_engine.py": 28,
+    "test_influence_grads.py": 28, "test_influence_engine.py": 28, "test_influence_methods.py": 30,
     "test_experiments_mislabel.py": 26, "test_influence_trak.py": 25, "test_data_real.py": 22,
     "test_influence_precondition.py": 22, "test_experiments_paper_scale.py": 21,
     "test_influence_semantics.py": 18, "test_explain_figures.py": 15,

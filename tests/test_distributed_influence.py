@@ -61,7 +61,7 @@ def _same(a, b, rtol=1e-6):
         assert float(np.abs(x - y).max()) <= rtol * scale, name
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", ["all-countsketch", "logra"])  # head: the test below
 def test_two_processes_equal_one(run_dir, references, tmp_path, variant):
     flags, _ = VARIANTS[variant]
     out = tmp_path / "two"
@@ -91,8 +91,10 @@ def test_killed_process_resumes_to_the_same_scores(run_dir, references, tmp_path
     assert not (out / "meta.json").exists()
     proc = _launch(2, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads((out / "meta.json").read_text())["timings"]["train_features"]
-    assert stats["chunks_reused"] >= 1  # what was written before the kill is kept
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["process_count"] == 2
+    assert meta["timings"]["train_features"]["chunks_reused"] >= 1  # kept from before the kill
+    assert "[0] influence written" in proc.stdout and "[1] influence written" not in proc.stdout
     _same(references["head"], out)
 
 
@@ -125,12 +127,13 @@ def test_bad_cluster_settings_are_one_line(tmp_path, env, needle):
     assert not (tmp_path / "w").exists()
 
 
-def test_same_process_id_twice_is_one_line_each(tmp_path):
+def test_same_process_id_twice_is_one_line_each(run_dir, tmp_path):
+    # A real stage (so that the cluster is still up when the second process 1 registers).
     address = f"127.0.0.1:{free_port()}"
     base = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-            "TRACIN_JAX_COORDINATOR_TIMEOUT": "3", "TRACIN_JAX_HEARTBEAT_TIMEOUT": "1"}
-    args = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(tmp_path),
-            "--out", str(tmp_path / "o")]
+            "TRACIN_JAX_COORDINATOR_TIMEOUT": "10", "TRACIN_JAX_HEARTBEAT_TIMEOUT": "3"}
+    args = [sys.executable, "-m", "tracin_jax.cli", "influence", "--workdir", str(run_dir),
+            "--out", str(tmp_path / "o"), "--loss", "ce", "--chunk-size", "3"]
     procs = [subprocess.Popen(args, env={**base, "JAX_PROCESS_ID": i}, stderr=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, text=True) for i in ("0", "1", "1")]
     outs = [p.communicate(timeout=120)[1] for p in procs]
@@ -139,4 +142,4 @@ def test_same_process_id_twice_is_one_line_each(tmp_path):
         assert p.returncode == 2 and len(lines) == 1, err[-2000:]
         assert lines[0].startswith("tracin-jax: error:"), lines[0]
     assert any("same JAX_PROCESS_ID" in err for err in outs), outs
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o" / "meta.json").exists()

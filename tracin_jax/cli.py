@@ -58,41 +58,56 @@ def _parse_checkpoints(raw: str):
 
 
 def _cmd_influence(args) -> dict:
-    from tracin_jax.influence import run_influence
+    from tracin_jax.influence import methods, run_influence
 
-    if args.method not in ("tracin", "trak", "ekfac"):
-        raise InputError(f"--method {args.method!r} is not one of tracin, trak, ekfac")
-    if args.method == "trak":
-        return _cmd_trak(args)
+    cls = methods.get_method(args.method)
+    given = {name: getattr(args, name) for name in methods.all_option_flags()
+             if getattr(args, name, None) is not None}
+    options = methods.make_options(cls, given)  # an option of another method: one line
     meta = run_influence(
-        args.workdir, args.out,
-        checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
-        proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
-        loss=args.loss, normalise=args.normalised, split=args.split, topk=args.topk,
+        args.workdir, args.out, method=args.method, options=options,
+        checkpoints=_parse_checkpoints(args.checkpoints), split=args.split, topk=args.topk,
         batch_size=args.batch_size, chunk_size=args.chunk_size,
-        memory_budget_gb=args.memory_budget_gb, data_dir=args.data, method=args.method, damping=args.damping, fisher=args.fisher,
-        precondition=args.precondition, relatif=args.relatif,
-    )
+        memory_budget_gb=args.memory_budget_gb, data_dir=args.data)
     print(f"influence written to {args.out}")
     return meta
 
 
-def _cmd_trak(args) -> dict:
-    from tracin_jax.influence.trak import run_trak
+def _add_method_options(parser) -> None:
+    """``--method`` (choices from the registry) and every registered method's option flags,
+    each defaulting to None (= the method's own default; given to a method that does not take
+    it: a one-line error)."""
+    from tracin_jax.influence import methods
 
-    if (args.loss != "dice" or args.normalised or args.split != "test"
-            or args.precondition != "none" or args.relatif):
-        raise InputError("--method trak differentiates the region log-odds margin of the test "
-                         "split: --loss, --normalised, --split, --precondition and --relatif "
-                         "do not apply to it")
-    meta = run_trak(
-        args.workdir, args.out, models=args.trak_models_from, n_models=args.trak_models,
-        checkpoints=_parse_checkpoints(args.checkpoints), params=args.params,
-        proj_dim=args.proj_dim, proj_seed=args.proj_seed, proj_kind=args.proj_kind,
-        damping=1.0 if args.damping is None else args.damping, topk=args.topk,
-        batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, data_dir=args.data)
-    print(f"TRAK influence written to {args.out}")
-    return meta
+    parser.add_argument("--method", default="tracin", help=" | ".join(
+        f"{name} ({cls.summary})" for name, cls in methods.METHODS.items()))
+    seen: set[str] = set()
+    for name, cls in methods.METHODS.items():
+        for f_name, f in methods.option_fields(cls).items():
+            if f_name in seen:
+                continue
+            seen.add(f_name)
+            takes = [m for m, c in methods.METHODS.items() if f_name in methods.option_fields(c)]
+            scope = "" if len(takes) == len(methods.METHODS) else f"{', '.join(takes)}: "
+            default = f.default
+            defaults = {m: methods.option_fields(methods.METHODS[m])[f_name].default
+                        for m in takes}
+            if len(set(map(repr, defaults.values()))) > 1:
+                hint = " (default " + ", ".join(f"{m} {d}" for m, d in defaults.items()) + ")"
+            else:
+                hint = f" (default {default})" if default not in (None, False, "") else ""
+            help_ = scope + (f.metadata.get("help") or "") + hint
+            flag = methods.flag_of(f)
+            if isinstance(default, bool):
+                parser.add_argument(flag, dest=f_name, action="store_true", default=None,
+                                    help=help_)
+                continue
+            kind = {int: int, float: float}.get(type(default))
+            if f_name == "proj_dim":
+                kind = int
+            parser.add_argument(flag, dest=f_name, default=None, help=help_,
+                                metavar=flag.lstrip("-").replace("-", "_").upper(),
+                                **({"type": kind} if kind else {}))
 
 
 def _cmd_explain(args) -> None:
@@ -104,7 +119,8 @@ def _cmd_explain(args) -> None:
         return  # the report is written by process 0; the others wait for it at the end
 
     run_explain(args.workdir, args.influence, args.out, k=args.k, modality=args.modality,
-                data_dir=args.data, level=args.level, similarity=args.similarity)
+                data_dir=args.data, level=args.level, similarity=args.similarity,
+                evaluation=args.evaluation)
     print(f"report written to {Path(args.out) / 'index.html'}")
 
 
@@ -183,33 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workdir", required=True)
     i.add_argument("--out", required=True)
     i.add_argument("--checkpoints", default="all", help="all | E1,E2,... (epochs)")
-    i.add_argument("--params", default="head", help="head | decoder | all | REGEX over param paths")
-    i.add_argument("--proj-dim", type=int, default=None,
-                   help="projected dimension (default: exact up to 65536 parameters, else 4096); "
-                   "with --proj-kind logra: the per-layer rank r (default 16)")
-    i.add_argument("--proj-seed", type=int, default=0)
-    i.add_argument("--proj-kind", default=None,
-                   help="countsketch (O(D), the default) | rademacher | gaussian (dense JL) | "
-                   "logra (per-layer r x r projection from activations and output gradients, "
-                   "no weight-gradient pass)")
-    i.add_argument("--loss", default="dice",
-                   help="dice (the training loss, the paper) | ce (region cross-entropy)")
-    i.add_argument("--normalised", action="store_true",
-                   help="unit-norm class gradients (cosine TracIn)")
-    i.add_argument("--method", default="tracin",
-                   help="tracin (class-wise TracIn, the paper) | trak (class-wise TRAK) | ekfac "
-                   "(EK-FAC influence functions)")
-    i.add_argument("--damping", type=float, default=None,
-                   help="damping relative to the mean eigenvalue: ekfac, per layer (default 0.1); "
-                   "trak, of the kernel (default 1.0)")
-    i.add_argument("--fisher", default="sampled",
-                   help="ekfac: sampled (true Fisher, labels drawn from the model) | empirical")
-    i.add_argument("--precondition", default="none",
-                   help="none | adam (Adam-aware TracIn: gradients scaled by 1/(sqrt(v_hat)+eps) "
-                        "of each checkpoint's saved Adam state)")
-    i.add_argument("--relatif", action="store_true",
-                   help="divide each training slice's class scores by the square root of its "
-                        "class self-influence (RelatIF-style)")
+    _add_method_options(i)
     i.add_argument("--split", default="test", help="test | train")
     i.add_argument("--topk", type=int, default=None)
     i.add_argument("--batch-size", type=int, default=16)
@@ -218,11 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "of resuming and of sharing the gradients between processes")
     i.add_argument("--memory-budget-gb", type=float, default=2.0)
     i.add_argument("--data", default=None, help="data folder, if moved since training")
-    i.add_argument("--trak-models", type=int, default=4,
-                   help="TRAK: models ensembled with --trak-models-from seeds (default 4)")
-    i.add_argument("--trak-models-from", default="seeds",
-                   help="TRAK: seeds (last checkpoint + full-data retrainings, cached in "
-                   "WORKDIR/trak/models) | checkpoints (the run's --checkpoints)")
     i.set_defaults(func=_cmd_influence)
 
     x = sub.add_parser("explain", help="HTML report: proponents/opponents, global patterns, "
@@ -235,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--level", default="patient", help="patient (the paper) | slice")
     x.add_argument("--similarity", default="cosine", help="cosine | max_ratio | max_product")
     x.add_argument("--data", default=None, help="data folder, if moved since training")
+    x.add_argument("--evaluation", default=None, metavar="E",
+                   help="`tracin-jax evaluate --out` folder that scored this influence folder: "
+                        "the report shows its LDS and leave-top-k-out (default: the newest one "
+                        "found beside the run or the influence folder)")
     x.set_defaults(func=_cmd_explain)
 
     v = sub.add_parser("evaluate", help="score influence folders against retraining on random "

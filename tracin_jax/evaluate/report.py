@@ -150,7 +150,9 @@ def markdown(result: dict) -> str:
             row.append(" / ".join(_f(lo[s]["mean"], 3) for s in ("proponents", "random", "opponents"))
                        if lo else "")
         rnd = v.get("randomisation")
-        row += [_f(rnd["mean"]) if rnd else "", f"{v['mislabel_auc']:.2f}"
+        rnd_cell = (f"skipped: {rnd['skipped']}" if rnd and rnd.get("skipped")
+                    else _f(rnd["mean"]) if rnd else "")
+        row += [rnd_cell, f"{v['mislabel_auc']:.2f}"
                 if v.get("mislabel_auc") is not None else ""]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *_detail_table(result, ks)]

@@ -1,9 +1,13 @@
 """Cheap sanity checks (no retraining): model randomisation and the mislabel-detection AUC.
 
 Model randomisation (Adebayo et al. 2018; quanda's ModelRandomizationTest): the influence of
-the same run is recomputed, with the same gradient function (subset, loss, projection,
-normalisation) and the same checkpoints' learning rates, but every checkpoint's weights replaced
-by a fresh random initialisation (checkpoint t gets key ``seed + t``). For each target (test
+the same run is recomputed, with the same method and gradient (subset, loss, projection,
+normalisation, preconditioning: rebuilt from the folder's meta.json ``spec`` through the method
+registry, :mod:`tracin_jax.influence.methods`) and the same checkpoints' learning rates, but
+every checkpoint's weights replaced by a fresh random initialisation (checkpoint t gets key
+``seed + t``). A folder whose meta.json has no spec (written before specs were recorded, or
+from a custom gradient function with no loss name: ``spec: null``) is not recomputed: its
+randomisation entry says why (``{"skipped": reason, "mean": None}``). For each target (test
 slice, class present) the Spearman correlation over training patients of the trained and the
 randomised scores is taken; the mean over targets is reported. An attribution that explains the
 *model* should give a low value; a high value means the ranking comes from the data alone (for
@@ -15,9 +19,8 @@ on its own run with corrupted labels), matched by gradient: Dice or CE loss, ``h
 ``all``, TRAK ``head`` on seed models (:func:`mislabel_method`); the slice-level ROC-AUC of the
 "classwise sum" self-influence. Variants the experiment does not compute (cosine and RelatIF,
 whose normalised self-influence is constant, other subsets) get no value. A TRAK folder
-(meta.json ``method: trak``) is randomised by recomputing TRAK with as many re-initialised
-models as it ensembles
-(:func:`tracin_jax.influence.trak.randomised_trak`).
+(spec method ``trak``) is randomised by recomputing TRAK with as many re-initialised
+models as it ensembles (:func:`tracin_jax.influence.trak.randomised_trak`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -63,7 +65,27 @@ class GradientSpec:
 
 
 def gradient_spec(meta: dict) -> GradientSpec:
-    """The gradient recipe of an influence folder's meta.json (written by the engine)."""
+    """The gradient recipe of an influence folder's meta.json, for its description, the loss
+    LDS scores it against (``dice`` or ``ce``: TRAK's margin and an unknown loss are scored on
+    Dice) and the mislabel match. From the meta's ``spec`` when it has one; a folder written
+    before specs (or with ``spec: null``) is described from its other entries. The
+    randomisation check reads ``spec`` only (:func:`model_randomisation`)."""
+    spec = meta.get("spec")
+    if spec:
+        proj = spec.get("projection")
+        opts = spec.get("options") or {}
+        pre = spec.get("precondition")
+        return GradientSpec(
+            params=str(spec.get("params") or "custom"),
+            loss=spec["loss"] if spec.get("loss") in ("dice", "ce") else "dice",
+            normalise=bool(spec.get("normalise")), projection=proj,
+            epochs=tuple(int(e) for e in spec.get("checkpoints") or ()),
+            method=str(spec["method"]),
+            models=(len((meta.get("trak") or {}).get("models", [])) if spec["method"] == "trak"
+                    else 0),
+            models_from=str(opts.get("models_from", "")),
+            precondition=None if pre in (None, "none") else str(pre),
+            relatif=bool(spec.get("relatif")))
     tag = str((meta.get("gradient") or {}).get("tag") or "")
     return GradientSpec(
         params=str((meta.get("params") or {}).get("name", "custom")),
@@ -78,25 +100,20 @@ def gradient_spec(meta: dict) -> GradientSpec:
         relatif=bool(meta.get("relatif", False)))
 
 
-@dataclass
-class _RandomCheckpoint:
-    epoch: int
-    lr: float
-    variables: Any
-
-
 def randomised_checkpoints(run, spec: GradientSpec, seed: int = 0) -> list:
     """The checkpoints of ``spec`` (same epochs and learning rates) with re-initialised weights."""
-    import jax
+    from tracin_jax.influence.methods import random_checkpoints
 
-    from tracin_jax.training.train import init_variables
+    return random_checkpoints(run, spec.epochs, seed)
 
-    out = []
-    for e in spec.epochs:
-        ck = run.checkpoint(e)
-        out.append(_RandomCheckpoint(e, ck.lr, init_variables(run.model, jax.random.key(seed + e),
-                                                              run.image_shape)))
-    return out
+
+def randomisation_skipped(meta: dict) -> str | None:
+    """Why a folder's randomisation cannot be recomputed (one line), None when it can."""
+    if "spec" not in meta:
+        return "no spec in meta.json (written by an earlier version): gradient unknown"
+    if not meta["spec"]:
+        return "spec null in meta.json (custom gradient function without a loss name)"
+    return None
 
 
 def rank_agreement(scores_a: np.ndarray, scores_b: np.ndarray, present: np.ndarray) -> dict:
@@ -126,49 +143,23 @@ def model_randomisation(run, influence_dir: Path, out_dir: Path, *, seed: int = 
     """Recomputes ``influence_dir``'s scores with random weights into
     ``out_dir/<randomised_key>`` (resumable through its feature store, which is removed once
     the scores are written; a finished folder is reused) and compares them with the trained
-    ones (:func:`rank_agreement`).
+    ones (:func:`rank_agreement`). The method and its options come from meta.json's ``spec``
+    (:func:`tracin_jax.influence.methods.from_spec`); without one, nothing is computed and the
+    result is ``{"skipped": reason, "mean": None, "per_class": {}, "n_targets": 0}``.
     """
-    from tracin_jax.influence import compute_influence, run_grad_fn
-    from tracin_jax.influence.precondition import make_preconditioner
+    from tracin_jax.influence.methods import from_spec
 
     influence_dir, out_dir = Path(influence_dir), Path(out_dir)
     meta = json.loads((influence_dir / "meta.json").read_text())
-    spec = gradient_spec(meta)
+    reason = randomisation_skipped(meta)
+    if reason is not None:
+        return {"skipped": reason, "mean": None, "per_class": {}, "n_targets": 0,
+                "seed": int(seed), "folder": None}
+    method = from_spec(meta["spec"])
     out_dir = out_dir / randomised_key(meta, seed)
-    proj = spec.projection or {}
-    if spec.method == "trak":
-        from tracin_jax.influence.trak import randomised_trak
-
-        if not (out_dir / "patient_scores.npy").exists():
-            randomised_trak(run, meta, out_dir, seed=seed, progress=progress)
-    else:
-        checkpoints = randomised_checkpoints(run, spec, seed)
-        if spec.method == "ekfac":  # factors refitted at the random weights
-            from tracin_jax.influence.ekfac import ekfac_setup, factored_checkpoints
-
-            e = meta["ekfac"]
-            setup = ekfac_setup(run, spec.params, loss=spec.loss, damping=e["damping"],
-                                fisher=e["fisher"], fisher_seed=e["fisher_seed"],
-                                proj_dim=proj.get("dim", 0) if proj else 0,
-                                proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
-                                normalise=spec.normalise)
-            grad_fn = setup.grad_fn
-        else:
-            proj_dim = proj.get("rank", proj.get("dim", 0)) if proj else 0  # logra: its rank
-            grad_fn = run_grad_fn(run, spec.params, proj_dim=proj_dim,
-                                  proj_seed=proj.get("seed", 0), proj_kind=proj.get("kind"),
-                                  loss=spec.loss, normalise=spec.normalise)
-        if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
-            if spec.method == "ekfac":
-                checkpoints = factored_checkpoints(run, setup, checkpoints, out_dir / "ekfac_factors")
-            # A preconditioner stays that of the trained checkpoints (read by epoch from the run).
-            # The folder's batch size: the same gradient programs, compiled once.
-            compute_influence(grad_fn, checkpoints, run.train, run.test,
-                              out_dir, store_dir=out_dir / "features", progress=progress,
-                              batch_size=int(meta.get("batch_size", 16)),
-                              precondition=make_preconditioner(spec.precondition, run),
-                              relatif=spec.relatif)
-        shutil.rmtree(out_dir / "features", ignore_errors=True)
+    if not (out_dir / "meta.json").exists() or not (out_dir / "patient_scores.npy").exists():
+        method.randomised(run, meta, out_dir, seed=seed, progress=progress)
+    shutil.rmtree(out_dir / "features", ignore_errors=True)
     trained = np.load(influence_dir / "patient_scores.npy")
     randomised = np.load(out_dir / "patient_scores.npy")
     present = np.load(influence_dir / "test_present.npy")
@@ -184,7 +175,8 @@ def mislabel_method(spec: GradientSpec, last_epoch: int) -> str | None:
     ``head`` with full-data seed models. Cosine and RelatIF variants have none: their
     normalised self-influence is 1 for every slice.
     """
-    if spec.normalise or spec.relatif or spec.params not in ("head", "all"):
+    if spec.normalise or spec.relatif or spec.params not in ("head", "all") \
+            or spec.loss not in ("dice", "ce"):
         return None
     kind = (spec.projection or {}).get("kind")
     if spec.method == "trak":

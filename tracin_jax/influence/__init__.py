@@ -14,26 +14,31 @@ Five separable parts; swapping one never touches the others:
 :func:`run_influence` runs them all for a training workdir; :func:`compute_influence` does the
 same for given checkpoints and examples; :func:`class_tracin` is the in-memory version.
 
-A notebook swapping the gradient (say, a region-restricted cross-entropy, normalised)::
+Attribution methods (TracIn and its variants, EK-FAC, TRAK) are registered in
+:mod:`.methods` (one file each, ``docs/extending.md``); ``run_influence(method=NAME, ...)``
+and ``tracin-jax influence --method NAME`` choose one.
 
-    from functools import partial
+A notebook swapping the gradient (the region cross-entropy, normalised)::
+
     import tracin_jax
     from tracin_jax import influence as inf
-    from tracin_jax.training.losses import classwise_cross_entropy
 
     run = tracin_jax.load_run("runs/demo")
     subset = inf.resolve_subset(run.checkpoints[-1].variables["params"], "head")
-    ce = lambda logits, labels: classwise_cross_entropy(logits, labels)[:, 1:]
-    fn = inf.normalised(inf.make_class_grad_fn(run.model, subset, loss_fn=ce, tag="ce-head"))
+    fn = inf.normalised(inf.make_class_grad_fn(run.model, subset, loss="ce", tag="ce-head"))
     meta = inf.run_influence("runs/demo", "runs/demo/influence-ce-cos", grad_fn=fn)
+
+``loss="ce"`` names the loss, so meta.json's ``spec`` records it (``loss: ce, normalise:
+true``) and evaluate's randomisation check recomputes the same gradient.
 """
 
 from tracin_jax.influence.engine import (DEFAULT_TOPK, class_present, class_tracin,
                                          compute_influence, parse_checkpoints, run_grad_fn,
                                          run_influence)
-from tracin_jax.influence.grads import (ClassGradFn, ClassGradFunction, class_logit_grads,
+from tracin_jax.influence.grads import (LOSSES, ClassGradFn, ClassGradFunction, class_logit_grads,
                                         default_examples_mode, is_head_subset,
                                         make_class_grad_fn, normalised)
+from tracin_jax.influence.methods import METHODS, Common, Method, get_method
 from tracin_jax.influence.precondition import (AdamPreconditioner, IdentityPreconditioner,
                                                RelatIFBlocks, adam_diagonal,
                                                adam_preconditioner)
@@ -48,7 +53,8 @@ from tracin_jax.influence.store import (FeatureStore, compute_features, featuris
 from tracin_jax.influence.subsets import NAMED_SUBSETS, ParamSubset, param_paths, resolve_subset
 
 __all__ = [
-    "DEFAULT_PROJ_DIM", "DEFAULT_PROJ_KIND", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "NAMED_SUBSETS",
+    "DEFAULT_PROJ_DIM", "DEFAULT_PROJ_KIND", "DEFAULT_TOPK", "EXACT_MAX_PARAMS", "LOSSES",
+    "METHODS", "NAMED_SUBSETS", "Common", "Method", "get_method",
     "AdamPreconditioner", "IdentityPreconditioner", "RelatIFBlocks", "adam_diagonal",
     "adam_preconditioner",
     "ClassGradFn", "ClassGradFunction", "FeatureStore", "ParamSubset", "Projector",

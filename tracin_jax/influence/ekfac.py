@@ -627,45 +627,14 @@ def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_d
     gradients (cosine in the F^-1 metric). Other arguments as in ``run_influence``; the factors
     are fitted on the training split at every chosen checkpoint.
     """
-    from tracin_jax import identity, load_run
-    from tracin_jax.influence.engine import (_check_args, _check_loss, check_writable_folder,
-                                             compute_influence, parse_checkpoints)
+    from tracin_jax.influence.engine import run_influence
 
-    t0 = time.perf_counter()
-    _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
-    _check_loss(loss)
-    check_damping(damping)
-    if fisher not in FISHERS:
-        raise InputError(f"--fisher {fisher!r} is not one of {', '.join(FISHERS)}")
-    check_writable_folder(out, "--out")
-    run = load_run(workdir, data_dir)
-    epochs = parse_checkpoints(checkpoints, [c.epoch for c in run.checkpoints], workdir)
-    chosen = [run.checkpoint(e) for e in epochs]
-    for c in chosen:
-        c.check()
-    train = run.train
-    test = run.test if split == "test" else run.train
-    for name, ex in (("training", train), (split, test)):
-        if len(ex.images) == 0:
-            raise InputError(f"{workdir}: the {name} split has no slices")
-    setup = ekfac_setup(run, params, loss=loss, damping=damping, fisher=fisher,
-                        fisher_seed=fisher_seed, proj_dim=proj_dim, proj_seed=proj_seed,
-                        proj_kind=proj_kind, normalise=normalise)
-    load_s = time.perf_counter() - t0
-    t = time.perf_counter()
-    folder = Path(out) / "ekfac_factors"
-    factored = factored_checkpoints(run, setup, chosen, folder, batch_size=batch_size,
-                                    progress=progress)
-    fit_s = time.perf_counter() - t
-    # meta.json is written once, last, with its "ekfac" entry (its total_s includes the fit):
-    # a folder never looks complete without it.
-    return compute_influence(
-        setup.grad_fn, factored, train, test, out, split=split, topk=topk, batch_size=batch_size,
-        chunk_size=chunk_size, memory_budget_gb=memory_budget_gb, progress=progress,
-        store_dir=store_dir, workdir=workdir,
-        extra_timings={"load_s": round(load_s, 3), "ekfac_fit_s": round(fit_s, 3)},
-        extra_meta={"ekfac": {**setup.describe(), "factors": str(folder)},
-                    "run_identity": identity.describe(run, [c.epoch for c in chosen])})
+    return run_influence(
+        workdir, out, method="ekfac", checkpoints=checkpoints, params=params, proj_dim=proj_dim,
+        proj_seed=proj_seed, proj_kind=proj_kind, loss=loss, normalise=normalise,
+        damping=damping, fisher=fisher, fisher_seed=fisher_seed, split=split, topk=topk,
+        batch_size=batch_size, chunk_size=chunk_size, memory_budget_gb=memory_budget_gb,
+        data_dir=data_dir, progress=progress, store_dir=store_dir)
 
 
 __all__ = ["ConvLayer", "DEFAULT_DAMPING", "EkfacSetup", "FISHERS", "ekfac_setup",

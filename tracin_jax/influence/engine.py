@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 from tracin_jax.progress import tqdm
 
-from tracin_jax import identity
 from tracin_jax.atomic import StagedFiles, open_memmap, write_json_atomic
 from tracin_jax.checkpoints import check_complete
 from tracin_jax.errors import InputError
@@ -289,103 +288,67 @@ def run_grad_fn(run, params="head", *, proj_dim=None, proj_seed=0, proj_kind=DEF
     return normalised(grad_fn) if normalise else grad_fn
 
 
-def run_influence(workdir, out, *, checkpoints="all", params="head", proj_dim=None, proj_seed=0,
-                  split="test", topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
-                  data_dir=None, progress=True, grad_fn=None, proj_kind=DEFAULT_PROJ_KIND,
-                  loss="dice", normalise=False, store_dir=None, method="tracin",
-                  damping=None, fisher="sampled", precondition=None, relatif=False) -> dict:
-    """Class-wise TracIn of the run in ``workdir``; writes the files listed above into ``out``.
+# Keyword arguments of the earlier signature that callers pass with their old default values
+# whatever the method: dropped when the chosen method does not take them.
+_LEGACY_DEFAULTS = {"damping": None, "fisher": "sampled", "precondition": "none",
+                    "relatif": False, "normalise": False, "loss": "dice"}
+
+
+def run_influence(workdir, out, *, method: str = "tracin", options=None, grad_fn=None,
+                  common=None, **kwargs) -> dict:
+    """Influence of the run in ``workdir`` by the registered ``method``; writes the files listed
+    above into ``out`` and returns the meta dict written to ``out/meta.json``.
 
     Args:
       workdir: a training workdir (see :func:`tracin_jax.load_run`).
       out: output folder (created).
-      checkpoints: ``"all"``, a list of epochs, or ``"E1,E2"``.
-      params: parameter subset: ``head`` | ``decoder`` | ``all`` | a regular expression.
-      proj_dim: projection dimension; None = exact up to 65536 parameters, else 4096 (see
-        :mod:`tracin_jax.influence.projection`); 0 = exact whatever the size.
-      proj_seed, proj_kind: projection seed and kind (countsketch | rademacher | gaussian |
-        logra; with logra, ``proj_dim`` is the per-layer rank, see :mod:`.logra`).
-      split: the examples to explain: ``test`` or ``train`` (train-vs-train).
-      topk: K of the streamed top-K proponents/opponents (default: only when the full tensor
-        does not fit, then DEFAULT_TOPK).
-      batch_size: examples per gradient batch (rounded up to the device count).
-      chunk_size: training examples per store chunk and per scoring block.
-      memory_budget_gb: bound on the stage's memory: a budget below :func:`memory_estimate`
-        is refused up front; the full score tensor (slices or patients) is kept only when it
-        fits on top of the estimate, else top-K is streamed.
-      data_dir: overrides the data folder recorded in the workdir.
-      progress: show tqdm bars.
-      loss: the class-wise loss differentiated: ``dice`` (the training loss, the paper) or
-        ``ce`` (region cross-entropy, :func:`~tracin_jax.training.losses.tumour_cross_entropy`).
-      normalise: unit-norm class gradients (cosine TracIn, :func:`normalised`).
-      grad_fn: a ClassGradFn to use instead of the one built from ``params``/``proj_dim``/
-        ``loss``/``normalise``; give it a ``tag`` so its store is its own.
-      store_dir: feature store folder (default ``<workdir>/features/<key>``).
-      method: ``tracin`` (gradient inner products) or ``ekfac`` (EK-FAC influence functions,
-        :func:`~tracin_jax.influence.ekfac.run_ekfac_influence`, with ``damping`` (default 0.1)
-        and ``fisher`` (``sampled`` | ``empirical``); ``params`` then keeps conv layers only).
-      precondition: ``None``/``"none"`` (plain TracIn), ``"adam"`` (Adam-aware TracIn: each
-        checkpoint's gradients preconditioned by its saved Adam state, see
-        :mod:`tracin_jax.influence.precondition`) or a preconditioner object.
-      relatif: divide each training slice's class-j scores by the square root of its class-j
-        self-influence (RelatIF-style normalisation).
+      method: a name of :data:`tracin_jax.influence.methods.METHODS` (default ``tracin``,
+        the paper's class-wise TracIn; each method's module documents it). An unknown name is
+        a one-line InputError listing the known ones.
+      options: the method's options dataclass (e.g. ``TracInOptions(params="all",
+        proj_dim=4096)``); None: its defaults, updated by the option keywords below.
+      grad_fn: a ClassGradFn replacing the method's featuriser (``tracin`` only); give it a
+        ``tag`` so its store is its own, and a ``loss`` name (``make_class_grad_fn(...,
+        loss="ce")``) so meta.json gets a ``spec`` (else ``spec: null``).
+      common: a :class:`~.methods.base.Common`, or its fields as keywords:
+        checkpoints (``"all"``, a list of epochs, or ``"E1,E2"``), split (``test`` or
+        ``train``: train-vs-train), topk (K of the streamed top-K; default only when the full
+        tensor does not fit, then DEFAULT_TOPK), batch_size (examples per gradient batch,
+        rounded up to the device count), chunk_size (training examples per store chunk and
+        scoring block), memory_budget_gb (a budget below :func:`memory_estimate` is refused up
+        front; the full score tensor is kept only when it fits on top of the estimate),
+        data_dir (overrides the data folder recorded in the workdir), progress (tqdm bars),
+        store_dir (feature store folder, default ``<workdir>/features/<key>``).
+      **kwargs: the common fields above and the method's option fields, e.g. ``params``
+        (``head`` | ``decoder`` | ``all`` | a regular expression), ``proj_dim`` (None: exact up
+        to 65536 parameters, else 4096; 0: exact), ``proj_seed``, ``proj_kind`` (countsketch |
+        rademacher | gaussian | logra, whose ``proj_dim`` is the per-layer rank), ``loss``
+        (``dice`` | ``ce``), ``normalise`` (cosine), and the method's own (its ``Options``
+        dataclass). An option the method does not take is a one-line InputError (the
+        keywords of the earlier flat signature at their old defaults, e.g.
+        ``fisher="sampled"``, are accepted and ignored).
     Returns:
       the meta dict written to ``out/meta.json``.
     """
-    from tracin_jax import load_run
+    import dataclasses
 
-    if method == "ekfac":
-        from tracin_jax.influence.ekfac import DEFAULT_DAMPING, run_ekfac_influence
+    from tracin_jax.influence import methods
 
-        if grad_fn is not None:
-            raise InputError("method='ekfac' builds its own gradient function; grad_fn is for "
-                             "method='tracin'")
-        if precondition not in (None, "none") or relatif:
-            raise InputError("--precondition and --relatif apply to --method tracin only")
-        return run_ekfac_influence(
-            workdir, out, checkpoints=checkpoints, params=params, proj_dim=proj_dim,
-            proj_seed=proj_seed, proj_kind=proj_kind, loss=loss, normalise=normalise,
-            damping=DEFAULT_DAMPING if damping is None else damping, fisher=fisher, split=split,
-            topk=topk, batch_size=batch_size, chunk_size=chunk_size,
-            memory_budget_gb=memory_budget_gb, data_dir=data_dir, progress=progress,
-            store_dir=store_dir)
-    if method != "tracin":
-        raise InputError(f"--method {method!r} is not one of tracin, ekfac")
-    if damping is not None:
-        raise InputError("--damping applies to --method ekfac or trak only")
-
-    t0 = time.perf_counter()
-    _check_args(split, topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
-    _check_loss(loss)
-    check_writable_folder(out, "--out")
-    check_writable_folder(store_dir if store_dir is not None else Path(workdir) / "features",
-                          "feature store")
-    run = load_run(workdir, data_dir)
-    available = [c.epoch for c in run.checkpoints]
-    epochs = parse_checkpoints(checkpoints, available, workdir)
-    chosen = [run.checkpoint(e) for e in epochs]
-    if grad_fn is None:
-        grad_fn = run_grad_fn(run, params, proj_dim=proj_dim, proj_seed=proj_seed,
-                              proj_kind=proj_kind, loss=loss, normalise=normalise)
-    train = run.train
-    test = run.test if split == "test" else run.train
-    for name, ex in (("training", train), (split, test)):
-        if len(ex.images) == 0:
-            raise InputError(f"{workdir}: the {name} split has no slices")
-    for c in chosen:
-        if not c.lr >= 0:
-            raise InputError(f"{workdir}: checkpoint {c.epoch} records learning rate {c.lr}")
-    for c in chosen:  # a damaged checkpoint fails here, before any file or folder is made
-        c.check()
-    precondition = make_preconditioner(precondition, run)
-    load_s = time.perf_counter() - t0
-    meta = compute_influence(
-        grad_fn, chosen, train, test, out, split=split, topk=topk, batch_size=batch_size,
-        chunk_size=chunk_size, memory_budget_gb=memory_budget_gb, progress=progress,
-        store_dir=store_dir, workdir=workdir, extra_timings={"load_s": round(load_s, 3)},
-        precondition=precondition, relatif=relatif,
-        extra_meta={"run_identity": identity.describe(run, epochs)})
-    return meta
+    cls = methods.get_method(method)
+    common_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in methods.COMMON_FIELDS}
+    if common is None:
+        common = methods.Common(**common_kw)
+    elif common_kw:
+        common = dataclasses.replace(common, **common_kw)
+    fields = methods.option_fields(cls)
+    given = {k: v for k, v in kwargs.items()
+             if v is not None and not (k not in fields and _LEGACY_DEFAULTS.get(k, ...) == v)}
+    if options is None:
+        options = methods.make_options(cls, given)
+    elif given:
+        methods.make_options(cls, given)  # refuses the options it does not take
+        options = dataclasses.replace(options, **given)
+    return cls(options).run(workdir, out, common, grad_fn=grad_fn)
 
 
 def write_score_files(out: Path, result: dict, test_present: np.ndarray,
@@ -446,7 +409,7 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                       workdir: str | os.PathLike | None = None, class_names=None,
                       class_labels=None, extra_timings: dict | None = None, mesh=None,
                       precondition=None, relatif: bool = False,
-                      extra_meta: dict | None = None) -> dict:
+                      extra_meta: dict | None = None, method=None) -> dict:
     """The engine without the workdir: gradient function, checkpoints and examples given.
 
     ``checkpoints``: objects with ``epoch``, ``lr``, ``variables``; ``train``/``test``: objects
@@ -463,7 +426,9 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     gradients alike as ``sqrt(diag)`` before projection (:func:`~.store.compute_features`).
     ``relatif``: RelatIF-style normalisation of the training side (:class:`~.precondition.
     RelatIFBlocks`); ``self_influence.npy`` keeps the un-normalised values. ``extra_meta``:
-    entries added to meta.json. Returns the meta dict.
+    entries added to meta.json. ``method``: a :class:`~.methods.base.Method` whose
+    ``transform_train``/``transform_test`` wrap the training block reader and the query
+    features (None: unchanged). Returns the meta dict.
 
     Before any work: ``out`` and the store must be writable, the estimated memory
     (:func:`memory_estimate`, XLA's workspace of the gradient program included) must fit
@@ -596,16 +561,20 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         read_train = partial(store.read_block, epochs)
         if relatif:
             read_train = RelatIFBlocks(read_train, blocks)
+        if method is not None:
+            read_train = method.transform_train(read_train, blocks)
+        transform_test = method.transform_test if method is not None else (lambda f: f)
+        relatif = isinstance(read_train, RelatIFBlocks)
         parts = []
         for qs, qe, read_query in queries:
             parts.append(score_blocks(
-                read_query(), read_train, blocks, mesh=mesh,
+                transform_test(read_query()), read_train, blocks, mesh=mesh,
                 scores_out=scores_out[qs:qe] if scores_out is not None else None,
                 collect_scores=fits, topk=k, patient_of=patient_of if pat_fits else None,
                 n_patients=len(patients), progress=progress, self_influence=not parts))
         result = _join_query_blocks(parts)
-        if relatif:  # the normalised self-influence is 1 by construction; keep the raw one
-            result["self_influence"] = read_train.self_influence()
+        if hasattr(read_train, "self_influence"):  # RelatIF: the normalised one is 1 by
+            result["self_influence"] = read_train.self_influence()  # construction; the raw one
         timings["scores_s"] = round(time.perf_counter() - t, 3)
 
         # Stage 3: files (each complete under a temporary name), then meta.json last.
@@ -620,7 +589,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         if "load_s" in timings:
             timings["total_s"] = round(sum(
                 v for key, v in timings.items()
-                if key in ("load_s", "ekfac_fit_s", "features_s", "scores_s", "write_s")), 3)
+                if key in ("load_s", "features_s", "scores_s", "write_s")
+                or key.endswith("_fit_s")), 3)  # a method's fit (Fitted.timings)
 
         projector = getattr(grad_fn, "projector", None)
         meta = {

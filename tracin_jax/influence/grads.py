@@ -15,7 +15,9 @@ label values of the C classes.
 
 The loss is pluggable: ``loss_fn(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]``, one
 value per example and class, each example's row depending on that example only (default
-:func:`~tracin_jax.training.losses.tumour_dice_loss`, C = 3: NCR/NET, ED, ET).
+:func:`~tracin_jax.training.losses.tumour_dice_loss`, C = 3: NCR/NET, ED, ET). A loss can be
+named instead (``loss="dice"`` or ``"ce"``, :data:`LOSSES`); the name is recorded on the
+result (``ClassGradFunction.loss``) and in an influence folder's meta.json ``spec``.
 
 Two ways to get the gradients, same numbers:
 
@@ -65,7 +67,7 @@ from tracin_jax.errors import InputError
 from tracin_jax.influence.projection import Projector
 from tracin_jax.influence.subsets import ParamSubset
 from tracin_jax.models.interface import features_apply, has_features, head_name
-from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
+from tracin_jax.training.losses import CLASS_NAMES, tumour_cross_entropy, tumour_dice_loss
 
 ClassGradFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -101,6 +103,11 @@ class ClassGradFunction:
     # leaves, in ``subset.paths`` order) BEFORE projection; None when ``fn`` cannot do that
     # (a custom function). The feature store's diagonal preconditioner hook calls it.
     scaled_fn: Callable | None = field(default=None, repr=False)
+    # The loss by name (one of :data:`LOSSES`: ``dice``, ``ce``) when it is one of the
+    # project's; None for any other loss. With ``normalised``, it is what a folder's
+    # ``meta.json`` ``spec`` records, so the gradient can be rebuilt (evaluate's randomisation).
+    loss: str | None = None
+    normalised: bool = False
 
     def __post_init__(self):
         names, labels = class_axis(self.class_names, self.class_labels)
@@ -197,10 +204,35 @@ def default_examples_mode() -> str:
     return "unroll" if jax.default_backend() == "cpu" else "vmap"
 
 
-def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour_dice_loss,
+LOSSES = {"dice": tumour_dice_loss, "ce": tumour_cross_entropy}
+
+
+def loss_name(loss_fn: Any) -> str | None:
+    """``dice`` / ``ce`` when ``loss_fn`` is the project's :func:`tumour_dice_loss` (a partial
+    of it with keyword arguments included) / :func:`tumour_cross_entropy`, else None."""
+    fn = loss_fn.func if isinstance(loss_fn, functools.partial) and not loss_fn.args else loss_fn
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    for name, known in LOSSES.items():
+        if fn is known:
+            return name
+    return None
+
+
+def resolve_loss(loss_fn: LossFn | None, loss: str | None) -> tuple[LossFn, str | None]:
+    """(loss function, loss name) from ``make_class_grad_fn``'s ``loss_fn``/``loss``: a name
+    alone resolves to the project's loss; a function alone is named when it is one of them; a
+    function and a name: the name is declared for that function (its spec records it)."""
+    if loss is not None and loss not in LOSSES:
+        raise InputError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
+    if loss_fn is None:
+        return LOSSES[loss or "dice"], loss or "dice"
+    return loss_fn, loss if loss is not None else loss_name(loss_fn)
+
+
+def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn | None = None,
                        projector: Projector | None = None, *, method: str = "auto",
                        examples: str = "auto", tag: str | None = None, class_names=None,
-                       class_labels=None) -> ClassGradFunction:
+                       class_labels=None, loss: str | None = None) -> ClassGradFunction:
     """Builds the jitted ClassGradFn for a Flax model and parameter subset.
 
     Args:
@@ -208,7 +240,8 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
         ``model.apply(variables, x, train=False)`` (the ``head`` method also needs
         ``return_features=True`` -> (logits, features), and reads the head's name from it).
       subset: the parameters to differentiate (see :func:`resolve_subset`).
-      loss_fn: ``(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]``.
+      loss_fn: ``(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]`` (default: the one
+        ``loss`` names, else :func:`~tracin_jax.training.losses.tumour_dice_loss`).
       projector: None for exact flattened gradients (D = subset.size), else a Projector
         (D = projector.dim).
       method: ``auto`` (``logra`` with a LoGra projector, else ``head`` when the subset allows
@@ -224,9 +257,14 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
       class_names, class_labels: what the loss's C classes are: label values (default 1, 2, 3,
         the tumour classes) and names (default from the labels: 0 background, 1 NCR/NET, 2 ED,
         3 ET). A loss that includes background first: ``class_labels=(0, 1, 2, 3)``.
+      loss: ``dice`` | ``ce``: the loss by name (:data:`LOSSES`); alone, it chooses the loss
+        function; with ``loss_fn``, it declares that ``loss_fn`` computes that loss. Recorded
+        as the result's ``loss`` (a folder's ``meta.json`` ``spec``); a ``loss_fn`` that is none
+        of the project's and is given no name leaves it None (the folder gets ``spec: null``).
     Returns:
       ClassGradFunction: ``(variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B,C,D]``.
     """
+    loss_fn, named = resolve_loss(loss_fn, loss)
     logra = projector is not None and projector.kind == "logra"
     if method == "auto":
         method = "logra" if logra else "head" if is_head_subset(model, subset) else "vjp"
@@ -331,7 +369,8 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn = tumour
                 if logra else f"{projector.kind}{projector.dim}s{projector.seed}")
         tag = f"{unique_name(loss_fn)}|{method}|{proj}"
     return ClassGradFunction(fn=fn, tag=tag, dim=dim, subset=subset, projector=projector,
-                             class_names=names, class_labels=labels, scaled_fn=scaled_fn)
+                             class_names=names, class_labels=labels, scaled_fn=scaled_fn,
+                             loss=named)
 
 
 def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
@@ -363,9 +402,10 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
         projector=getattr(grad_fn, "projector", None),
         class_names=getattr(grad_fn, "class_names", CLASS_NAMES),
         class_labels=getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS),
-        scaled_fn=scaled_fn)
+        scaled_fn=scaled_fn, loss=getattr(grad_fn, "loss", None), normalised=True)
 
 
-__all__ = ["DEFAULT_CLASS_LABELS", "LABEL_NAMES", "ClassGradFn", "ClassGradFunction", "LossFn",
+__all__ = ["DEFAULT_CLASS_LABELS", "LABEL_NAMES", "LOSSES", "ClassGradFn", "ClassGradFunction",
+           "LossFn", "loss_name", "resolve_loss",
            "class_axis", "class_logit_grads", "default_examples_mode", "is_head_subset",
            "make_class_grad_fn", "normalised", "unique_name"]

@@ -217,10 +217,10 @@ def ensure_seed_models(run, n_models: int, *, mode: str = "auto", progress: bool
                        log=print) -> list[TrakModel]:
     """The ``seeds`` ensemble: the run's last checkpoint and ``n_models - 1`` full-data models.
 
-    Missing models are trained one at a time (:func:`~tracin_jax.evaluate.retrain.train_models`
+    Missing models are trained one at a time (:func:`~tracin_jax.training.multi.train_models`
     with every patient kept) and saved atomically; finished ones are loaded.
     """
-    from tracin_jax.evaluate.retrain import run_patients, train_models, unstack
+    from tracin_jax.training.multi import run_patients, train_models, unstack
     from tracin_jax.training.train import init_variables
 
     last = run.checkpoints[-1]
@@ -283,6 +283,21 @@ def _check_trak_args(models, n_models, damping) -> None:
         ok = False
     if not ok:
         raise InputError(f"--damping {damping!r} must be a positive number")
+
+
+def trak_spec(grad_fn: Any, epochs: Sequence[int | None], *, damping: float, n_models: int,
+              models_from: str) -> dict | None:
+    """meta.json's ``spec`` of a TRAK folder (see :mod:`tracin_jax.influence.methods.base`);
+    None for features without a parameter subset (a custom gradient function)."""
+    subset, projector = getattr(grad_fn, "subset", None), getattr(grad_fn, "projector", None)
+    if subset is None:
+        return None
+    return {"method": "trak", "loss": "margin", "params": subset.name,
+            "projection": projector.describe() if projector is not None else None,
+            "normalise": False, "precondition": "none", "relatif": False,
+            "checkpoints": [int(e) for e in epochs if e is not None],
+            "options": {"damping": float(damping), "models": int(n_models),
+                        "models_from": str(models_from)}}
 
 
 def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MODELS,
@@ -475,6 +490,8 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
         projector = getattr(grad_fn, "projector", None)
         meta = {
             **folder_meta(workdir, "test", class_names, class_labels, test, train, patients),
+            "spec": trak_spec(grad_fn, [mdl.epoch for mdl in ensemble if mdl.epoch is not None],
+                              damping=damping, n_models=m, models_from=models),
             "method": "trak",
             # The run checkpoints among the models (their epochs and learning rates): what the
             # explain stage checks against the run and uses for the latent features.
