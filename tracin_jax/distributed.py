@@ -337,3 +337,33 @@ def local_cpu_share(rank: int, count: int, cpus: list[int] | None = None) -> lis
     base, extra = divmod(len(cpus), count)
     start = rank * base + min(rank, extra)
     return cpus[start:start + base + (1 if rank < extra else 0)]
+
+
+def forward_lines(stream, prefix: str, key: Any, last: dict, sink) -> None:
+    """Copies ``stream`` line by line to ``sink``, each line prefixed ``[prefix] ``, blank lines
+    dropped; ``last[key]`` keeps the last line (the one a failure is reported with)."""
+    for raw in iter(stream.readline, ""):
+        line = raw.rstrip("\n")
+        if not line.strip():
+            continue
+        last[key] = line.strip()
+        sink.write(f"[{prefix}] {line}\n")
+        sink.flush()
+    stream.close()
+
+
+def stop_processes(procs, grace_s: float = 5.0) -> None:
+    """SIGTERM to every process still running, then SIGKILL to those alive after ``grace_s``."""
+    import signal
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,8 @@ import threading
 import time
 from typing import Sequence
 
-from tracin_jax.distributed import ADDRESS, COUNT, PEER_STOPPED, RANK, local_cpu_share
+from tracin_jax.distributed import (ADDRESS, COUNT, PEER_STOPPED, RANK, forward_lines,
+                                    local_cpu_share, stop_processes)
 from tracin_jax.errors import InputError
 
 STAGES = ("train", "influence", "evaluate", "explain")
@@ -69,30 +69,6 @@ def process_env(rank: int, n: int, address: str, gpus: Sequence[str]) -> dict:
     else:
         env.setdefault("JAX_PLATFORMS", "cpu")
     return env
-
-
-def _forward(stream, rank: int, sink, last: dict) -> None:
-    for raw in iter(stream.readline, ""):
-        line = raw.rstrip("\n")
-        if not line.strip():
-            continue
-        last[rank] = line
-        sink.write(f"[{rank}] {line}\n")
-        sink.flush()
-    stream.close()
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _first_cause(procs: list[subprocess.Popen], failed: tuple[int, int], last: dict,
@@ -145,7 +121,7 @@ def launch(command: Sequence[str], n: int, *, devices: str = "auto") -> int:
             preexec_fn=(lambda s=tuple(share): os.sched_setaffinity(0, s)))
         procs.append(p)
         for stream, sink in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
-            t = threading.Thread(target=_forward, args=(stream, rank, sink, last), daemon=True)
+            t = threading.Thread(target=forward_lines, args=(stream, rank, rank, last, sink), daemon=True)
             t.start()
             threads.append(t)
     failed: tuple[int, int] | None = None
@@ -163,14 +139,14 @@ def launch(command: Sequence[str], n: int, *, devices: str = "auto") -> int:
                     failed = (rank, p.returncode)
                     break
     except KeyboardInterrupt:
-        _stop(procs)
+        stop_processes(procs, GRACE_S)
         for t in threads:
             t.join(timeout=2)
         print("tracin-jax launch: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     if failed is not None:
         failed = _first_cause(procs, failed, last)
-        _stop(procs)
+        stop_processes(procs, GRACE_S)
     for t in threads:
         t.join(timeout=5)
     if failed is None:

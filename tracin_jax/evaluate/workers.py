@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tracin_jax.distributed import forward_lines, stop_processes
 from tracin_jax.errors import InputError
 
 CLAIM_SUFFIX = ".claim"
@@ -206,29 +207,6 @@ def _pin(pid: int, cpus: Sequence[int]) -> None:
         pass  # the process already ended (its status tells why), or no affinity on this OS
 
 
-def _forward(stream, index: int, last: dict, sink) -> None:
-    for raw in iter(stream.readline, ""):
-        line = raw.rstrip("\n")
-        if line.strip():
-            last[index] = line.strip()
-        sink.write(f"[worker {index}] {line}\n")
-        sink.flush()
-    stream.close()
-
-
-def _stop(procs: Sequence[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def _describe(code: int) -> str:
     if code < 0:
         try:
@@ -273,7 +251,7 @@ def run_workers(command: Sequence[str], n: int, results: Sequence[Path], *, on_c
             procs.append(p)
             if share:
                 _pin(p.pid, share)
-            t = threading.Thread(target=_forward, args=(p.stderr, i, last, sys.stderr),
+            t = threading.Thread(target=forward_lines, args=(p.stderr, f"worker {i}", i, last, sys.stderr),
                                  daemon=True)
             t.start()
             threads.append(t)
@@ -287,11 +265,11 @@ def run_workers(command: Sequence[str], n: int, results: Sequence[Path], *, on_c
                 break
             time.sleep(poll_s)
     except BaseException:  # KeyboardInterrupt included: no worker outlives the parent
-        _stop(procs)
+        stop_processes(procs, GRACE_S)
         bar.close()
         raise
     if failed is not None:
-        _stop(procs)
+        stop_processes(procs, GRACE_S)
     for t in threads:
         t.join(timeout=5)
     bar.update(done() - bar.n)

@@ -609,10 +609,16 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         return write_meta(out, meta, "influence-written", staged=staged)
     except BaseException:
         scores_out = None
-        staged.discard()
-        if made_out:
-            _remove_if_empty(out)
+        abandon_output(staged, out, made_out)
         raise
+
+
+def abandon_output(staged, out: Path, made_out: bool) -> None:
+    """After a failure: removes the staged files, and ``out`` when this run created it and it is
+    empty; earlier complete outputs stay."""
+    staged.discard()
+    if made_out:
+        _remove_if_empty(out)
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -62,7 +62,7 @@ from scipy import linalg
 from tracin_jax.atomic import StagedFiles, save_npz_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
-from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, _remove_if_empty,
+from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, abandon_output,
                                          check_free_space, check_memory, check_writable_folder,
                                          class_present, folder_meta, gradient_workspace,
                                          memory_estimate, open_scores, output_bytes,
@@ -512,9 +512,7 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
         return write_meta(out, meta, "trak-written", staged=staged)
     except BaseException:
         scores_out = None
-        staged.discard()
-        if made_out:
-            _remove_if_empty(out)
+        abandon_output(staged, out, made_out)
         raise
 
 
