@@ -32,14 +32,20 @@ FORMAT = 1
 
 
 def variables_fingerprint(variables: Any) -> str:
-    """Hash of every array of a variables tree (with its path, dtype and shape)."""
+    """Hash of every array of a variables tree (with its path, dtype and shape), as JAX arrays
+    (the feature store keys each checkpoint's chunks on it too). Arrays spread over several
+    processes are gathered first."""
     import jax
+    import jax.numpy as jnp
 
     h = hashlib.sha1()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0],
                              key=lambda kv: jax.tree_util.keystr(kv[0])):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaf = leaf.addressable_data(0)  # a replicated array of several processes
+        leaf = jnp.asarray(leaf)
+        if not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(jax.tree_util.keystr(path).encode())
         h.update(str(a.dtype).encode() + str(a.shape).encode())

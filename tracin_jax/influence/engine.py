@@ -488,14 +488,10 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     k = min(int(k), n_train) if k else None  # ranks beyond n_train would be empty
     patients, patient_of = patient_index(train.cases)
     pat_fits = estimate["total"] + 4 * n_test * c * len(patients) * c <= budget
-    needs = [("feature store", store_dir,
-              pending_bytes(store_dir, header, [ck.epoch for ck in checkpoints]))]
-    if sharding.is_writer():
-        needs.append(("--out", out, output_bytes(n_test, n_train, c, len(patients), fits=fits,
-                                                 patients_fit=pat_fits, k=k, topk=topk)))
-    check_free_space(needs)
-    store = FeatureStore(store_dir, header, ids=train_ids)  # refuses another setting's store
-    made_out = sharding.is_writer() and not out.exists()  # removed again if this run fails
+    store, made_out = open_outputs(
+        out, store_dir, header, train_ids, [ck.epoch for ck in checkpoints],
+        output_bytes(n_test, n_train, c, len(patients), fits=fits, patients_fit=pat_fits, k=k,
+                     topk=topk))
     if sharding.is_writer():
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -611,6 +607,20 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
         scores_out = None
         abandon_output(staged, out, made_out)
         raise
+
+
+def open_outputs(out: Path, store_dir, header: dict, train_ids, keys, out_bytes: int
+                 ) -> tuple[FeatureStore, bool]:
+    """Before any gradient: refuses a file system without room for the store's pending chunks
+    (checkpoint ``keys``) and, in the writer process, the ``out_bytes`` of the output files; then
+    opens the feature store (refusing another setting's). Returns (store, made_out): whether
+    this run creates ``out`` (removed again if it fails, :func:`abandon_output`)."""
+    needs = [("feature store", store_dir, pending_bytes(store_dir, header, keys))]
+    if sharding.is_writer():
+        needs.append(("--out", out, out_bytes))
+    check_free_space(needs)
+    store = FeatureStore(store_dir, header, ids=train_ids)
+    return store, sharding.is_writer() and not out.exists()
 
 
 def abandon_output(staged, out: Path, made_out: bool) -> None:

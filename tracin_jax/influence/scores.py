@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tracin_jax.progress import tqdm
 
+from tracin_jax.data.split import patient_index  # noqa: F401 (also this module's API)
 from tracin_jax.influence import sharding
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -52,12 +53,6 @@ def contract(test_feats: jax.Array, train_feats: jax.Array) -> jax.Array:
 def squared_norms(feats: jax.Array) -> jax.Array:
     """f32[n, C, F] -> f32[n, C]: self-influence of each example and class."""
     return jnp.sum(jnp.square(feats), axis=-1)
-
-
-def patient_index(train_cases: Sequence[Any]) -> tuple[list, np.ndarray]:
-    """(patients sorted by id, int32[n_train] position of each slice's patient in that list)."""
-    patients, index = np.unique(np.asarray([str(c) for c in train_cases]), return_inverse=True)
-    return [str(p) for p in patients], index.astype(np.int32)
 
 
 def aggregate_by_patient(scores: Any, train_cases: Sequence[Any]) -> tuple[np.ndarray, list]:

@@ -52,6 +52,7 @@ from tracin_jax.progress import tqdm
 
 from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
+from tracin_jax.identity import variables_fingerprint  # noqa: F401 (also this module's API)
 from tracin_jax.influence import sharding
 
 MANIFEST = "manifest.json"
@@ -62,18 +63,6 @@ FORMAT = 1
 def ids_hash(ids: Sequence[Any]) -> str:
     """Short stable hash of a list of example ids."""
     return hashlib.sha1(json.dumps([str(i) for i in ids]).encode()).hexdigest()[:16]
-
-
-def variables_fingerprint(variables: Any) -> str:
-    """Hash of every array of a variables tree (detects a checkpoint that changed on disk)."""
-    h = hashlib.sha1()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(variables)[0],
-                             key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.ascontiguousarray(sharding.to_host(jnp.asarray(leaf)))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def _slug(text: str, limit: int = 40) -> str:

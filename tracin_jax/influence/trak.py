@@ -63,7 +63,7 @@ from tracin_jax.atomic import StagedFiles, save_npz_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
 from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, abandon_output,
-                                         check_free_space, check_memory, check_writable_folder,
+                                         check_memory, check_writable_folder, open_outputs,
                                          class_present, folder_meta, gradient_workspace,
                                          memory_estimate, open_scores, output_bytes,
                                          parse_checkpoints, run_record, write_meta,
@@ -72,9 +72,8 @@ from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, ClassGradFunction,
                                         make_class_grad_fn)
 from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
 from tracin_jax.influence.scores import patient_index, score_blocks
-from tracin_jax.influence.store import (FeatureStore, compute_features, feature_shape,
-                                        featurise_checkpoint, finish_stats, ids_hash, make_header,
-                                        pending_bytes, store_key)
+from tracin_jax.influence.store import (compute_features, feature_shape, featurise_checkpoint,
+                                        finish_stats, ids_hash, make_header, store_key)
 from tracin_jax.influence.subsets import resolve_subset
 from tracin_jax.progress import tqdm
 
@@ -409,14 +408,10 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
     k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
     k = min(int(k), n_train) if k else None
     patients, patient_of = patient_index(train.cases)
-    needs = [("feature store", store_dir,
-              pending_bytes(store_dir, header, [mdl.key for mdl in ensemble]))]
-    if sharding.is_writer():
-        needs.append(("--out", out, output_bytes(n_test, n_train, c, len(patients), fits=fits,
-                                                 patients_fit=True, k=k, topk=topk)))
-    check_free_space(needs)
-    store = FeatureStore(store_dir, header, ids=train_ids)
-    made_out = sharding.is_writer() and not out.exists()  # removed again if this run fails
+    store, made_out = open_outputs(
+        out, store_dir, header, train_ids, [mdl.key for mdl in ensemble],
+        output_bytes(n_test, n_train, c, len(patients), fits=fits, patients_fit=True, k=k,
+                     topk=topk))
     if sharding.is_writer():
         try:
             out.mkdir(parents=True, exist_ok=True)
