@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from tracin_jax import checkpoints
 from tracin_jax.errors import InputError
 from tracin_jax.models import build_model, features_apply, head_name
-from tracin_jax.training.losses import CLASS_NAMES, tumour_dice_loss
+from tracin_jax.task import task_of
+from tracin_jax.training.losses import tumour_dice_loss
 from tracin_jax.training.train import RUN_FILE, init_variables, load_config
 
 
@@ -52,8 +53,6 @@ class Checkpoint:
 class Run:
     """A trained run: config, checkpoints in epoch order, pure apply and loss, and the data."""
 
-    class_names = CLASS_NAMES
-
     def __init__(self, workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None):
         self.workdir = Path(workdir)
         if not self.workdir.is_dir():
@@ -62,6 +61,7 @@ class Run:
         run_file = self.workdir / RUN_FILE
         self.info = json.loads(run_file.read_text()) if run_file.exists() else {}
         self.data_dir = Path(data_dir) if data_dir else Path(self.info.get("data_dir", ""))
+        self.task = task_of(self.info, self.config.data.modalities)
         self.model = build_model(self.config.model)
         epochs = checkpoints.list_epochs(self.workdir)
         if not epochs:
@@ -71,6 +71,11 @@ class Run:
         for e in epochs:
             meta = checkpoints.load_meta(self.workdir, e)
             self.checkpoints.append(Checkpoint(self.workdir, e, int(meta["step"]), float(meta["lr"]), like))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The C foreground class names (``task.classes``; BraTS: NCR/NET, ED, ET)."""
+        return self.task.classes
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
