@@ -119,11 +119,27 @@ def test_unreachable_coordinator_is_one_line(tmp_path):
     ({"JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID is not"),
     ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "not integers"),
 ])
-def test_bad_cluster_settings_are_one_line(tmp_path, env, needle):
-    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", **env}
+def test_bad_cluster_settings_are_one_line(monkeypatch, env, needle):
+    from tracin_jax.distributed import env_settings
+    from tracin_jax.errors import InputError
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"127.0.0.1:{free_port()}")
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError) as e:
+        env_settings()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_cluster_setting_on_the_command_line(tmp_path):
+    # The same check as above, through a stage: one line, exit 2, nothing written.
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "2"}
     line = _one_line(_cli("train", "--data", str(tmp_path), "--workdir", str(tmp_path / "w"),
                           env=env, timeout=60))
-    assert needle in line, line
+    assert "JAX_PROCESS_ID=2 is outside [0, 2)" in line, line
     assert not (tmp_path / "w").exists()
 
 

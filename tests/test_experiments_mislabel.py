@@ -204,7 +204,9 @@ def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
     out = tmp_path / "mislabel"
     args = ["--out", str(out), "--data", str(tiny_data), "--config", "tiny", "--fraction", "0.5",
             "--proj-dim", "64", "--bootstrap", "50", "--batch-size", "2", "--no-progress",
-            "--logra-rank", "2", "--trak-models", "2"]
+            "--logra-rank", "0", "--adam-subsets", "", "--trak-models", "2"]
+    # Adam-aware and LoGra variants are the engine's options, tested in their own files; here
+    # they would only add their compilations to the experiment's plumbing.
     for o in [*TINY_OVERRIDES[:-1], "train.epochs=2"]:
         args += ["--set", o]
     assert mislabel.main(args) == 0
@@ -223,7 +225,7 @@ def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
         assert 0.0 <= auc <= 1.0
         assert len(methods[m]["all"]["curve"]) == len(res["grid"])
     for m in ("Dice head ekfac classwise sum", "CE head ekfac classwise sum",
-              "Dice all logra classwise sum", "TRAK head classwise sum"):
+              "TRAK head classwise sum"):
         assert 0.0 <= methods[m]["all"]["auc"] <= 1.0, m
     for name, meta in res["influence"].items():
         if name == "TRAK head":  # no train-vs-train tensor: its self-score only
@@ -232,7 +234,7 @@ def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
             continue
         assert meta["self_influence_vs_diagonal_max_rel_err"] < 1e-4, name
     assert res["influence"]["Dice head ekfac"]["method"] == "ekfac"
-    assert res["influence"]["Dice all logra"]["projection"]["kind"] == "logra"
+    assert not any("adam" in name or "logra" in name for name in res["influence"])
     # TRAK's self-score is its own, not a TracIn self-influence under another name
     si = {n: np.load(out / f"influence-{n.replace(' ', '-')}" / "self_influence.npy")
           for n in ("TRAK head", "Dice head", "Dice head ekfac")}

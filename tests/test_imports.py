@@ -14,6 +14,8 @@ below; cycles are refused within a stage too:
   ``progress``, ``distributed``, ``flops``);
 - ``checkpoints`` and ``identity``: what a run records on disk, written by training and read by
   every later stage;
+- ``task``: what a segmentation task is (channels, classes), read with the data and carried by
+  every later stage;
 - ``data`` < ``models`` < ``config`` (the config validates ``model.arch`` against the model
   registry; data and models use the config's classes only in annotations) < ``training``;
 - ``run`` (``load_run``) and the package's own ``__init__``, which re-exports it;
@@ -44,6 +46,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("errors", ("errors",)),
     ("utilities", ("atomic", "paths", "progress", "distributed", "flops")),
     ("records", ("checkpoints", "identity")),
+    ("task", ("task",)),
     ("data", ("data",)),
     ("models", ("models",)),
     ("config", ("config",)),
