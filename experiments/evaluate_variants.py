@@ -16,23 +16,11 @@ What it does:
 1. writes ``--cases`` synthetic BraTS-2019-layout cases (default 40: 32 training patients, so
    a half subset holds 16 patients; with the demo's 12 training patients a half holds 6 and the
    ground truth is mostly noise) and trains the ``demo`` config on them;
-2. computes class-wise influence (test split) for every variant the engine offers:
-
-   - ``head-dice``: the paper (decoder head, Dice class gradients, all checkpoints);
-   - ``all-proj-dice``: every parameter, CountSketch projection to 4096;
-   - ``head-ce``: region cross-entropy class gradients (``--loss ce``);
-   - ``head-cos``: cosine TracIn (``--normalised``) on the head;
-   - ``all-proj-cos``: cosine TracIn on every parameter with projection;
-   - ``head-dice-last``: the last checkpoint only;
-   - ``head-trak``: class-wise TRAK on the head, 4 full-data models (trains 3 of them);
-   - ``ekfac-dice``: EK-FAC influence functions on every conv layer (``--method ekfac``);
-   - ``head-ekfac-cos``: EK-FAC on the head, cosine in the F^-1 metric;
-   - ``head-adam``, ``head-adam-cos``, ``all-proj-adam``: Adam-aware TracIn
-     (``--precondition adam``), plain, cosine, and on every parameter with projection;
-   - ``head-relatif``, ``head-adam-relatif``: RelatIF-style normalisation (``--relatif``);
-   - ``all-logra-dice``, ``all-logra-cos``: every parameter with LoGra per-layer projection
-     (rank 16, ``--proj-kind logra``), plain and cosine;
-
+2. computes class-wise influence (test split) for every variant: the ``presets`` of every
+   method in the registry (``tracin_jax.influence.methods.METHODS``; each method's presets are
+   in its own file, so a new method brings its own), e.g. ``head-dice``, the paper (decoder
+   head, Dice class gradients, all checkpoints). ``--list`` prints them with their options;
+   ``--variants`` chooses some;
 3. runs ``tracin-jax evaluate`` on all of them: class-wise LDS against ``--subsets`` retrainings
    on random halves of the training patients x ``--seeds`` training seeds, leave-top-k-out for
    ``--leave-out-variants`` (by default the paper's and cosine head; every variant multiplies
@@ -47,27 +35,25 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {
-    # name: run_influence keywords (``method`` a name of tracin_jax.influence.methods.METHODS)
-    "head-dice": {"params": "head"},
-    "all-proj-dice": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch"},
-    "head-ce": {"params": "head", "loss": "ce"},
-    "head-cos": {"params": "head", "normalise": True},
-    "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
-                     "normalise": True},
-    "head-dice-last": {"params": "head", "checkpoints": "last"},
-    "head-trak": {"method": "trak", "params": "head", "models": 4},
-    "ekfac-dice": {"params": "all", "method": "ekfac"},
-    "head-ekfac-cos": {"params": "head", "method": "ekfac", "normalise": True},
-    "head-adam": {"params": "head", "precondition": "adam"},
-    "head-adam-cos": {"params": "head", "precondition": "adam", "normalise": True},
-    "head-relatif": {"params": "head", "relatif": True},
-    "head-adam-relatif": {"params": "head", "precondition": "adam", "relatif": True},
-    "all-proj-adam": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
-                      "precondition": "adam"},
-    "all-logra-dice": {"params": "all", "proj_dim": 16, "proj_kind": "logra"},
-    "all-logra-cos": {"params": "all", "proj_dim": 16, "proj_kind": "logra", "normalise": True},
-}
+# The order of the study's earlier tables (results are keyed by variant name; this only keeps
+# the rows where they were). Presets not listed follow in registry order.
+EARLIER_ORDER = ("head-dice", "all-proj-dice", "head-ce", "head-cos", "all-proj-cos",
+                 "head-dice-last", "head-trak", "ekfac-dice", "head-ekfac-cos", "head-adam",
+                 "head-adam-cos", "head-relatif", "head-adam-relatif", "all-proj-adam",
+                 "all-logra-dice", "all-logra-cos")
+
+
+def study_variants() -> dict[str, dict]:
+    """{variant name: run_influence keywords (with ``method``)}: every registered method's
+    presets, those of :data:`EARLIER_ORDER` first in that order."""
+    from tracin_jax.influence.methods import presets
+
+    found = presets()
+    first = [n for n in EARLIER_ORDER if n in found]
+    return {n: found[n] for n in first + [n for n in found if n not in first]}
+
+
+VARIANTS = study_variants()
 DEFAULT_CASES = 40
 SMALL_SHAPE = (80, 80, 48)
 SMALL_OVERRIDES = ("data.crop=8,72,8,72", "data.downsample=2", "data.slices=26:30",
@@ -95,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mislabel", default=None, help="results.json of experiments.mislabel")
     p.add_argument("--mode", default="auto")
     p.add_argument("--small", action="store_true", help="tiny data and config (smoke test)")
+    p.add_argument("--list", action="store_true", help="print the variants and their options")
     return p.parse_args(argv)
 
 
@@ -107,6 +94,10 @@ def run(args) -> dict:
     from tracin_jax.influence import run_influence
     from tracin_jax.training.train import train_and_evaluate
 
+    if args.list:
+        for name, kw in VARIANTS.items():
+            print(f"{name:20s} " + " ".join(f"{k}={v}" for k, v in kw.items()))
+        return {"variants": VARIANTS}
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

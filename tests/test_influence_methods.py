@@ -25,7 +25,13 @@ from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 EPS = inspect.signature(tumour_dice_loss).parameters["eps"].default
 # Per method: options for the toy problem (head subset, exact gradients).
 TOY_OPTIONS = {"tracin": {"params": "head"}, "ekfac": {"params": "head", "damping": 0.5},
-               "trak": {"params": "head", "proj_dim": 0}}
+               "trak": {"params": "head", "proj_dim": 0},
+               "source": {"params": "head", "damping": 0.5}}
+
+
+def _stepped(checkpoints):
+    """The toy checkpoints with the training step a run records (10 steps per epoch)."""
+    return [SimpleNamespace(**vars(c), step=10 * c.epoch) for c in checkpoints]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +42,7 @@ def toy_run(toy):
 
 
 def _compute(method, toy, toy_run, out, grad_fn=None):
-    return method.compute(toy_run, toy.checkpoints, out,
+    return method.compute(toy_run, _stepped(toy.checkpoints), out,
                           Common(store_dir=out.parent / (out.name + "-store"), batch_size=4,
                                  progress=False), grad_fn=grad_fn)
 
@@ -63,18 +69,20 @@ def test_protocol_shapes_determinism_and_scorer(name, toy, toy_run, tmp_path):
     b = _compute(cls(make_options(cls, TOY_OPTIONS[name])), toy, toy_run, tmp_path / "b")
     for f in ("scores.npy", "self_influence.npy", "patient_scores.npy"):
         np.testing.assert_array_equal(np.load(tmp_path / "a" / f), np.load(tmp_path / "b" / f))
-    if name != "ekfac":
+    if name not in ("ekfac", "source"):
         return  # tracin: against jax.grad below; trak: tests/test_influence_trak.py
-    # The blocked scorer against a float64 loop over the method's own per-example features.
+    # The blocked scorer against a float64 loop over the method's own per-example features
+    # (the query side at the fitted query checkpoints when the method has its own).
     grad_fn = method.featuriser(toy_run)
-    fitted = method.fit(toy_run, grad_fn, toy.checkpoints, tmp_path / "a", Common())
+    fitted = method.fit(toy_run, grad_fn, _stepped(toy.checkpoints), tmp_path / "a", Common())
     want = np.zeros((n_test, 3, n_train, 3))
-    for ck in fitted.checkpoints:
-        def feats(ex):
-            return np.stack([np.asarray(grad_fn(ck.variables, ex.images[i:i + 1],
+    for ck, qk in zip(fitted.checkpoints, fitted.query_checkpoints or fitted.checkpoints):
+        def feats(ex, variables):
+            return np.stack([np.asarray(grad_fn(variables, ex.images[i:i + 1],
                                                 ex.labels[i:i + 1])[0], np.float64)
                              for i in range(len(ex.ids))])
-        want += ck.lr * np.einsum("aid,bjd->aibj", feats(toy.test), feats(toy.train))
+        want += ck.lr * np.einsum("aid,bjd->aibj", feats(toy.test, qk.variables),
+                                  feats(toy.train, ck.variables))
     np.testing.assert_allclose(np.load(tmp_path / "a" / "scores.npy"), want, rtol=2e-4,
                                atol=1e-6 * np.abs(want).max())
 
@@ -110,10 +118,11 @@ def test_tracin_variants_agree_with_jax_grad_loops(options, toy, toy_run, tmp_pa
 
 
 def test_unknown_method_and_option_misuse_are_one_line(tmp_path, capsys):
-    with pytest.raises(InputError, match=r"^--method 'nope' is not one of tracin, trak, ekfac$"):
+    with pytest.raises(InputError, match=r"^--method 'nope' is not one of tracin, trak, ekfac, "
+                       "source$"):
         get_method("nope")
-    with pytest.raises(InputError, match=r"^--damping is an option of --method trak, ekfac; "
-                       "options of other methods do not apply to --method tracin$"):
+    with pytest.raises(InputError, match=r"^--damping is an option of --method trak, ekfac, "
+                       "source; options of other methods do not apply to --method tracin$"):
         make_options(methods.TracIn, {"damping": 0.1})
     with pytest.raises(InputError, match=r"--relatif is an option of --method tracin;"):
         make_options(methods.Ekfac, {"relatif": True})
@@ -123,7 +132,7 @@ def test_unknown_method_and_option_misuse_are_one_line(tmp_path, capsys):
         methods.Ekfac(methods.Ekfac.Options(fisher="exact"))
     base = ["influence", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
     for extra, words in ((["--damping", "0.1"], "do not apply to --method tracin"),
-                         (["--method", "nope"], "is not one of tracin, trak, ekfac"),
+                         (["--method", "nope"], "is not one of tracin, trak, ekfac, source"),
                          (["--method", "trak", "--normalised"], "--normalised is an option")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
@@ -198,3 +207,25 @@ def test_randomisation_rebuilds_the_spec_and_skips_without_one(toy, toy_run, tmp
         "variants": {"old": {"gradient": "dice head", "lds": lds, "vs_best": None,
                              "randomisation": skipped, "mislabel_auc": None}}})
     assert f"skipped: {skipped['skipped']}" in md
+
+
+def test_study_variants_are_the_registry_presets():
+    """experiments.evaluate_variants studies every method's presets (the earlier study's
+    variants first, in their order); each preset's options are valid for its method."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments import evaluate_variants as ev
+
+    found = methods.presets()
+    assert list(ev.VARIANTS) == list(ev.EARLIER_ORDER) + [n for n in found
+                                                          if n not in ev.EARLIER_ORDER]
+    assert ev.VARIANTS == found  # the same entries, nothing added or lost
+    for name, kw in found.items():
+        cls = get_method(kw["method"])
+        assert name in cls.presets
+        given = {k: v for k, v in kw.items() if k not in ("method", "checkpoints")}
+        cls(make_options(cls, given))  # checked options
+        assert kw.get("checkpoints", "last") == "last"
+    assert {"source-dice", "head-source"} <= set(methods.METHODS["source"].presets)

@@ -46,21 +46,27 @@ class GradientSpec:
     normalise: bool
     projection: dict | None  # {dim, seed, kind} or None (exact)
     epochs: tuple[int, ...]
-    method: str = "tracin"  # tracin | trak | ekfac (meta.json's "method" / "ekfac" entry)
+    method: str = "tracin"  # a registered method's name (meta.json's "method" / "ekfac" entry)
     models: int = 0  # TRAK: models ensembled
     models_from: str = ""  # TRAK: seeds | checkpoints
     precondition: str | None = None  # None | adam | identity
     relatif: bool = False
 
     def describe(self) -> str:
+        """One line for the evaluation table: the method's label (its registry entry's
+        ``title()``), the loss, subset, projection and options."""
+        from tracin_jax.influence.methods import METHODS
+
         proj = f" + {self.projection['kind']} {self.projection['dim']}" if self.projection else ""
-        if self.method == "trak":
-            return f"TRAK {self.params}{proj}, {self.models} models"
+        cls = METHODS.get(self.method)
+        how = cls.title() if cls is not None else self.method
+        how = f"{how} " if how else ""
+        if self.models:  # an ensemble of models (TRAK)
+            return f"{how}{self.params}{proj}, {self.models} models"
         pre = f", {self.precondition}-preconditioned" if self.precondition else ""
         cos = ", cosine" if self.normalise else ""
         rel = ", RelatIF" if self.relatif else ""
         ck = f", epoch {self.epochs[0]} only" if len(self.epochs) == 1 else ""
-        how = "EK-FAC " if self.method == "ekfac" else ""
         return f"{how}{self.loss} {self.params}{proj}{pre}{cos}{rel}{ck}"
 
 

@@ -16,10 +16,11 @@ from tracin_jax.influence.methods.base import (COMMON_FIELDS, Common, FeatureOpt
                                                LossOptions, Method, Options, flag_of, option,
                                                projection_args, random_checkpoints)
 from tracin_jax.influence.methods.ekfac import Ekfac
+from tracin_jax.influence.methods.source import Source
 from tracin_jax.influence.methods.tracin import TracIn
 from tracin_jax.influence.methods.trak import Trak
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TracIn, Trak, Ekfac)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (TracIn, Trak, Ekfac, Source)}
 
 
 def get_method(name: Any) -> type[Method]:
@@ -61,6 +62,20 @@ def make_options(cls: type[Method], given: dict) -> Options:
     return cls.Options(**given)
 
 
+def presets() -> dict[str, dict]:
+    """Every registered method's presets, in registry order: ``{name: run_influence keywords
+    with "method"}`` (``checkpoints: "last"`` means the run's last epoch). A name used twice is
+    a ValueError."""
+    out: dict[str, dict] = {}
+    for name, cls in METHODS.items():
+        for preset, kw in cls.presets.items():
+            if preset in out:
+                raise ValueError(f"preset {preset!r} of method {name!r} is also "
+                                 f"{out[preset]['method']!r}'s")
+            out[preset] = {"method": name, **kw}
+    return out
+
+
 def from_spec(spec: dict) -> Method:
     """The method (with its options) recorded by a folder's meta.json ``spec``."""
     cls = get_method(spec.get("method"))
@@ -69,4 +84,5 @@ def from_spec(spec: dict) -> Method:
 
 __all__ = ["COMMON_FIELDS", "METHODS", "Common", "FeatureOptions", "Fitted", "LossOptions",
            "Method", "Options", "all_option_flags", "flag_of", "from_spec", "get_method",
-           "make_options", "option", "option_fields", "projection_args", "random_checkpoints"]
+           "make_options", "option", "option_fields", "presets", "projection_args",
+           "random_checkpoints"]

@@ -10,7 +10,8 @@ hook with a default:
 2. :meth:`Method.fit` over the chosen checkpoints and the training set -> :class:`Fitted`:
    the checkpoints the features are taken at (their variables may carry fitted factors), an
    optional per-checkpoint diagonal preconditioner applied to both sides before projection,
-   and what to record in meta.json;
+   optional query checkpoints (when the query features are taken at other variables than the
+   training features) and what to record in meta.json;
 3. :meth:`Method.transform_train` / :meth:`Method.transform_test`: wrap the readers of the
    training blocks ``k -> f32[rows, C, T*D]`` and of the query features (T checkpoints
    concatenated); identity by default;
@@ -127,13 +128,18 @@ class Fitted:
     these); ``precondition``: None or a per-checkpoint diagonal preconditioner
     (``(checkpoint, subset) -> leaves``, with ``name`` and ``describe()``, see
     :mod:`..precondition`); ``meta``: entries added to meta.json; ``timings``: added to its
-    timings.
+    timings; ``query_checkpoints``: None (the query features are taken at ``checkpoints``, as
+    the training features) or one object per entry of ``checkpoints``, same epoch, whose
+    ``variables`` the query features of that entry are taken at (weighted by the entry's
+    ``lr``): for a method whose query side is not its training side (e.g. a query gradient
+    taken at the last checkpoint for every entry); ``--split train`` is then refused.
     """
 
     checkpoints: list
     precondition: Any = None
     meta: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    query_checkpoints: list | None = None
 
 
 def projection_args(projection: dict | None) -> dict:
@@ -150,12 +156,19 @@ def projection_args(projection: dict | None) -> dict:
 class Method:
     """An attribution method. Subclasses set ``name``, ``Options`` and ``summary`` (one line,
     the CLI's help) and override the hooks they need; ``grad_fn_argument``: whether a custom
-    gradient function (``run_influence(grad_fn=...)``) may replace :meth:`featuriser`."""
+    gradient function (``run_influence(grad_fn=...)``) may replace :meth:`featuriser`;
+    ``presets``: named variants of the method, ``{name: run_influence keywords}`` (its option
+    fields, plus ``checkpoints``, where ``"last"`` means the run's last epoch), which
+    ``experiments.evaluate_variants`` studies (names unique over the registry)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Shown before the gradient's description in evaluation tables ("EK-FAC dice head"); the
+    # default is the method's name in capitals, TracIn's is empty (the plain gradient).
+    label: ClassVar[str | None] = None
     Options: ClassVar[type] = Options
     grad_fn_argument: ClassVar[bool] = False
+    presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, options: Options | None = None):
         options = self.Options() if options is None else options
@@ -164,6 +177,11 @@ class Method:
                              f"not {type(options).__name__}")
         options.check()
         self.options = options
+
+    @classmethod
+    def title(cls) -> str:
+        """The label of evaluation tables (:attr:`label`, else the name in capitals)."""
+        return cls.name.upper() if cls.label is None else cls.label
 
     # -- hooks -------------------------------------------------------------------------------
     def featuriser(self, run: Any) -> Any:
@@ -204,13 +222,13 @@ class Method:
     def spec(self, grad_fn: Any, epochs: Sequence[int]) -> dict | None:
         """meta.json's ``spec``; None when the featuriser could not rebuild the gradient: a
         custom ``grad_fn`` whose loss has no name, or without a parameter subset, or whose
-        classes are not the default NCR/NET, ED, ET (label values 1, 2, 3)."""
+        classes are not a run's foreground classes (label values 1..C, BraTS: 1, 2, 3)."""
         from tracin_jax.influence.grads import DEFAULT_CLASS_LABELS
 
         loss = self.spec_loss(grad_fn)
         subset, projector = getattr(grad_fn, "subset", None), getattr(grad_fn, "projector", None)
         labels = tuple(getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS))
-        if loss is None or subset is None or labels != tuple(DEFAULT_CLASS_LABELS):
+        if loss is None or subset is None or labels != tuple(range(1, len(labels) + 1)):
             return None
         return {"method": self.name, "loss": loss,
                 "params": subset.name,
@@ -283,7 +301,8 @@ class Method:
             memory_budget_gb=common.memory_budget_gb, progress=common.progress,
             store_dir=common.store_dir, workdir=workdir,
             extra_timings={**(extra_timings or {}), **fitted.timings},
-            precondition=fitted.precondition, method=self,
+            precondition=fitted.precondition, method=self, task=getattr(run, "task", None),
+            query_checkpoints=fitted.query_checkpoints,
             extra_meta={**fitted.meta, **(extra_meta or {}), "spec": self.spec(grad_fn, epochs)})
 
     def randomised(self, run: Any, meta: dict, out_dir: Path, *, seed: int = 0,
@@ -305,18 +324,22 @@ class RandomCheckpoint:
     epoch: int
     lr: float
     variables: Any
+    step: int | None = None
 
 
 def random_checkpoints(run: Any, epochs: Sequence[int], seed: int = 0) -> list:
-    """The run's checkpoints of ``epochs`` (same learning rates) with re-initialised weights
-    (epoch t: key ``seed + t``)."""
+    """The run's checkpoints of ``epochs`` (same learning rates and training steps) with
+    re-initialised weights (epoch t: key ``seed + t``)."""
     import jax
 
     from tracin_jax.training.train import init_variables
 
-    return [RandomCheckpoint(e, run.checkpoint(e).lr,
-                             init_variables(run.model, jax.random.key(seed + e), run.image_shape))
-            for e in epochs]
+    out = []
+    for e in epochs:
+        trained = run.checkpoint(e)
+        out.append(RandomCheckpoint(e, trained.lr, init_variables(
+            run.model, jax.random.key(seed + e), run.image_shape), getattr(trained, "step", None)))
+    return out
 
 
 __all__ = ["COMMON_FIELDS", "Common", "FeatureOptions", "Fitted", "LossOptions", "Method",

@@ -37,7 +37,10 @@ class Ekfac(Method):
 
     name = "ekfac"
     summary = "EK-FAC influence functions"
+    label = "EK-FAC"
     Options = EkfacOptions
+    presets = {"ekfac-dice": {"params": "all"},
+               "head-ekfac-cos": {"params": "head", "normalise": True}}
 
     def spec_loss(self, grad_fn: Any) -> str:
         return self.options.loss

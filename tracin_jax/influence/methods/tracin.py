@@ -19,8 +19,9 @@ from tracin_jax.influence.methods.base import Common, Fitted, LossOptions, Metho
 
 @dataclass(frozen=True)
 class TracInOptions(LossOptions):
-    precondition: Any = option(None, "none | adam (Adam-aware TracIn: gradients scaled by "
-                               "1/(sqrt(v_hat)+eps) of each checkpoint's saved Adam state)")
+    precondition: Any = option(None, "none | adam (Adam's 1/(sqrt(v_hat)+eps) of each "
+                               "checkpoint's saved state; tracin: gradients scaled by it, "
+                               "source: its steps taken with it)")
     relatif: bool = option(False, "divide each training slice's class scores by the square root "
                            "of its class self-influence (RelatIF-style)")
 
@@ -40,8 +41,27 @@ class TracInOptions(LossOptions):
 class TracIn(Method):
     name = "tracin"
     summary = "class-wise TracIn (the paper)"
+    label = ""
     Options = TracInOptions
     grad_fn_argument = True
+    presets = {
+        "head-dice": {"params": "head"},  # the paper
+        "all-proj-dice": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch"},
+        "head-ce": {"params": "head", "loss": "ce"},
+        "head-cos": {"params": "head", "normalise": True},
+        "all-proj-cos": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
+                         "normalise": True},
+        "head-dice-last": {"params": "head", "checkpoints": "last"},
+        "head-adam": {"params": "head", "precondition": "adam"},
+        "head-adam-cos": {"params": "head", "precondition": "adam", "normalise": True},
+        "head-relatif": {"params": "head", "relatif": True},
+        "head-adam-relatif": {"params": "head", "precondition": "adam", "relatif": True},
+        "all-proj-adam": {"params": "all", "proj_dim": 4096, "proj_kind": "countsketch",
+                          "precondition": "adam"},
+        "all-logra-dice": {"params": "all", "proj_dim": 16, "proj_kind": "logra"},
+        "all-logra-cos": {"params": "all", "proj_dim": 16, "proj_kind": "logra",
+                          "normalise": True},
+    }
 
     def featuriser(self, run: Any) -> Any:
         from tracin_jax.influence.engine import run_grad_fn

@@ -16,7 +16,7 @@ from tracin_jax.influence.methods.base import Common, FeatureOptions, Method, op
 @dataclass(frozen=True)
 class TrakOptions(FeatureOptions):
     damping: float = option(1.0, "damping relative to the mean eigenvalue (trak: of the kernel; "
-                            "ekfac: per layer)")
+                            "ekfac, source: per layer)")
     models: int = option(4, "models ensembled with --trak-models-from seeds",
                          flag="--trak-models")
     models_from: str = option("seeds", "seeds (last checkpoint + full-data retrainings, cached in "
@@ -34,10 +34,12 @@ class Trak(Method):
     name = "trak"
     summary = "class-wise TRAK (region log-odds margin, ensemble of models)"
     Options = TrakOptions
+    presets = {"head-trak": {"params": "head", "models": 4}}
 
     def featuriser(self, run: Any) -> Any:
         import jax
 
+        from tracin_jax.influence.engine import run_classes
         from tracin_jax.influence.projection import make_projector
         from tracin_jax.influence.subsets import resolve_subset
         from tracin_jax.influence.trak import trak_grad_fn
@@ -48,7 +50,7 @@ class Trak(Method):
                                                        run.image_shape))
         subset = resolve_subset(shapes["params"], o.params)
         return trak_grad_fn(run.model, subset, make_projector(subset, o.proj_dim, o.proj_seed,
-                                                              o.proj_kind))
+                                                              o.proj_kind), **run_classes(run))
 
     def spec(self, grad_fn: Any, epochs) -> dict | None:
         from tracin_jax.influence.trak import trak_spec
@@ -101,7 +103,7 @@ class Trak(Method):
             damping=self.options.damping, topk=common.topk, batch_size=common.batch_size,
             chunk_size=common.chunk_size, memory_budget_gb=common.memory_budget_gb,
             progress=common.progress, workdir=workdir, store_dir=common.store_dir,
-            extra_timings=extra_timings, extra_meta=extra_meta)
+            extra_timings=extra_timings, extra_meta=extra_meta, task=getattr(run, "task", None))
 
     def randomised(self, run: Any, meta: dict, out_dir, *, seed: int = 0,
                    progress: bool = False) -> None:
