@@ -23,8 +23,12 @@ from tracin_jax.training.train import train_and_evaluate
 
 from conftest import TINY_OVERRIDES, tiny_config
 
-# Float reassociation only: the differences seen are below 1e-6 absolute.
-RTOL, ATOL = 1e-4, 1e-5
+# Float reassociation only, which training then amplifies: the reference trains on all cores,
+# the two processes on one each, and XLA's CPU reductions round differently with the thread
+# count (docs/scale-out.md). After 3 epochs the largest difference was below 1e-6 on one CPU
+# model and up to 1.9e-4 on another; a wrong reduction (a batch counted twice or not at all)
+# moves weights by about the learning rate (3e-3) per step.
+RTOL, ATOL = 1e-4, 1e-3
 TIMEOUT_S = 300
 
 

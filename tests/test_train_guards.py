@@ -102,3 +102,26 @@ def test_evaluate_and_explain_refuse_influence_of_a_retrained_run(tiny_run, tiny
         assert code == 2 and len(err) == 1, err
         assert "other weights of epoch 2" in err[0], err[0]
     assert not (tmp_path / "report").exists() and not (tmp_path / "eval").exists()
+
+
+def test_keys_added_to_the_config_later_keep_an_earlier_runs_identity():
+    """A run trained before ``model.dims``, ``data.patch`` etc. existed recorded a hash of a config
+    without them: the same config with those keys at their original values hashes the same, and
+    another value of any of them changes the hash."""
+    import json
+
+    from tracin_jax import identity
+    from tracin_jax.config import get_config
+
+    now = json.loads(get_config("tiny").to_json())
+    before = json.loads(json.dumps(now))
+    for section, key in identity.KEYS_ADDED_LATER:
+        before[section].pop(key)
+    ids = (["a/z1", "b/z2"], ["c/z3"])
+    assert identity.run_hash(now, *ids) == identity.run_hash(before, *ids)
+    for (section, key), value in identity.KEYS_ADDED_LATER.items():
+        other = json.loads(json.dumps(now))
+        other[section][key] = 3 if key == "dims" else (not value if isinstance(value, bool)
+                                                         else [8, 8, 8] if isinstance(value, list)
+                                                         else 0.25)
+        assert identity.run_hash(other, *ids) != identity.run_hash(now, *ids), key

@@ -53,8 +53,29 @@ def variables_fingerprint(variables: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# Config keys added after identities were first recorded (format 1), with the value every
+# earlier run had: left out of the hash at that value, so a run trained before the key existed
+# keeps its identity (and its influence folders and ground truths stay valid).
+KEYS_ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("model", "dims"): 2, ("data", "auto"): True, ("data", "volume"): [0, 0, 0],
+    ("data", "patch"): [0, 0, 0], ("data", "patch_overlap"): 0.5,
+    ("train", "augment_intensity"): 0.0}
+
+
+def without_keys_at(config: dict, keys: dict[tuple[str, str], Any]) -> dict:
+    """A copy of ``config`` (a config as a JSON dict: tuples as lists) without each
+    ``(section, key)`` of ``keys`` whose value is the one given."""
+    d = json.loads(json.dumps(config))
+    for (section, key), value in keys.items():
+        if isinstance(d.get(section), dict) and key in d[section] and d[section][key] == value:
+            d[section].pop(key)
+    return d
+
+
 def run_hash(config: dict, train_ids: Iterable[Any], test_ids: Iterable[Any]) -> str:
-    """Hash of a run's config (as a dict) and its split."""
+    """Hash of a run's config (as a dict; the keys of :data:`KEYS_ADDED_LATER` at their
+    original value left out) and its split."""
+    config = without_keys_at(config, KEYS_ADDED_LATER)
     blob = json.dumps({"config": config, "train_ids": [str(i) for i in train_ids],
                        "test_ids": [str(i) for i in test_ids]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
