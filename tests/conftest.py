@@ -147,7 +147,7 @@ FILE_SECONDS = {
     "test_explain_output.py": 14, "test_influence_sharding.py": 13, "test_influence_store.py": 12,
     "test_influence_faults.py": 12, "test_influence_projection.py": 11, "test_model.py": 11,
     "test_explain_classes.py": 10, "test_losses.py": 9, "test_train_guards.py": 12,
-    "test_output_faults.py": 10,
+    "test_output_faults.py": 10, "test_task_classes.py": 22,
 }
 
 

@@ -21,15 +21,40 @@ DESCRIPTION = ("Class-wise TracIn explanations of brain-tumour segmentation mode
                "input prints one error line and exits with status 2.")
 
 
+SYNTH_FORMATS = ("brats", "nnunet")
+
+
+def _parse_shape(raw: str | None) -> tuple[int, int, int] | None:
+    """``--shape``: ``N`` (a cube) or ``X,Y,Z``; None when not given."""
+    if raw is None:
+        return None
+    try:
+        sizes = tuple(int(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if len(sizes) != 3 or min(sizes) < 16:
+        raise InputError(f"--shape {raw!r}: expected N or X,Y,Z, each at least 16")
+    return sizes
+
+
 def _cmd_synth(args) -> None:
-    from tracin_jax.data import write_synthetic_dataset
+    from tracin_jax.data import write_synthetic_dataset, write_synthetic_nnunet
+    from tracin_jax.data.synth import DATASET_DIR, NNUNET_DIR
 
     check_writable_folder(args.out, "--out")
+    if args.format not in SYNTH_FORMATS:
+        raise InputError(f"--format {args.format!r}: choose one of {', '.join(SYNTH_FORMATS)}")
     if args.cases < 2:
         raise InputError(f"--cases {args.cases}: need at least 2 cases for a train/test split")
+    shape = _parse_shape(args.shape)
     t0 = time.perf_counter()
-    ids = write_synthetic_dataset(args.out, cases=args.cases, seed=args.seed)
-    print(f"wrote {len(ids)} synthetic cases to {args.out} in {time.perf_counter() - t0:.1f}s")
+    write, folder = ((write_synthetic_nnunet, NNUNET_DIR) if args.format == "nnunet"
+                     else (write_synthetic_dataset, DATASET_DIR))
+    ids = write(args.out, cases=args.cases, seed=args.seed, **({"shape": shape} if shape else {}))
+    print(f"wrote {len(ids)} synthetic cases to {Path(args.out) / folder} in "
+          f"{time.perf_counter() - t0:.1f}s")
 
 
 def _config_from_args(args):
@@ -153,27 +178,61 @@ def _cmd_evaluate(args) -> dict:
     return result
 
 
+# The demos: 2D on BraTS-layout slices (make demo), 3D on volumes of the nnU-Net-format task.
+DEMO_DIMS = {2: {"workdir": "runs/demo", "cases": 16, "config": "demo"},
+             3: {"workdir": "runs/demo3d", "cases": 40, "config": "demo3d"}}
+DEMO3D_SHAPE = (64, 64, 64)  # the synthetic volumes; demo3d's model sees them whole (no downsampling)
+
+
 def _cmd_demo(args) -> None:
     from tracin_jax.config import apply_overrides, get_config
-    from tracin_jax.data import write_synthetic_dataset
+    from tracin_jax.data import write_synthetic_dataset, write_synthetic_nnunet
+    from tracin_jax.data.synth import NNUNET_DIR
     from tracin_jax.explain import run_explain
     from tracin_jax.influence import run_influence
     from tracin_jax.training.train import train_and_evaluate
 
-    check_writable_folder(args.workdir, "--workdir")
-    root = Path(args.workdir)
+    if args.dims not in DEMO_DIMS:
+        raise InputError(f"--dims {args.dims}: choose 2 (slices) or 3 (volumes)")
+    preset = DEMO_DIMS[args.dims]
+    workdir = args.workdir or preset["workdir"]
+    cases = preset["cases"] if args.cases is None else args.cases
+    check_writable_folder(workdir, "--workdir")
+    if cases < 2:
+        raise InputError(f"--cases {cases}: need at least 2 cases for a train/test split")
+    root = Path(workdir)
     data, run, infl, report = root / "data", root / "run", root / "influence", root / "report"
-    config = apply_overrides(get_config("demo"), args.set or [])
+    config = apply_overrides(get_config(preset["config"]), args.set or [])
     t0 = time.perf_counter()
-    print(f"[1/4] synthetic BraTS-layout data ({args.cases} cases) -> {data}")
-    write_synthetic_dataset(data, cases=args.cases, seed=args.seed)
+    stages: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> None:
+        stages[name] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    if args.dims == 3:
+        shape = "x".join(map(str, DEMO3D_SHAPE))
+        print(f"[1/4] synthetic nnU-Net task ({cases} cases of {shape}) -> {data}")
+        write_synthetic_nnunet(data, cases=cases, seed=args.seed, shape=DEMO3D_SHAPE)
+        data = data / NNUNET_DIR
+    else:
+        print(f"[1/4] synthetic BraTS-layout data ({cases} cases) -> {data}")
+        write_synthetic_dataset(data, cases=cases, seed=args.seed)
+    stage("synth", t)
     print(f"[2/4] training the '{config.name}' config -> {run}")
+    t = time.perf_counter()
     train_and_evaluate(config, data, run)
+    stage("train", t)
     print(f"[3/4] class-wise influence (head subset, all checkpoints) -> {infl}")
+    t = time.perf_counter()
     run_influence(run, infl, params="head")
+    stage("influence", t)
     print(f"[4/4] explanations and report -> {report}")
+    t = time.perf_counter()
     run_explain(run, infl, report)
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    stage("report", t)
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in stages.items())
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s ({times})")
     print(f"open the report: {(report / 'index.html').resolve()}")
 
 
@@ -181,16 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tracin-jax", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write the embedded synthetic BraTS-2019-layout dataset")
+    s = sub.add_parser("synth", help="write the embedded synthetic dataset: BraTS-2019 layout, or "
+                       "a brain-tissue task in the nnU-Net v2 raw format (--format nnunet)")
     s.add_argument("--out", required=True)
+    s.add_argument("--format", default="brats", metavar="brats|nnunet",
+                   help="brats (4 modalities, the tumour classes) | nnunet (Dataset900_SynthBrain: "
+                        "2 channels, 4 tissue classes)")
     s.add_argument("--cases", type=int, default=16)
+    s.add_argument("--shape", default=None, metavar="X,Y,Z",
+                   help="volume size, N or X,Y,Z, each >= 16 (default 240,240,155 for brats, "
+                        "64,64,64 for nnunet; the field of view stays 240 x 240 x 155 mm)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
 
     t = sub.add_parser("train", help="train a U-Net with a checkpoint after every epoch (resumes)")
-    t.add_argument("--data", required=True, help="BraTS folder (2018-2021, 2023, MSD Task01)")
+    t.add_argument("--data", required=True,
+                   help="BraTS folder (2018-2021, 2023, MSD Task01), any MSD task, or an nnU-Net v2 "
+                        "raw dataset (DatasetXXX_Name)")
     t.add_argument("--workdir", required=True)
-    t.add_argument("--config", default="paper", help="paper | demo | tiny")
+    t.add_argument("--config", default="paper", help="paper | demo | tiny | demo3d")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     t.set_defaults(func=_cmd_train)
@@ -216,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--influence", required=True, help="folder written by `tracin-jax influence`")
     x.add_argument("--out", required=True)
     x.add_argument("--k", type=int, default=5, help="proponents and opponents shown per item")
-    x.add_argument("--modality", default="flair", help="flair | t1 | t1ce | t2")
+    x.add_argument("--modality", default=None,
+                   help="the input channel shown in figures, by the run's channel names "
+                        "(default: flair for BraTS, else the first channel)")
     x.add_argument("--level", default="patient", help="patient (the paper) | slice")
     x.add_argument("--similarity", default="cosine", help="cosine | max_ratio | max_product")
     x.add_argument("--data", default=None, help="data folder, if moved since training")
@@ -282,9 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="-- then the stage and its arguments: train | influence | evaluate | explain")
     n.set_defaults(func=_cmd_launch)
 
-    d = sub.add_parser("demo", help="synth -> train -> influence -> report on the embedded data")
-    d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--cases", type=int, default=16)
+    d = sub.add_parser("demo", help="synth -> train -> influence -> report on the embedded data "
+                       "(--dims 3: volumes of the nnU-Net-format task)")
+    d.add_argument("--dims", type=int, default=2,
+                   help="2: BraTS-layout slices, config demo | 3: whole 64^3 volumes of the "
+                        "synthetic nnU-Net task, config demo3d")
+    d.add_argument("--workdir", default=None, help="default runs/demo (2D), runs/demo3d (3D)")
+    d.add_argument("--cases", type=int, default=None, help="default 16 (2D), 40 (3D)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.set_defaults(func=_cmd_demo)

@@ -9,9 +9,15 @@ Named configs (``get_config(name)``):
 - ``demo``: small and fast on a laptop CPU: the same slices downsampled 2x to 96x96, a width-8
   U-Net with BatchNorm momentum 0.9, 6 epochs of soft Dice + cross-entropy.
 - ``tiny``: for tests: 4 slices per case downsampled 6x to 32x32, width-4 U-Net of depth 2.
+- ``demo3d``: the 3D demo (``tracin-jax demo --dims 3``): whole volumes (one per case) of the
+  synthetic nnU-Net task at 64x64x64, a width-8 3D U-Net of depth 3 with BatchNorm momentum
+  0.9, one volume per step at lr 5e-3, 4 epochs of soft Dice + cross-entropy.
 
 Overrides use dotted keys, e.g. ``train.epochs=3``, ``model.width=16``, ``data.slices=tumour``,
-``model.arch=resunet`` (unet | deepseg | resunet | attention_unet; see :mod:`tracin_jax.models`).
+``model.arch=resunet`` (unet | deepseg | resunet | attention_unet; see :mod:`tracin_jax.models`),
+``model.dims=3`` (the architecture's 3D version, on volumes: one example per case, the window
+``data.volume``, training patches ``data.patch``; options that index slices are refused,
+:data:`OPTIONS_2D_ONLY`).
 A key that does not exist, or a value that does not parse as the field's type, raises
 :class:`~tracin_jax.errors.InputError`.
 """
@@ -29,12 +35,15 @@ from tracin_jax.errors import InputError
 
 @dataclass(frozen=True)
 class DataConfig:
-    layout: str = "auto"  # auto | brats2019 | brats2020 | brats2021 | brats2023 | msd
+    layout: str = "auto"  # auto | brats2019 | brats2020 | brats2021 | brats2023 | msd | nnunet
     modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")  # channel order
     crop: tuple[int, int, int, int] = (27, 219, 27, 219)  # y0, y1, x0, x1 (in-plane, crop_space)
-    slices: str = "90:100"  # "a:b" (half-open, in crop_space) or "tumour" (every slice with tumour)
+    # "a:b" (half-open, in crop_space) or "tumour" = "foreground" (every slice with a foreground class)
+    slices: str = "90:100"
     # Indices of crop and slices: "stored" = of the array as stored in the file (the paper's
-    # raw[27:219, 27:219, z]), "canonical" = of the RAS-reoriented array. Arrays are RAS either way.
+    # raw[27:219, 27:219, z]), "canonical" = of the RAS-reoriented array; "centre" = a window of
+    # the crop's size centred on each case (background padding where a case is smaller). Arrays
+    # are RAS in every case.
     crop_space: str = "stored"
     normalise: str = "paper"  # paper: 2x/max(x)-1 per case and channel | zscore: inside brain
     downsample: int = 1  # integer in-plane factor after cropping (mean-pool images, strided labels)
@@ -42,6 +51,21 @@ class DataConfig:
     split_seed: int = 1234
     max_cases: int = 0  # 0 = all cases found
     grades: str = "all"  # BraTS 2018/2019 only: all | HGG | LGG
+    # Non-BraTS tasks (nnU-Net, MSD other than Task01) only: replace the BraTS settings above
+    # (layout, modalities, crop, crop_space, slices, normalise, grades) by ones chosen from the
+    # data (every channel, the whole in-plane extent centred, the slices with foreground, zscore;
+    # docs/your-task.md); training records the chosen values with auto=false. BraTS ignores it.
+    auto: bool = True
+    # 3D runs only (model.dims=3; one example = one case's volume, docs/your-task.md). volume:
+    # the window X,Y,Z (canonical RAS voxels, before downsampling) centred on each case, padded
+    # with background where a case is smaller; 0,0,0 = the largest case rounded up to a multiple
+    # of downsample * 2**model.depth (training records the value chosen). patch: train on random
+    # patches of X,Y,Z voxels (after downsampling) of the volumes; 0,0,0 = whole volumes. With a
+    # patch, whole volumes are seen through a sliding window of the patch's size whose windows
+    # overlap by patch_overlap of their size (outputs averaged where they overlap).
+    volume: tuple[int, int, int] = (0, 0, 0)
+    patch: tuple[int, int, int] = (0, 0, 0)
+    patch_overlap: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,7 @@ class ModelConfig:
     # unet (the paper's) | deepseg | resunet | attention_unet, or a registered name
     # (tracin_jax.models.register_architecture)
     arch: str = "unet"
+    dims: int = 2  # 2: slices f32[B,H,W,C] | 3: volumes f32[B,D,H,W,C], the architecture in 3D
 
 
 @dataclass(frozen=True)
@@ -72,6 +97,10 @@ class TrainConfig:
     augment_flip: bool = False
     augment_resize_crop: bool = False
     resize_to: int = 250  # resize-crop augmentation: resize to this size (scaled with downsample)
+    # Intensity jitter a (0 = off): per example and channel, x -> x * (1 + u) + v with u, v
+    # uniform in [-a, a] (seeded like the other augmentations). augment_flip flips the last
+    # in-plane axis of a slice; in 3D each of the three axes of a volume independently.
+    augment_intensity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,11 +147,21 @@ def _tiny() -> Config:
     )
 
 
-CONFIGS = {"paper": _paper, "demo": _demo, "tiny": _tiny}
+def _demo3d() -> Config:
+    return Config(
+        name="demo3d",
+        model=ModelConfig(width=8, depth=3, bn_momentum=0.9, dims=3),
+        # One volume per step at lr 5e-3: on the same task at 32^3, 4 epochs of batches of 2 at
+        # lr 2e-3 left grey matter and the lesion at Dice 0; batches of 1 at 5e-3 learned them.
+        train=TrainConfig(epochs=4, batch_size=1, lr=5e-3, b1=0.9, loss="dice+ce"),
+    )
+
+
+CONFIGS = {"paper": _paper, "demo": _demo, "tiny": _tiny, "demo3d": _demo3d}
 
 
 def get_config(name: str) -> Config:
-    """Returns the named config (``paper``, ``demo`` or ``tiny``)."""
+    """Returns the named config (``paper``, ``demo``, ``tiny`` or ``demo3d``)."""
     if name not in CONFIGS:
         raise InputError(f"unknown config {name!r}: choose one of {', '.join(sorted(CONFIGS))}")
     return CONFIGS[name]()
@@ -153,7 +192,9 @@ def _parse_value(key: str, raw: str, current: Any) -> Any:
 
 
 def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Applies ``section.key=value`` overrides; unknown keys raise InputError."""
+    """Applies ``section.key=value`` overrides; unknown keys raise InputError, and so does a
+    key of :data:`OPTIONS_2D_ONLY` given when the result is a 3D run (``model.dims=3``)."""
+    given: list[str] = []
     for item in overrides:
         if "=" not in item:
             raise InputError(f"config override {item!r} is not of the form section.key=value")
@@ -169,6 +210,12 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
             raise InputError(f"config key {key!r} does not exist")
         value = _parse_value(key, raw, getattr(sub, name))
         config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{name: value})})
+        given.append(key)
+    if config.model.dims == 3:
+        for key in given:
+            if key in OPTIONS_2D_ONLY:
+                raise InputError(f"config key {key} is for slices (model.dims=2); a 3D run "
+                                 f"(model.dims=3) takes data.volume and data.patch instead")
     validate(config)
     return config
 
@@ -180,9 +227,10 @@ def validate(config: Config) -> None:
     d, m, t = config.data, config.model, config.train
     choices = {
         "model.arch": (m.arch, known_architectures()),
-        "data.layout": (d.layout, ("auto", "brats2019", "brats2020", "brats2021", "brats2023", "msd")),
+        "data.layout": (d.layout, ("auto", "brats2019", "brats2020", "brats2021", "brats2023", "msd",
+                                   "nnunet")),
         "data.normalise": (d.normalise, ("paper", "zscore")),
-        "data.crop_space": (d.crop_space, ("stored", "canonical")),
+        "data.crop_space": (d.crop_space, ("stored", "canonical", "centre")),
         "model.norm": (m.norm, ("batch", "group", "none")),
         "train.optimizer": (t.optimizer, ("adam", "sgd")),
         "train.loss": (t.loss, ("dice", "ce", "dice+ce")),
@@ -192,15 +240,16 @@ def validate(config: Config) -> None:
             raise InputError(f"config value {key}={value!r} is not one of {', '.join(allowed)}")
     if len(d.crop) != 4 or d.crop[1] <= d.crop[0] or d.crop[3] <= d.crop[2]:
         raise InputError(f"config value data.crop={d.crop} must be y0,y1,x0,x1 with y1>y0, x1>x0")
-    h, w = d.crop[1] - d.crop[0], d.crop[3] - d.crop[2]
-    if d.downsample < 1 or h % d.downsample or w % d.downsample:
-        raise InputError(f"config value data.downsample={d.downsample} must divide the crop {h}x{w}")
-    size = (h // d.downsample, w // d.downsample)
-    if size[0] % (2**m.depth) or size[1] % (2**m.depth):
-        raise InputError(
-            f"image size {size[0]}x{size[1]} is not divisible by 2**model.depth={2**m.depth}"
-        )
-    if d.slices != "tumour":
+    _check_model_dims(config)
+    if m.dims == 2:  # in 3D the crop is not used (data.volume is the window)
+        h, w = d.crop[1] - d.crop[0], d.crop[3] - d.crop[2]
+        if d.downsample < 1 or h % d.downsample or w % d.downsample:
+            raise InputError(f"config value data.downsample={d.downsample} must divide the crop "
+                             f"{h}x{w}")
+        check_spatial_shape((h // d.downsample, w // d.downsample), m.depth)
+    elif d.downsample < 1:
+        raise InputError(f"config value data.downsample={d.downsample} must be at least 1")
+    if d.slices not in ("tumour", "foreground"):
         try:
             a, b = (int(v) for v in d.slices.split(":"))
             if b <= a:
@@ -214,6 +263,74 @@ def validate(config: Config) -> None:
     _check_floats(config)
 
 
+def check_spatial_shape(shape, depth: int, what: str = "image size") -> None:
+    """InputError unless every spatial size in ``shape`` (H, W or D, H, W) is divisible by
+    ``2**depth``, as the architectures' ``depth`` halvings need."""
+    if any(int(n) % (2**depth) for n in shape):
+        raise InputError(f"{what} {'x'.join(str(int(n)) for n in shape)} is not divisible by "
+                         f"2**model.depth={2**depth}")
+
+
+# Options that mean something for slices only: given (by --set / apply_overrides) to a 3D run,
+# a one-line InputError. The crop, slices and crop space index slices of the stored or canonical
+# array (a 3D run's window is data.volume); the resize-crop augmentation is written for slices.
+OPTIONS_2D_ONLY = ("data.crop", "data.slices", "data.crop_space", "train.augment_resize_crop",
+                   "train.resize_to")
+# Options of volumes only (X,Y,Z shapes): a 2D run refuses them unless they are 0,0,0.
+OPTIONS_3D_ONLY = ("data.volume", "data.patch")
+
+
+def _check_model_dims(config: Config) -> None:
+    """model.dims is 2 or 3 and the architecture has that version; a 2D run leaves the 3D-only
+    data options at 0,0,0; in 3D, the resize-crop augmentation is off, ``data.volume`` (when
+    given) is divisible by ``data.downsample`` and then by ``2**model.depth``, and
+    ``data.patch`` (when given) is divisible by ``2**model.depth`` and fits in the volume."""
+    from tracin_jax.models.registry import check_dims
+
+    d, m = config.data, config.model
+    check_dims(m.arch, m.dims)
+    volume, patch = _shape3(d, "volume"), _shape3(d, "patch")
+    if m.dims == 2:
+        for key in OPTIONS_3D_ONLY:
+            value = _shape3(d, key.split(".")[1])
+            if any(value):
+                raise InputError(f"config value {key}={_xyz(value)} is for volumes: set "
+                                 f"model.dims=3, or leave it at 0,0,0 for slices")
+        return
+    if config.train.augment_resize_crop:
+        raise InputError("config value train.augment_resize_crop=True is for slices (model.dims=2)"
+                         "; a 3D run flips (train.augment_flip) and jitters intensities "
+                         "(train.augment_intensity): set train.augment_resize_crop=false")
+    if any(volume):
+        if d.downsample < 1 or any(n % d.downsample for n in volume):
+            raise InputError(f"config value data.downsample={d.downsample} must divide "
+                             f"data.volume={_xyz(volume)}")
+        check_spatial_shape([n // d.downsample for n in volume], m.depth,
+                            f"data.volume={_xyz(volume)} after data.downsample={d.downsample}:")
+    if any(patch):
+        from tracin_jax.data.preprocess import check_patch_fits
+
+        check_spatial_shape(patch, m.depth, "data.patch")
+        if any(volume):
+            check_patch_fits(patch, [n // d.downsample for n in volume])
+
+
+def _shape3(data, name: str) -> tuple[int, int, int]:
+    """``data.<name>`` as three ints >= 0, all zero or all positive; InputError otherwise."""
+    value = tuple(getattr(data, name, (0, 0, 0)) or (0, 0, 0))
+    if len(value) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) for n in value) \
+            or min(value) < 0 or (any(value) and not all(value)):
+        raise InputError(f"config value data.{name}={_xyz(value)} must be X,Y,Z, three "
+                         f"positive integers (or 0,0,0)")
+    return value
+
+
+def _xyz(shape) -> str:
+    return ",".join(str(n) for n in shape)
+
+
+
+
 # Float fields and the range each must lie in: (low, high, low inclusive, high inclusive).
 # Every float must also be finite (nan and inf parse as floats).
 FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
@@ -225,6 +342,8 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.momentum": (0.0, math.inf, True, False),
     "train.background_weight": (0.0, math.inf, True, False),
     "train.dice_eps": (0.0, math.inf, False, False),
+    "train.augment_intensity": (0.0, 1.0, True, False),
+    "data.patch_overlap": (0.0, 1.0, True, False),
 }
 
 

@@ -2,8 +2,14 @@
 
 >>> run = tracin_jax.load_run("runs/demo")
 >>> run.checkpoints[0].epoch, run.checkpoints[0].lr
->>> logits = run.apply(run.checkpoints[-1].variables, run.test.images[:2])   # f32[2,H,W,4]
->>> run.classwise_loss(logits, run.test.labels[:2])                        # f32[2,3]
+>>> logits = run.apply(run.checkpoints[-1].variables, run.test.images[:2])   # f32[2,H,W,C+1]
+>>> run.classwise_loss(logits, run.test.labels[:2])                        # f32[2,C]
+>>> run.task.classes                          # the C class names (BraTS: NCR/NET, ED, ET)
+
+A 3D run (``model.dims=3``) is the same with volumes: one example per case, images
+f32[N, X, Y, Z, M] (canonical RAS axes), labels u8[N, X, Y, Z], logits f32[B, X, Y, Z, C+1];
+``run.model`` is the network, or, for a run trained on patches (``data.patch``), the network
+behind a sliding window over whole volumes (:mod:`tracin_jax.training.window`).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import jax.numpy as jnp
 
 from tracin_jax import checkpoints
 from tracin_jax.errors import InputError
-from tracin_jax.models import build_model, features_apply, head_name
+from tracin_jax.models import features_apply, head_name
 from tracin_jax.task import task_of
 from tracin_jax.training.losses import tumour_dice_loss
 from tracin_jax.training.train import RUN_FILE, init_variables, load_config
+from tracin_jax.training.window import inference_model
 
 
 @dataclass
@@ -62,7 +69,9 @@ class Run:
         self.info = json.loads(run_file.read_text()) if run_file.exists() else {}
         self.data_dir = Path(data_dir) if data_dir else Path(self.info.get("data_dir", ""))
         self.task = task_of(self.info, self.config.data.modalities)
-        self.model = build_model(self.config.model)
+        if "task" in self.info:  # (a run without one is BraTS, whatever its model)
+            check_outputs(self.task, self.config, self.workdir)
+        self.model = inference_model(self.config)
         epochs = checkpoints.list_epochs(self.workdir)
         if not epochs:
             raise InputError(f"{self.workdir}: no checkpoints found (train first)")
@@ -78,8 +87,16 @@ class Run:
         return self.task.classes
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def dims(self) -> int:
+        """2 when an example is a slice, 3 when it is a volume (``model.dims``)."""
+        return int(getattr(self.config.model, "dims", 2))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One example's input shape: (H, W, M) for a slice, (X, Y, Z, M) for a volume."""
         d = self.config.data
+        if self.dims == 3:
+            return (*(n // d.downsample for n in d.volume), len(d.modalities))
         h = (d.crop[1] - d.crop[0]) // d.downsample
         w = (d.crop[3] - d.crop[2]) // d.downsample
         return (h, w, len(d.modalities))
@@ -113,14 +130,15 @@ class Run:
                                    option=option)
 
     def apply(self, variables: Any, images: jax.Array) -> jax.Array:
-        """Inference mode (BatchNorm running stats). images f32[B,H,W,4] -> logits f32[B,H,W,4].
+        """Inference mode (BatchNorm running stats). images f32[B,H,W,M] -> logits
+        f32[B,H,W,C+1] (volumes: f32[B,X,Y,Z,M] -> f32[B,X,Y,Z,C+1]).
 
         Jitted (compiled once per input shape; callable inside other jitted functions too)."""
         return self._apply_jit(variables, images)
 
     def features(self, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(logits f32[B,H,W,4], last hidden features f32[B,H,W,width]) in inference mode
-        (jitted like :meth:`apply`)."""
+        """(logits f32[B,H,W,C+1], last hidden features f32[B,H,W,width]) in inference mode
+        (jitted like :meth:`apply`; volumes with one more axis)."""
         return self._features_jit(variables, images)
 
     @cached_property
@@ -137,7 +155,9 @@ class Run:
         return head_name(self.model)
 
     def classwise_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        """Per-example soft Dice of the tumour classes: f32[B, 3] (NCR/NET, ED, ET)."""
+        """Per-example soft Dice of the task's C foreground classes (background left out):
+        logits f32[B, H, W, C + 1], labels int[B, H, W] -> f32[B, C], column c - 1 for class
+        c = 1..C, i.e. ``task.classes`` in order (BraTS: NCR/NET, ED, ET)."""
         return tumour_dice_loss(logits, jnp.asarray(labels, jnp.int32), self.config.train.dice_eps)
 
     @cached_property
@@ -147,16 +167,29 @@ class Run:
         if not self.data_dir or not Path(self.data_dir).exists():
             raise InputError(f"{self.workdir}: data folder {str(self.data_dir)!r} not found "
                              "(pass data_dir= to load_run)")
-        return load_dataset(self.data_dir, self.config.data, progress=False)
+        return load_dataset(self.data_dir, self.config.data, progress=False, dims=self.dims)
 
     @property
     def train(self):
-        """Training examples (images f32[N,H,W,4], labels u8[N,H,W], ids, cases)."""
+        """Training examples (images f32[N,H,W,M], labels u8[N,H,W], ids, cases; a 3D run's
+        volumes f32[N,X,Y,Z,M], u8[N,X,Y,Z], one per case)."""
         return self.dataset.train
 
     @property
     def test(self):
         return self.dataset.test
+
+
+def check_outputs(task, config, workdir: Path) -> None:
+    """One-line InputError when the model's outputs are not the task's background plus C
+    classes (``model.num_classes`` must be C + 1): every class-wise loss, influence tensor and
+    table of the run is indexed by the task's classes."""
+    k = getattr(getattr(config, "model", None), "num_classes", None)
+    if k is not None and int(k) != task.num_classes:
+        raise InputError(f"{workdir / RUN_FILE}: the task {task.name!r} has {len(task.classes)} "
+                         f"classes ({', '.join(task.classes)}) but the model has "
+                         f"model.num_classes={k} outputs (expected {task.num_classes}: "
+                         "background plus one per class)")
 
 
 def load_run(workdir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Run:

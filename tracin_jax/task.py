@@ -75,6 +75,17 @@ class Task:
         """The model's indices of the foreground classes, ``(1, ..., C)``."""
         return tuple(range(1, len(self.classes) + 1))
 
+    @property
+    def is_brats(self) -> bool:
+        """Whether this is the BraTS task (any BraTS layout or MSD Task01): its data settings
+        (crop, slices, modalities) are the paper's; other tasks choose theirs from the data."""
+        return self.name == "BraTS" and self.classes == BRATS_CLASSES
+
+    def label_map(self) -> dict[int, int]:
+        """{label value in the dataset's files: model class index}: 0 -> 0 (background) and
+        ``values[c - 1]`` -> ``c``."""
+        return {0: 0, **{int(v): c for c, v in enumerate(self.values, start=1)}}
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "format": self.format, "channels": list(self.channels),
                 "classes": list(self.classes), "values": list(self.values), "dims": self.dims}

@@ -2,8 +2,10 @@
 
 A cache file ``<cache_dir>/brats-<key>.npz`` holds the arrays of one :class:`Dataset`. The key
 hashes the resolved data folder, every input file's path relative to it with its size and
-``mtime_ns``, the DataConfig as JSON and ``CACHE_VERSION``, so editing, touching, adding or
-removing a used file, or changing any data setting, gives a new key. Files are written
+``mtime_ns`` (``dataset.json`` included where the dataset has one), the DataConfig as JSON, the
+examples' dimensionality (2: slices, 3: volumes) and ``CACHE_VERSION``, so editing, touching,
+adding or removing a used file, changing any data setting, or asking for volumes instead of
+slices gives a new key. Files are written
 atomically (temporary file in the same folder, fsync, ``os.replace``); an unreadable or
 inconsistent cache file is ignored and rebuilt.
 
@@ -29,7 +31,10 @@ import numpy as np
 
 # 2: crop and slices in stored indices by default (data.crop_space), info gains class_slices and
 # negative_minima; files of version 1 are never read.
-CACHE_VERSION = 2
+# 3: info gains the task (channels, classes, label values), the split kind and data_auto;
+# MSD and nnU-Net keys include dataset.json.
+# 4: 3D runs' volume examples (images of rank 5); the key includes the dimensionality.
+CACHE_VERSION = 4
 CACHE_ENV = "TRACIN_JAX_CACHE"
 
 
@@ -45,13 +50,15 @@ def file_signature(path: Path, data_dir: Path) -> list:
     return [Path(os.path.relpath(path, data_dir)).as_posix(), st.st_size, st.st_mtime_ns]
 
 
-def cache_key(data_dir: Path, files: list[Path], cfg) -> str:
-    """Hex sha256 of (resolved data dir, file signatures, DataConfig JSON, CACHE_VERSION).
+def cache_key(data_dir: Path, files: list[Path], cfg, dims: int = 2) -> str:
+    """Hex sha256 of (resolved data dir, file signatures, DataConfig JSON, dims, CACHE_VERSION).
 
-    ``files`` are paths found under ``data_dir`` as given; ``cfg`` is a DataConfig.
+    ``files`` are paths found under ``data_dir`` as given; ``cfg`` is a DataConfig; ``dims`` 2
+    for slice examples, 3 for volume examples.
     """
     payload = {
         "version": CACHE_VERSION,
+        "dims": int(dims),
         "data_dir": Path(data_dir).resolve().as_posix(),
         "files": [file_signature(p, data_dir) for p in files],
         "config": dataclasses.asdict(cfg),

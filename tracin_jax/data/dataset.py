@@ -12,14 +12,17 @@ from tracin_jax.data.labels import CLASS_NAMES
 
 @dataclass
 class Examples:
-    """2D axial examples of one split.
+    """The examples of one split: 2D axial slices, or (a 3D run) one volume per case.
 
     Attributes:
-      images: f32[N, H, W, C], channels in ``DataConfig.modalities`` order (default FLAIR, T1,
-        T1ce, T2); H runs along canonical axis 0 (left -> right), W along axis 1 (posterior ->
-        anterior).
-      labels: u8[N, H, W], classes 0 background, 1 NCR/NET, 2 ED, 3 ET.
-      ids: N stable ids ``"<case>/z<index>"``, z the axial index in the canonical volume.
+      images: f32[N, H, W, M], channels in ``DataConfig.modalities`` order (BraTS default FLAIR,
+        T1, T1ce, T2; another task: its channels); H runs along canonical axis 0 (left -> right),
+        W along axis 1 (posterior -> anterior). Volumes: f32[N, X, Y, Z, M], the canonical RAS
+        axes (left -> right, posterior -> anterior, inferior -> superior).
+      labels: u8[N, H, W] (volumes: u8[N, X, Y, Z]), class indices 0 background, 1..C the task's
+        classes (BraTS: 1 NCR/NET, 2 ED, 3 ET).
+      ids: N stable ids ``"<case>/z<index>"``, z the axial index in the canonical volume; a
+        volume's id is its case id.
       cases: N case (patient) ids, one per example.
     """
 
@@ -32,16 +35,18 @@ class Examples:
         return int(self.images.shape[0])
 
     @classmethod
-    def empty(cls, height: int, width: int, channels: int) -> "Examples":
-        """No examples, with the right ranks: images (0, H, W, C), labels (0, H, W)."""
-        return cls(np.zeros((0, height, width, channels), np.float32), np.zeros((0, height, width), np.uint8), [], [])
+    def empty(cls, *shape: int) -> "Examples":
+        """No examples, with the right ranks: ``empty(H, W, C)`` gives images (0, H, W, C) and
+        labels (0, H, W); ``empty(X, Y, Z, C)`` volumes (0, X, Y, Z, C) and (0, X, Y, Z)."""
+        return cls(np.zeros((0, *shape), np.float32), np.zeros((0, *shape[:-1]), np.uint8), [], [])
 
     @classmethod
-    def concat(cls, parts: list["Examples"], height: int, width: int, channels: int) -> "Examples":
-        """Concatenates parts in order (an empty list gives :meth:`empty`)."""
+    def concat(cls, parts: list["Examples"], *shape: int) -> "Examples":
+        """Concatenates parts in order (an empty list gives :meth:`empty` of ``shape``:
+        H, W, C or X, Y, Z, C)."""
         parts = [p for p in parts if len(p)]
         if not parts:
-            return cls.empty(height, width, channels)
+            return cls.empty(*shape)
         return cls(
             np.concatenate([p.images for p in parts]).astype(np.float32, copy=False),
             np.concatenate([p.labels for p in parts]).astype(np.uint8, copy=False),
@@ -59,10 +64,13 @@ class Dataset:
     info: dict = field(default_factory=dict)
 
 
-def class_slice_counts(labels: np.ndarray) -> dict[str, int]:
-    """Number of examples holding each tumour class: u8[N, H, W] -> {"NCR/NET": n, "ED": n, "ET": n}."""
-    present = [labels == c for c in range(1, len(CLASS_NAMES))]
-    return {name: int(np.count_nonzero(p.any(axis=(1, 2)))) for name, p in zip(CLASS_NAMES[1:], present)}
+def class_slice_counts(labels: np.ndarray, names=CLASS_NAMES[1:]) -> dict[str, int]:
+    """Number of examples (slices, or volumes) holding each foreground class: u8[N, ...] ->
+    {names[c - 1]: n} for the
+    classes c = 1..len(names) (default the BraTS classes: {"NCR/NET": n, "ED": n, "ET": n})."""
+    axes = tuple(range(1, labels.ndim))
+    return {name: int(np.count_nonzero((labels == c).any(axis=axes)))
+            for c, name in enumerate(names, start=1)}
 
 
 def _str_array(values: list[str]) -> np.ndarray:
@@ -90,8 +98,9 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Dataset | None:
             ids = [str(i) for i in arrays[f"{name}_ids"].tolist()]
             cases = [str(c) for c in arrays[f"{name}_cases"].tolist()]
             n = images.shape[0]
-            if (images.ndim != 4 or labels.ndim != 3 or images.dtype != np.float32 or labels.dtype != np.uint8
-                    or labels.shape != images.shape[:3] or len(ids) != n or len(cases) != n):
+            if (images.ndim not in (4, 5) or labels.ndim != images.ndim - 1
+                    or images.dtype != np.float32 or labels.dtype != np.uint8
+                    or labels.shape != images.shape[:-1] or len(ids) != n or len(cases) != n):
                 return None
             splits[name] = Examples(images, labels, ids, cases)
     except (KeyError, ValueError, TypeError, AttributeError):

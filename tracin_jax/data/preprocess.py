@@ -14,6 +14,14 @@ The config's crop and slice range are given in ``data.crop_space``:
   ``[27:219, 27:219]``; either way the pixels are exactly those of ``raw[27:219, 27:219, z]``.
   Files whose stored axes are permuted relative to RAS (not stored axial) are an error.
 - ``canonical``: indices of the canonical RAS array directly.
+- ``centre``: only the window's size ``(y1 - y0) x (x1 - x0)`` is used: it is centred on each
+  case's canonical in-plane extent (:func:`centre_window`), and where it reaches beyond the
+  volume the case is padded with background (image 0, class 0) before anything else
+  (:func:`pad_to_window`). The automatic settings of non-BraTS tasks use it, since their cases
+  may differ in size.
+
+Slices: ``a:b`` (half-open, in the crop space's indices), or ``tumour`` / ``foreground`` (the
+same: every axial slice whose cropped labels hold any class other than background).
 
 Order of operations per case: normalisation statistics on the whole volume -> crop -> choose
 slices -> normalise -> downsample.
@@ -40,9 +48,12 @@ import numpy as np
 from tracin_jax.errors import InputError
 
 
+FOREGROUND_SLICES = ("tumour", "foreground")  # every slice holding a foreground class
+
+
 def parse_slices(spec: str) -> tuple[int, int] | None:
-    """``"a:b"`` -> (a, b) (half-open, b > a >= 0); ``"tumour"`` -> None."""
-    if spec == "tumour":
+    """``"a:b"`` -> (a, b) (half-open, b > a >= 0); ``"tumour"`` or ``"foreground"`` -> None."""
+    if spec in FOREGROUND_SLICES:
         return None
     try:
         a, b = (int(v) for v in spec.split(":"))
@@ -51,6 +62,43 @@ def parse_slices(spec: str) -> tuple[int, int] | None:
     if a < 0 or b <= a:
         raise InputError(f"config value data.slices={spec!r} must be 'a:b' with b>a>=0, or 'tumour'")
     return a, b
+
+
+def centre_window(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a ``size[0] x size[1]`` window centred on the in-plane extent
+    ``shape[:2]``. Per axis of length n and window size h: ``(n - h) // 2`` voxels are cut before
+    when n >= h; when n < h, ``(h - n) // 2`` voxels of padding come before (the start is
+    negative); an odd voxel, cut or padded, goes after."""
+
+    def start(n: int, h: int) -> int:
+        return (n - h) // 2 if n >= h else -((h - n) // 2)
+
+    y0, x0 = start(int(shape[0]), int(size[0])), start(int(shape[1]), int(size[1]))
+    return y0, y0 + int(size[0]), x0, x0 + int(size[1])
+
+
+def pad_to_window(channels: list[np.ndarray], labels: np.ndarray, crop: tuple[int, int, int, int]
+                  ) -> tuple[list[np.ndarray], np.ndarray, tuple[int, int, int, int]]:
+    """Pads canonical volumes in-plane with background so that ``crop`` lies inside them.
+
+    Args:
+      channels: image volumes [X, Y, Z] (any dtype), padded with 0.
+      labels: u8[X, Y, Z] classes, padded with 0 (background).
+      crop: (y0, y1, x0, x1), possibly reaching below 0 or beyond X, Y.
+    Returns:
+      (channels, labels, crop) with the same window in the padded arrays' indices; the inputs
+      unchanged (not copied) when the window already fits.
+    """
+    y0, y1, x0, x1 = crop
+    nx, ny = labels.shape[0], labels.shape[1]
+    before = (max(0, -y0), max(0, -x0))
+    after = (max(0, y1 - nx), max(0, x1 - ny))
+    if not any(before + after):
+        return channels, labels, crop
+    width = ((before[0], after[0]), (before[1], after[1]), (0, 0))
+    channels = [np.pad(v, width) for v in channels]
+    labels = np.pad(labels, width)
+    return channels, labels, (y0 + before[0], y1 + before[0], x0 + before[1], x1 + before[1])
 
 
 def check_crop(shape: tuple[int, ...], crop: tuple[int, int, int, int], case_id: str) -> None:
@@ -128,7 +176,8 @@ def select_slices(labels: np.ndarray, spec: str, case_id: str) -> np.ndarray:
 
     Args:
       labels: u8[H, W, Z] cropped class labels of the case (used by ``"tumour"``).
-      spec: ``"a:b"`` or ``"tumour"`` (every z whose cropped labels contain any tumour class).
+      spec: ``"a:b"``, or ``"tumour"`` / ``"foreground"`` (every z whose cropped labels contain
+        any class other than background).
       case_id: named in the error message.
     Returns:
       int64[n] increasing slice indices (n may be 0 for ``"tumour"``).
@@ -234,7 +283,7 @@ def case_examples(channels: list[np.ndarray], labels: np.ndarray, names: list[st
 
     Args:
       channels: C canonical image volumes [X, Y, Z] (any real dtype), in output channel order.
-      labels: u8[X, Y, Z] canonical classes (0..3).
+      labels: u8[X, Y, Z] canonical classes (0..C).
       names: C file names (for errors), one per channel.
       crop, slices: the window in canonical indices (the DataConfig values for
         ``crop_space=canonical``, else :func:`stored_window_to_canonical` of them).
@@ -260,3 +309,98 @@ def case_examples(channels: list[np.ndarray], labels: np.ndarray, names: list[st
     img = np.ascontiguousarray(np.moveaxis(img, 2, 0), dtype=np.float32)  # [n, H, W, C]
     lab = np.ascontiguousarray(np.moveaxis(lab[:, :, z], 2, 0), dtype=np.uint8)  # [n, H, W]
     return downsample_images(img, downsample), downsample_labels(lab, downsample), z
+
+
+# ------------------------------------------------------------------------------ volumes (3D)
+#
+# A 3D run's example is a whole case: the canonical volume [X, Y, Z] (axes in RAS order, the
+# network's D, H, W) cut to a window of ``data.volume`` voxels centred on the case (padded with
+# background where the case is smaller, an odd voxel of padding or cut going after), normalised
+# with the statistics of the whole case, then downsampled by k along all three axes: images
+# mean-pooled over k x k x k blocks, labels picked at offset k // 2 with stride k. The window is
+# the 2D centre window (:func:`centre_window`) extended to the third axis, so slice z of a
+# volume example is the 2D example of that slice whenever the two windows agree in-plane.
+
+
+def check_patch_fits(patch, volume) -> None:
+    """One-line InputError when a training patch (``data.patch``, voxels after downsampling) is
+    larger than the volume (X, Y, Z after downsampling) along an axis."""
+    if any(int(p) > int(v) for p, v in zip(patch, volume)):
+        raise InputError(f"config value data.patch={','.join(str(int(p)) for p in patch)} is "
+                         f"larger than the volume {'x'.join(str(int(v)) for v in volume)} "
+                         f"(voxels after data.downsample) along an axis; choose a patch no "
+                         f"larger than the volume")
+
+
+def volume_window(shape: tuple[int, ...], size: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+    """((x0, x1), (y0, y1), (z0, z1)): a window of ``size`` centred on ``shape[:3]``, per axis as
+    :func:`centre_window` (a negative start or a stop beyond the axis means padding)."""
+    out = []
+    for n, h in zip(shape[:3], size):
+        n, h = int(n), int(h)
+        start = (n - h) // 2 if n >= h else -((h - n) // 2)
+        out.append((start, start + h))
+    return tuple(out)
+
+
+def cut_volume(volume: np.ndarray, window: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """``volume`` [X, Y, Z, ...] cut to ``window`` (:func:`volume_window`), padded with 0 where the
+    window reaches outside it: -> [x1 - x0, y1 - y0, z1 - z0, ...]."""
+    pads, cuts = [], []
+    for (a, b), n in zip(window, volume.shape[:3]):
+        pads.append((max(0, -a), max(0, b - n)))
+        cuts.append(slice(max(0, a), min(n, b)))
+    out = volume[tuple(cuts)]
+    if any(p for pair in pads for p in pair):
+        out = np.pad(out, pads + [(0, 0)] * (volume.ndim - 3))
+    return out
+
+
+def downsample_volume_images(images: np.ndarray, k: int) -> np.ndarray:
+    """Mean-pools k x k x k blocks: f32[X, Y, Z, C] -> f32[X/k, Y/k, Z/k, C] (each divisible by k)."""
+    if k == 1:
+        return images
+    x, y, z, c = images.shape
+    if x % k or y % k or z % k:
+        raise InputError(f"config value data.downsample={k} must divide the volume {x}x{y}x{z}")
+    return images.reshape(x // k, k, y // k, k, z // k, k, c).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def downsample_volume_labels(labels: np.ndarray, k: int) -> np.ndarray:
+    """Strided pick ``labels[k//2::k, k//2::k, k//2::k]``: u8[X, Y, Z] -> u8[X/k, Y/k, Z/k]."""
+    if k == 1:
+        return labels
+    o = k // 2
+    return np.ascontiguousarray(labels[o::k, o::k, o::k])
+
+
+def case_volume(channels: list[np.ndarray], labels: np.ndarray, names: list[str],
+                size: tuple[int, int, int], normalise: str, downsample: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """All preprocessing of one case as one volume example.
+
+    Args:
+      channels: M canonical image volumes [X, Y, Z] (any real dtype), in output channel order.
+      labels: u8[X, Y, Z] canonical classes (0..C).
+      names: M file names (for errors), one per channel.
+      size: the window (``data.volume``) in voxels before downsampling, each a multiple of
+        ``downsample``.
+      normalise, downsample: the DataConfig fields (statistics over the whole case).
+    Returns:
+      images f32[X', Y', Z', M] and labels u8[X', Y', Z'], (X', Y', Z') = size / downsample.
+    """
+    for name, v in zip(names, channels):
+        if v.shape != labels.shape:
+            raise InputError(f"{name}: shape {v.shape} differs from the seg shape {labels.shape}")
+    window = volume_window(labels.shape, size)
+    img = np.stack([cut_volume(v, window) for v in channels], axis=-1)  # [X, Y, Z, M]
+    if normalise == "paper":
+        img = paper_normalise(img, paper_scale(channels, names))
+    elif normalise == "zscore":
+        mean, std = zscore_stats(channels, names)
+        img = zscore_normalise(img, mean, std)
+    else:
+        raise InputError(f"config value data.normalise={normalise!r} is not one of paper, zscore")
+    lab = cut_volume(labels, window).astype(np.uint8, copy=False)
+    return (np.ascontiguousarray(downsample_volume_images(img, downsample), dtype=np.float32),
+            downsample_volume_labels(lab, downsample))

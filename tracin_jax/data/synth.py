@@ -34,6 +34,20 @@ CSF dark on FLAIR and T1, bright on T2; white matter brighter than grey matter o
 get a mild texture that follows the gyral pattern, a smooth multiplicative bias field per
 modality, and Rician noise (magnitude of a complex Gaussian signal), inside the brain only.
 
+A second task, for data that is not BraTS (:func:`write_synthetic_nnunet`), uses the same
+anatomy in the nnU-Net v2 raw format: brain tissue segmentation with 2 channels (T1 and T2 of the
+contrasts below) and 4 mutually exclusive classes, 1 CSF, 2 grey matter (cortex and deep nuclei),
+3 white matter, 4 lesion (the whole glioma: oedema and core), chosen per voxel as the lesion where
+the glioma labels are set, else the normal tissue with the largest fraction::
+
+    out_dir/Dataset900_SynthBrain/dataset.json
+    out_dir/Dataset900_SynthBrain/imagesTr/SYN_001_0000.nii.gz, SYN_001_0001.nii.gz, ...
+    out_dir/Dataset900_SynthBrain/labelsTr/SYN_001.nii.gz, ...
+    out_dir/Dataset900_SynthBrain/synth.json
+
+Its volumes are 64 x 64 x 64 by default (the same 240 x 240 x 155 mm field of view, so 3.75 x
+3.75 x 2.4 mm voxels), stored RAS (``diag(spacing)``), int16 images, uint8 labels 0..4.
+
 Speed: all smooth fields are drawn on coarse grids and upsampled separably with small matrix
 products; tissue arithmetic runs on brain voxels only; files are gzip-compressed at level 1 with
 a zero timestamp, so the same seed gives byte-identical files. Cases are generated in worker
@@ -85,6 +99,14 @@ CONTRAST = np.array(
 MODALITY_SCALE = np.array([450.0, 700.0, 900.0, 1400.0], dtype=np.float32)
 # BraTS 2018-2021 label values written to the seg file.
 LABEL_NCR, LABEL_ED, LABEL_ET = 1, 2, 4
+
+# The synthetic nnU-Net v2 task (brain tissue): folder, channels (CONTRAST columns), labels.
+NNUNET_DIR = "Dataset900_SynthBrain"
+NNUNET_CHANNELS = ("T1", "T2")
+NNUNET_COLUMNS = (1, 3)
+NNUNET_LABELS = {"background": 0, "CSF": 1, "grey matter": 2, "white matter": 3, "lesion": 4}
+NNUNET_SHAPE = (64, 64, 64)
+NNUNET_ENDING = ".nii.gz"
 
 
 def brats_affine(shape: tuple[int, int, int] = DEFAULT_SHAPE) -> np.ndarray:
@@ -384,14 +406,10 @@ def layer_fractions(weights: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
-def synth_case(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAULT_SHAPE
-               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One synthetic case in RAS array orientation.
-
-    Returns:
-      images: modality name -> i16[X, Y, Z] (0 outside the brain).
-      seg: u8[X, Y, Z] with BraTS 2018-2021 labels {0, 1, 2, 4}.
-    """
+def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int]
+             ) -> tuple[_Head, dict[str, np.ndarray], np.ndarray]:
+    """(head, tissue layer weights f32[Nb] by name, glioma labels u8[Nb] (BraTS values)) of one
+    synthetic brain with one or two gliomas."""
     head = _Head(rng, shape)
     weights = tissue_weights(head, rng)
     for name in ("oedema", "net", "enhancing", "necrosis"):
@@ -400,16 +418,24 @@ def synth_case(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAULT_S
     add_tumour(head, rng, weights, seg_b, first=True)
     if rng.random() < 0.3:
         add_tumour(head, rng, weights, seg_b, first=False)
+    return head, weights, seg_b
+
+
+def _render(rng: np.random.Generator, head: _Head, fractions: np.ndarray,
+            shape: tuple[int, int, int], columns) -> list[np.ndarray]:
+    """i16[X, Y, Z] images (0 outside the brain) of the modality ``columns`` of ``CONTRAST`` (0
+    FLAIR, 1 T1, 2 T1ce, 3 T2; in increasing order), from tissue fractions f32[K, Nb]: per-case
+    jittered contrasts, a gyral texture, a bias field and Rician noise. The contrast and scale
+    draws are those of all four modalities whichever are rendered."""
     contrast = CONTRAST * (1.0 + 0.04 * rng.standard_normal(CONTRAST.shape)).astype(np.float32)
     scale = MODALITY_SCALE * rng.uniform(0.75, 1.3, size=4).astype(np.float32)
-    clean = (contrast * scale[None, :]).T @ layer_fractions(weights)  # [4, Nb]
+    clean = (contrast * scale[None, :]).T @ fractions  # [4, Nb]
     texture = head.fold  # mild intensity variation that follows the gyral pattern
     ix, iy, iz = head.index
     bx, by, bz = head.axes
     n = len(texture)
-    images, seg = {}, np.zeros(shape, dtype=np.uint8)
-    seg.ravel()[head.volume_flat] = seg_b
-    for m, name in enumerate(MODALITY_FILES):
+    out = []
+    for m in columns:
         bias = (smooth_curve(rng, bx, 400.0, 2)[ix] + smooth_curve(rng, by, 400.0, 2)[iy]
                 + smooth_curve(rng, bz, 300.0, 2)[iz])
         signal = clean[m] * (1.0 + 0.03 * texture) * np.exp(0.06 * bias)
@@ -419,8 +445,45 @@ def synth_case(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAULT_S
         value = np.clip(np.rint(np.sqrt(real * real + imag * imag)), 1, 32767).astype(np.int16)
         vol = np.zeros(shape, dtype=np.int16)
         vol.ravel()[head.volume_flat] = value
-        images[name] = vol
-    return images, seg
+        out.append(vol)
+    return out
+
+
+def synth_case(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAULT_SHAPE
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One synthetic case in RAS array orientation.
+
+    Returns:
+      images: modality name -> i16[X, Y, Z] (0 outside the brain).
+      seg: u8[X, Y, Z] with BraTS 2018-2021 labels {0, 1, 2, 4}.
+    """
+    head, weights, seg_b = _anatomy(rng, shape)
+    volumes = _render(rng, head, layer_fractions(weights), shape, range(len(MODALITY_FILES)))
+    seg = np.zeros(shape, dtype=np.uint8)
+    seg.ravel()[head.volume_flat] = seg_b
+    return dict(zip(MODALITY_FILES, volumes)), seg
+
+
+def synth_tissue_case(rng: np.random.Generator, shape: tuple[int, int, int] = (64, 64, 64)
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One case of the synthetic brain-tissue task (RAS array orientation).
+
+    Returns:
+      images: channel name (``NNUNET_CHANNELS``: T1, T2) -> i16[X, Y, Z] (0 outside the brain).
+      labels: u8[X, Y, Z]: 0 background (outside the brain), 1 CSF, 2 grey matter, 3 white
+        matter, 4 lesion (``NNUNET_LABELS``).
+    """
+    head, weights, seg_b = _anatomy(rng, shape)
+    fractions = layer_fractions(weights)  # [K, Nb] in TISSUES order
+    normal = np.stack([fractions[TISSUES.index("csf")],
+                       fractions[TISSUES.index("gm")] + fractions[TISSUES.index("nuclei")],
+                       fractions[TISSUES.index("wm")]])
+    tissue = (np.argmax(normal, axis=0) + 1).astype(np.uint8)  # 1 CSF, 2 GM, 3 WM
+    tissue[seg_b > 0] = NNUNET_LABELS["lesion"]
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels.ravel()[head.volume_flat] = tissue
+    volumes = _render(rng, head, fractions, shape, NNUNET_COLUMNS)
+    return dict(zip(NNUNET_CHANNELS, volumes)), labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +531,132 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
 
 
+def nnunet_affine(shape: tuple[int, int, int]) -> np.ndarray:
+    """f64[4, 4]: RAS ``diag(spacing)`` for the 240 x 240 x 155 mm field of view."""
+    spacing = np.asarray(FOV_MM) / np.asarray(shape, dtype=float)
+    return np.diag([*spacing, 1.0])
+
+
+def nnunet_case_ids(cases: int) -> list[str]:
+    """Case ids ``SYN_001``, ... of the synthetic nnU-Net task."""
+    return [f"SYN_{i + 1:03d}" for i in range(cases)]
+
+
+def write_nnunet_case(folder: Path, case_id: str, seed: int, index: int, shape: tuple[int, int, int]) -> None:
+    """Generates case ``index`` of ``seed`` of the tissue task and writes its channel files into
+    ``folder/imagesTr`` and its label file into ``folder/labelsTr``."""
+    rng = np.random.default_rng([seed, index])
+    images, labels = synth_tissue_case(rng, shape)
+    affine = nnunet_affine(shape)
+    for c, name in enumerate(NNUNET_CHANNELS):
+        path = folder / "imagesTr" / f"{case_id}_{c:04d}{NNUNET_ENDING}"
+        path.write_bytes(_nifti_bytes(images[name], affine))
+    (folder / "labelsTr" / f"{case_id}{NNUNET_ENDING}").write_bytes(_nifti_bytes(labels, affine))
+
+
+def nnunet_description(cases: int) -> dict:
+    """The ``dataset.json`` of the synthetic nnU-Net task."""
+    return {
+        "name": NNUNET_DIR.split("_", 1)[1],
+        "description": "synthetic brain tissue segmentation (tracin_jax.data.synth)",
+        "channel_names": {str(i): n for i, n in enumerate(NNUNET_CHANNELS)},
+        "labels": dict(NNUNET_LABELS),
+        "numTraining": int(cases),
+        "file_ending": NNUNET_ENDING,
+    }
+
+
+def write_synthetic_nnunet(out_dir, cases: int = 16, seed: int = 0, progress: bool = True, *,
+                           shape: tuple[int, int, int] = NNUNET_SHAPE, workers: int | None = None
+                           ) -> list[str]:
+    """Writes the synthetic brain-tissue task as an nnU-Net v2 raw dataset
+    ``out_dir/Dataset900_SynthBrain`` (2 channels T1, T2; classes CSF, grey matter, white
+    matter, lesion; see the module docstring); returns its case ids.
+
+    Written like :func:`write_synthetic_dataset`: built in a hidden temporary folder and renamed
+    into place, nothing regenerated when the folder holds the same ``seed``, ``cases`` and
+    ``shape`` already, InputError when it holds anything else or the output cannot be written.
+
+    Args:
+      out_dir: parent folder (created if missing).
+      cases: number of cases (>= 1).
+      seed: the same seed gives byte-identical files.
+      progress: show a tqdm bar over cases.
+      shape: volume shape X, Y, Z (default 64 x 64 x 64, each at least 16; the field of view
+        stays 240 x 240 x 155 mm).
+      workers: generator threads (default: min(4, CPU count)).
+    """
+    from tracin_jax.paths import check_writable_folder
+
+    check_writable_folder(out_dir, "--out")
+    if cases < 1:
+        raise InputError(f"synthetic dataset needs at least 1 case, got cases={cases}")
+    shape = _check_shape(shape)
+    ids = nnunet_case_ids(cases)
+    wanted = dict(_manifest(seed, cases, shape), case_ids=ids, format="nnunet",
+                  labels=", ".join(f"{v} {k}" for k, v in NNUNET_LABELS.items()))
+
+    def build(tmp: Path, pool, bar) -> None:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        futures = [pool.submit(write_nnunet_case, tmp, cid, seed, i, shape) for i, cid in enumerate(ids)]
+        for fut in futures:
+            fut.result()
+            bar.update(1)
+        (tmp / "dataset.json").write_text(json.dumps(nnunet_description(cases), indent=2) + "\n")
+
+    _write_atomically(Path(out_dir), NNUNET_DIR, wanted, build, cases, progress, workers,
+                      "writing synthetic nnU-Net cases")
+    return ids
+
+
+def _check_shape(shape) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 16:
+        raise InputError(f"synthetic volume shape {shape} must be 3 sizes of at least 16")
+    return shape
+
+
+def _write_atomically(out_dir: Path, name: str, wanted: dict, build, cases: int, progress: bool,
+                      workers: int | None, desc: str) -> None:
+    """Builds the dataset folder ``out_dir/name`` with ``build(tmp, pool, bar)`` in a hidden
+    temporary folder, writes ``wanted`` as its manifest and renames it into place (see
+    :func:`write_synthetic_dataset`); a folder whose manifest is ``wanted`` is kept as it is."""
+    target = out_dir / name
+    if target.exists():
+        if _read_manifest(target) == wanted:
+            return
+        if not target.is_dir() or any(target.iterdir()):
+            raise InputError(
+                f"{target} already exists and is not a synthetic dataset with seed={wanted['seed']}, "
+                f"cases={wanted['cases']}, shape={tuple(wanted['shape'])}: remove it or choose "
+                f"another output folder"
+            )
+        target.rmdir()
+    made = not out_dir.exists()  # removed again, if still empty, when this run fails
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out_dir, name)
+    tmp = _new_partial(out_dir, name)
+    try:
+        workers = workers or max(1, min(4, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            total=cases, desc=desc, unit="case", disable=not progress
+        ) as bar:
+            build(tmp, pool, bar)
+        (tmp / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n")
+        os.replace(tmp, target)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            try:
+                out_dir.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise cannot_write(target, e) from None
+        raise
+
+
 def write_synthetic_dataset(out_dir, cases: int = 16, seed: int = 0, progress: bool = True, *,
                             shape: tuple[int, int, int] = DEFAULT_SHAPE, workers: int | None = None
                             ) -> list[str]:
@@ -497,62 +686,36 @@ def write_synthetic_dataset(out_dir, cases: int = 16, seed: int = 0, progress: b
     check_writable_folder(out_dir, "--out")
     if cases < 1:
         raise InputError(f"synthetic dataset needs at least 1 case, got cases={cases}")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 16:
-        raise InputError(f"synthetic volume shape {shape} must be 3 sizes of at least 16")
-    out_dir = Path(out_dir)
-    target = out_dir / DATASET_DIR
+    shape = _check_shape(shape)
     wanted = _manifest(seed, cases, shape)
-    if target.exists():
-        found = _read_manifest(target)
-        if found == wanted:
-            return list(wanted["case_ids"])
-        if not target.is_dir() or any(target.iterdir()):
-            raise InputError(
-                f"{target} already exists and is not a synthetic dataset with seed={seed}, "
-                f"cases={cases}, shape={shape}: remove it or choose another output folder"
-            )
-        target.rmdir()
-    made = not out_dir.exists()  # removed again, if still empty, when this run fails
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_dir)
-    tmp = _new_partial(out_dir)
-    try:
+    ids = wanted["case_ids"]
+
+    def build(tmp: Path, pool, bar) -> None:
         grade_dir = tmp / GRADE_DIR
         grade_dir.mkdir()
-        ids = wanted["case_ids"]
-        workers = workers or max(1, min(4, os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=cases, desc="writing synthetic BraTS cases", unit="case", disable=not progress
-        ) as bar:
-            futures = [pool.submit(write_case, grade_dir, cid, seed, i, shape) for i, cid in enumerate(ids)]
-            for fut in futures:
-                fut.result()
-                bar.update(1)
-        (tmp / MANIFEST).write_text(json.dumps(wanted, indent=2) + "\n")
-        os.replace(tmp, target)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made:
-            try:
-                out_dir.rmdir()
-            except OSError:
-                pass
-        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-            raise cannot_write(target, e) from None
-        raise
+        futures = [pool.submit(write_case, grade_dir, cid, seed, i, shape) for i, cid in enumerate(ids)]
+        for fut in futures:
+            fut.result()
+            bar.update(1)
+
+    _write_atomically(Path(out_dir), DATASET_DIR, wanted, build, cases, progress, workers,
+                      "writing synthetic BraTS cases")
     return list(ids)
 
 
 PARTIAL = f".{DATASET_DIR}.partial-"
 
 
-def _new_partial(out_dir: Path) -> Path:
+def _partial_prefix(name: str) -> str:
+    return f".{name}.partial-"
+
+
+def _new_partial(out_dir: Path, name: str = DATASET_DIR) -> Path:
     """A fresh temporary folder ``.<dataset>.partial-<pid>-<random>`` in ``out_dir``, made with
     the ordinary mode (0o777 minus the umask, unlike ``tempfile.mkdtemp``'s 0o700), which the
     dataset keeps when renamed into place."""
     while True:
-        tmp = out_dir / f"{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = out_dir / f"{_partial_prefix(name)}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.mkdir(tmp)
             return tmp
@@ -560,11 +723,12 @@ def _new_partial(out_dir: Path) -> Path:
             continue
 
 
-def _remove_stale_partials(out_dir: Path) -> None:
+def _remove_stale_partials(out_dir: Path, name: str = DATASET_DIR) -> None:
     """Removes temporary folders of killed runs (a ``<pid>`` that names no running process;
     folders without one, from older versions, too)."""
-    for p in out_dir.glob(f"{PARTIAL}*"):
-        m = re.match(r"(\d+)-[0-9a-f]+$", p.name[len(PARTIAL):])
+    prefix = _partial_prefix(name)
+    for p in out_dir.glob(f"{prefix}*"):
+        m = re.match(r"(\d+)-[0-9a-f]+$", p.name[len(prefix):])
         if m:
             pid = int(m.group(1))
             if pid == os.getpid():

@@ -109,9 +109,11 @@ def _check_settings(subsets, fraction, seeds, queries, draws) -> None:
 
 
 def _load_influence(folder: Path, patients: list[str], train_ids: list[str],
-                    test_ids: list[str], workdir: Path) -> dict:
-    """meta, patient_scores f32[n_test, 3, P, 3] and test_present of one folder, checked
-    against the run."""
+                    test_ids: list[str], workdir: Path, task=None) -> dict:
+    """meta, patient_scores f32[n_test, C, P, C] and test_present bool[n_test, C] of one
+    folder, checked against the run: its ids, and its classes, which must be the C classes of
+    the run's ``task`` (names and labels 1..C; BraTS when None), those the ground truth's
+    losses measure."""
     meta_path = folder / "meta.json"
     if not folder.is_dir():
         raise InputError(f"--influence {folder}: not a folder")
@@ -129,18 +131,42 @@ def _load_influence(folder: Path, patients: list[str], train_ids: list[str],
         if [str(x) for x in meta.get(key, [])] != want:
             raise InputError(f"--influence {folder}: its {key} differ from those of {workdir} "
                              "(influence of another run?)")
+    _check_classes(folder, meta, task)
+    n_classes = len(task.classes) if task is not None else 3
     pat_path = folder / "patient_scores.npy"
     if not pat_path.exists():
         raise InputError(f"--influence {folder}: no patient_scores.npy (rerun `tracin-jax "
                          "influence` with a larger --memory-budget-gb)")
     scores = np.load(pat_path, mmap_mode="r")
-    want_shape = (len(test_ids), 3, len(patients), 3)
+    want_shape = (len(test_ids), n_classes, len(patients), n_classes)
     if tuple(scores.shape) != want_shape:
         raise InputError(f"--influence {pat_path}: shape {tuple(scores.shape)}, expected "
                          f"{want_shape}")
-    present = np.load(folder / "test_present.npy")
+    present_path = folder / "test_present.npy"
+    if not present_path.exists():
+        raise InputError(f"--influence {folder}: no test_present.npy (unfinished folder?)")
+    present = np.load(present_path)
+    if tuple(present.shape) != (len(test_ids), n_classes):
+        raise InputError(f"--influence {present_path}: shape {tuple(present.shape)}, expected "
+                         f"{(len(test_ids), n_classes)}")
     return {"meta": meta, "scores": np.asarray(scores, np.float32), "present": present,
             "spec": sanity.gradient_spec(meta)}
+
+
+def _check_classes(folder: Path, meta: dict, task) -> None:
+    """One-line InputError when the folder's classes (meta.json ``class_names`` and
+    ``class_labels``; a folder without them holds the BraTS classes) are not the run's task's
+    foreground classes, in order, with labels 1..C."""
+    from tracin_jax.explain.inputs import classes_of
+    from tracin_jax.task import brats
+
+    task = brats() if task is None else task
+    names, labels = classes_of(meta, folder / "meta.json")
+    want_names, want_labels = list(task.classes), list(task.class_labels)
+    if names != want_names or labels != want_labels:
+        raise InputError(f"--influence {folder}: its classes {names} (labels {labels}) are not "
+                         f"the run's {want_names} (labels {want_labels}); the evaluation "
+                         "measures the losses of the run's foreground classes")
 
 
 def _summaries(by_loss: dict) -> dict:
@@ -316,7 +342,9 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     if dupes:
         raise InputError(f"--influence: two folders share the name {dupes[0]!r} (results are "
                          "keyed by folder name)")
-    variants = {n: _load_influence(f, patients, train_ids, test_ids, workdir)
+    task = run.task
+    class_names = list(task.classes)
+    variants = {n: _load_influence(f, patients, train_ids, test_ids, workdir, task)
                 for n, f in zip(names, folders)}
     for n, v in variants.items():  # the epochs each folder used must still be there
         run.check_complete(epochs=list(v["spec"].epochs), option=f"--influence {n}")
@@ -330,7 +358,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
         if base_mod.CLASS_VOXELS in variants:
             raise InputError(f"--influence: the folder name {base_mod.CLASS_VOXELS!r} is the "
                              "baseline's (rename the folder or pass --no-baseline)")
-        voxels = base_mod.patient_class_voxels(run.train.labels, run.train.cases, patients)
+        voxels = base_mod.patient_class_voxels(run.train.labels, run.train.cases, patients,
+                                               class_labels=task.class_labels)
         base_scores[base_mod.CLASS_VOXELS] = base_mod.class_voxel_scores(voxels, len(test_ids))
     scored = {**{n: v["scores"] for n, v in variants.items()}, **base_scores}
     if isinstance(leave_out_variants, str):
@@ -401,7 +430,8 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
 
     # -- 2. LDS ---------------------------------------------------------------------------
     def lds_by_loss(scores) -> dict:  # {loss: lds dict} against the Dice and the CE loss
-        return {loss: lds_mod.lds(scores, masks, arr, present, resamples=resamples, seed=seed)
+        return {loss: lds_mod.lds(scores, masks, arr, present, class_names=class_names,
+                                  resamples=resamples, seed=seed)
                 for loss, arr in losses.items()}
 
     result_variants: dict = {}
@@ -471,7 +501,7 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                 for side, d in plan["top"][name].items()}
         leave_out_info = {
             "k": list(ks), "queries_n": len(queries), "seed": int(seed),
-            "queries": [{"test_id": test_ids[a], "class": lds_mod.CLASS_NAMES[i]}
+            "queries": [{"test_id": test_ids[a], "class": class_names[i]}
                         for a, i in queries],
             "random_sets": {str(k): [[patients[p] for p in s] for s in lst]
                             for k, lst in randoms.items()},
@@ -486,7 +516,7 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
             rnd = sanity.model_randomisation(run, folders[names.index(name)],
                                              out / "randomised" / name, seed=seed,
                                              progress=progress)
-            rnd["per_class"] = {lds_mod.CLASS_NAMES[int(c)]: m for c, m in rnd["per_class"].items()}
+            rnd["per_class"] = {class_names[int(c)]: m for c, m in rnd["per_class"].items()}
         result_variants[name]["randomisation"] = rnd
         method = sanity.mislabel_method(v["spec"], last_epoch)
         result_variants[name]["mislabel_method"] = method if mislabel_aucs is not None else None
@@ -496,12 +526,15 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     a, i = lds_mod.target_mask(present)
     result = {
         "format": 1, "workdir": str(workdir),
+        "task": task.to_dict(), "class_names": class_names,
+        "class_labels": list(task.class_labels),
         "ground_truth": {
             "path": str(gt.path), "subsets": int(masks.shape[0]), "fraction": float(fraction),
             "seeds": int(losses["dice"].shape[1]), "seed": int(seed), "patients": len(patients),
             "n_test": len(test_ids), "targets": int(len(a)),
-            "targets_per_class": {c: int((i == k).sum()) for k, c in enumerate(lds_mod.CLASS_NAMES)},
-            "noise_ceiling": {loss: lds_mod.noise_ceiling(arr, present) for loss, arr in losses.items()},
+            "targets_per_class": {c: int((i == k).sum()) for k, c in enumerate(class_names)},
+            "noise_ceiling": {loss: lds_mod.noise_ceiling(arr, present, class_names=class_names)
+                              for loss, arr in losses.items()},
             "seconds": round(gt_s, 1),
         },
         "bootstrap": {"over": "subsets", "resamples": resamples, "method": "percentile",

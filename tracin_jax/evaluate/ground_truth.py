@@ -5,9 +5,10 @@ alpha, seeded), retrains a model from scratch on each with R training seeds, and
 scoring needs. ``<workdir>/ground_truth/<key>/`` holds:
 
 - ``masks.npy`` bool[M, P]: the patients (sorted ids) of each subset;
-- ``dice_loss.npy`` f32[M, R, n_test, 3]: soft Dice loss per test slice and tumour class;
-- ``ce_loss.npy`` f32[M, R, n_test, 3]: region cross-entropy per test slice and tumour class;
-- ``dice.npy`` f32[M, R, 3]: hard Dice per tumour class over the test split (NaN: class absent);
+- ``dice_loss.npy`` f32[M, R, n_test, C]: soft Dice loss per test slice and class (the C
+  foreground classes of the run's task, in order; BraTS: the 3 tumour classes);
+- ``ce_loss.npy`` f32[M, R, n_test, C]: region cross-entropy per test slice and class;
+- ``dice.npy`` f32[M, R, C]: hard Dice per class over the test split (NaN: class absent);
 - ``meta.json``: patients, test ids, M, R, alpha, seed, the training seeds, the run's config,
   the training mode and seconds of every unit. Written last: its presence marks a complete result.
 - ``units/m<m>_r<r>.npz``: one file per retrained model, written atomically when it finishes.
@@ -74,9 +75,9 @@ class GroundTruth:
 
     path: Path
     masks: np.ndarray  # bool[M, P]
-    dice_loss: np.ndarray  # f32[M, R, n_test, 3]
-    ce_loss: np.ndarray  # f32[M, R, n_test, 3]
-    dice: np.ndarray  # f32[M, R, 3]
+    dice_loss: np.ndarray  # f32[M, R, n_test, C]
+    ce_loss: np.ndarray  # f32[M, R, n_test, C]
+    dice: np.ndarray  # f32[M, R, C]
     meta: dict
 
     @property
@@ -88,7 +89,7 @@ class GroundTruth:
         return list(self.meta["test_ids"])
 
     def loss(self, kind: str) -> np.ndarray:
-        """f32[M, R, n_test, 3] of the class-wise loss ``dice`` or ``ce``."""
+        """f32[M, R, n_test, C] of the class-wise loss ``dice`` or ``ce``."""
         if kind not in ("dice", "ce"):
             raise InputError(f"loss {kind!r} is not one of dice, ce")
         return self.dice_loss if kind == "dice" else self.ce_loss
@@ -297,18 +298,15 @@ def train_units(run, units: Sequence[Unit], *, mode: str = "auto", group: int | 
 
 
 # Config keys added after ground truths were first cached, with the value every earlier run had:
-# left out of the cache key at that value, so caches written before the key existed stay valid.
-KEY_ADDED_LATER = {("model", "arch"): "unet"}
+# left out of the cache key at that value, so caches written before the key existed stay valid
+# (model.arch predates run identities, so only the cache key leaves it out).
+KEY_ADDED_LATER = {("model", "arch"): "unet", **identity.KEYS_ADDED_LATER}
 
 
 def config_identity(config) -> dict:
     """The run's config as the cache keys hash it (``config.to_dict()`` without the keys of
     :data:`KEY_ADDED_LATER` at their original value)."""
-    d = json.loads(json.dumps(config.to_dict()))
-    for (section, key), value in KEY_ADDED_LATER.items():
-        if d.get(section, {}).get(key) == value:
-            d[section].pop(key)
-    return d
+    return identity.without_keys_at(config.to_dict(), KEY_ADDED_LATER)
 
 
 def ground_truth_settings(run, *, subsets: int, fraction: float, seeds: int, seed: int) -> dict:

@@ -1,7 +1,8 @@
 """Class-wise linear datamodeling score (LDS; Park et al. 2023, TRAK) and its noise ceiling.
 
-A target is a (test slice z', tumour class i) pair with class i present in the slice's ground
-truth. For every retraining subset S_m of the training patients, an attribution predicts
+A target is a (test slice z', class i) pair with class i, one of the run's C foreground classes
+(BraTS: the tumour classes), present in the slice's ground truth. For every retraining subset
+S_m of the training patients, an attribution predicts
 
     g_m(z', i) = sum_{p in S_m} sum_j patient_scores[z', i, p, j]
 
@@ -29,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-CLASS_NAMES = ("NCR/NET", "ED", "ET")
+from tracin_jax.task import BRATS_CLASSES as CLASS_NAMES  # the default of a bare call
 BOOTSTRAP_RESAMPLES = 1000
 
 
@@ -114,9 +115,12 @@ def lds(patient_scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, prese
 
     patient_scores f32[n_test, C, P, C]; masks bool[M, P]; losses f32[M, R, n_test, C] (the
     class-wise loss the attribution differentiates, per subset model and seed); present
-    bool[n_test, C]. Returns ``{"mean", "ci", "n_targets", "per_class": {name: {"mean", "ci",
+    bool[n_test, C]; ``class_names``: the C class names (a run's ``task.classes``; default
+    the BraTS ones). Returns ``{"mean", "ci", "n_targets", "per_class": {name: {"mean", "ci",
     "n_targets"}}, "per_target": [T floats]}``; intervals as in the module docstring.
     """
+    if len(class_names) != np.shape(present)[1]:
+        raise ValueError(f"{len(class_names)} class names for {np.shape(present)[1]} classes")
     pred = subset_predictions(patient_scores, masks)
     a, i = target_mask(present)
     mean_loss = np.asarray(losses, np.float64).mean(axis=1)

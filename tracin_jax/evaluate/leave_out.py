@@ -30,8 +30,9 @@ def select_queries(present: np.ndarray, q: int, seed: int = 0) -> list[tuple[int
     """Q targets spread across the classes.
 
     present bool[n_test, C] -> [(test index, class)] of length min(q, #targets): the classes
-    take turns (NCR/NET, ED, ET, NCR/NET, ...), each drawing its next slice from a seeded
-    permutation of the slices where it is present; a class with no slices left is skipped.
+    take turns (1, 2, ..., C, 1, ...; BraTS: NCR/NET, ED, ET, NCR/NET, ...), each drawing its
+    next slice from a seeded permutation of the slices where it is present; a class with no
+    slices left is skipped.
     """
     present = np.asarray(present, bool)
     rng = np.random.default_rng(seed)

@@ -13,8 +13,20 @@ from pathlib import Path
 
 from tracin_jax.atomic import StagedFiles, writing
 from tracin_jax.evaluate.leave_out import SIDES
+from tracin_jax.task import BRATS_CLASSES as CLASS_NAMES
 
-CLASS_NAMES = ("NCR/NET", "ED", "ET")
+
+def class_names(result: dict) -> list[str]:
+    """The C class names of an evaluation (its ``class_names``, the run's task's; results
+    written before they were recorded: the per-class keys of the first variant's LDS, else the
+    BraTS classes)."""
+    if result.get("class_names"):
+        return list(result["class_names"])
+    for v in (result.get("variants") or {}).values():
+        per_class = (v.get("lds") or {}).get("per_class")
+        if per_class:
+            return list(per_class)
+    return list(CLASS_NAMES)
 
 
 def _f(x, digits: int = 2) -> str:
@@ -82,7 +94,8 @@ def _detail_table(result: dict, ks) -> list[str]:
     """Per-class LDS with its 95% interval, and the leave-out changes with intervals over
     queries for every k (the main table keeps the means and the largest k)."""
     has_base = bool(result.get("baselines"))
-    head = ["variant", *(f"{c} [95% CI]" for c in CLASS_NAMES)]
+    names = class_names(result)
+    head = ["variant", *(f"{c} [95% CI]" for c in names)]
     if has_base:
         head += ["Spearman with the baseline"]
     for k in ks:
@@ -95,7 +108,7 @@ def _detail_table(result: dict, ks) -> list[str]:
     for name, v in _rows(result).items():
         pc = v["lds"]["per_class"]
         row = [f"`{name}`", *(f"{_f(pc[c]['mean'])} {_ci(pc[c]['ci'])}".strip()
-                              for c in CLASS_NAMES)]
+                              for c in names)]
         if has_base:
             row.append(_f(v.get("baseline_rho")))
         for k in ks:
@@ -113,11 +126,16 @@ def markdown(result: dict) -> str:
     gt = result["ground_truth"]
     ks = result.get("leave_out", {}).get("k", [])
     kmax = max(ks) if ks else None
+    names = class_names(result)
+    task = result.get("task") or {}
     lines = [
         "# Evaluation: class-wise LDS, leave-top-k-out, sanity checks", "",
         f"Run `{result['workdir']}`: {gt['patients']} training patients, {gt['n_test']} test "
         f"slices, {gt['targets']} (slice, class) targets. Ground truth: {gt['subsets']} subsets of "
         f"{gt['fraction']:.0%} of the patients x {gt['seeds']} training seed(s), seed {gt['seed']}.",
+        "",
+        (f"Task {task.get('name', '?')}: " if task else "Classes: ")
+        + f"{len(names)} classes, " + ", ".join(names) + ".",
         "",
     ]
     ceil = gt.get("noise_ceiling") or {}
@@ -129,7 +147,7 @@ def markdown(result: dict) -> str:
         lines.append("Noise ceiling: needs --seeds 2 or more (not measured).")
     lines += ["", verdict(result), ""]
     has_base = bool(result.get("baselines"))
-    head = ["variant", "gradient", "LDS [95% CI]", *CLASS_NAMES, "LDS - best [95% CI]"]
+    head = ["variant", "gradient", "LDS [95% CI]", *names, "LDS - best [95% CI]"]
     if has_base:
         head += ["LDS - baseline [95% CI]"]
     if kmax:
@@ -139,7 +157,7 @@ def markdown(result: dict) -> str:
     for name, v in _rows(result).items():
         l = v["lds"]
         row = [f"`{name}`", v["gradient"], f"{_f(l['mean'])} {_ci(l['ci'])}",
-               *(_f(l["per_class"][c]["mean"]) for c in CLASS_NAMES),
+               *(_f(l["per_class"][c]["mean"]) for c in names),
                (f"{_f(v['vs_best']['mean'])} {_ci(v['vs_best']['ci'])}" if v.get("vs_best")
                 else "best")]
         if has_base:
@@ -219,10 +237,12 @@ def plot_lds(result: dict, path: Path) -> None:
     rows = _rows(result)
     names = list(rows)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 3.4))
-    groups = ("overall", *CLASS_NAMES)
-    colours = ["black", *class_colors(CLASS_NAMES)]  # the report's class colours
+    names_c = class_names(result)
+    groups = ("overall", *names_c)
+    colours = ["black", *class_colors(names_c)]  # the report's class colours
     width = 0.8 / len(groups)
     for g, group in enumerate(groups):
+        labelled = False  # the group's first point carries its legend entry
         for n, name in enumerate(names):
             l = rows[name]["lds"]
             entry = l if group == "overall" else l["per_class"][group]
@@ -234,7 +254,8 @@ def plot_lds(result: dict, path: Path) -> None:
             if ci[0] is not None:
                 err = [[entry["mean"] - ci[0]], [ci[1] - entry["mean"]]]
             ax.errorbar(x, entry["mean"], yerr=err, fmt="o", color=colours[g], capsize=2,
-                        label=group if n == 0 else None)
+                        label=None if labelled else group)
+            labelled = True
     for loss, c in (result["ground_truth"].get("noise_ceiling") or {}).items():
         if c and c["mean"] is not None:
             ax.axhline(c["mean"], ls="--", color="grey", lw=0.8)
@@ -249,7 +270,7 @@ def plot_lds(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("class-wise LDS (Spearman)")
     ax.set_title("Linear datamodeling score, 95% bootstrap intervals over subsets", fontsize=9)
-    ax.legend(fontsize=7, ncol=4)
+    ax.legend(fontsize=7, ncol=min(len(groups), 4))
     _save_fig(fig, path)
 
 

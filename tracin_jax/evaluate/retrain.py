@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracin_jax.errors import InputError
-from tracin_jax.models import build_model
+from tracin_jax.training.window import inference_model
 from tracin_jax.training.losses import (dice_from_counts, hard_dice_counts, tumour_cross_entropy,
                                         tumour_dice_loss)
 from tracin_jax.training.multi import (  # noqa: F401  (re-exported)
@@ -45,8 +45,8 @@ def patient_subsets(n_patients: int, m: int, fraction: float, seed: int) -> np.n
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_fn(model_config, eps: float):
-    model = build_model(model_config)
+def _eval_fn(config, eps: float):
+    model = inference_model(config)  # the network; a sliding window for a run trained on patches
 
     @jax.jit
     def fn(variables, images, labels):
@@ -61,12 +61,13 @@ def _eval_fn(model_config, eps: float):
 def test_outputs(run, variables_k: Any, batch_size: int = 32) -> dict:
     """What scoring needs from one model, on the run's test split (n_test slices).
 
-    Returns {"dice_loss": f32[n_test, 3] (tumour_dice_loss with the run's dice_eps),
-    "ce_loss": f32[n_test, 3] (tumour_cross_entropy), "dice": f32[3] hard Dice per tumour class
-    over the whole test split (global counts; NaN where the class is absent from both prediction
-    and ground truth)}.
+    Returns {"dice_loss": f32[n_test, C] (tumour_dice_loss with the run's dice_eps),
+    "ce_loss": f32[n_test, C] (tumour_cross_entropy), "dice": f32[C] hard Dice per foreground
+    class over the whole test split (global counts; NaN where the class is absent from both
+    prediction and ground truth)}, C = the model's outputs minus background (the run's task's
+    classes; BraTS: 3).
     """
-    fn = _eval_fn(run.config.model, float(run.config.train.dice_eps))
+    fn = _eval_fn(run.config, float(run.config.train.dice_eps))
     images, labels = run.test.images, run.test.labels
     n = len(images)
     dice_loss, ce_loss, counts = [], [], 0.0
@@ -76,8 +77,9 @@ def test_outputs(run, variables_k: Any, batch_size: int = 32) -> dict:
         dice_loss.append(np.asarray(d))
         ce_loss.append(np.asarray(c))
         counts = counts + np.asarray(k, np.float64)
-    empty = np.zeros((0, 3), np.float32)
-    dice = (dice_from_counts(counts)[1:] if n else [None] * 3)
+    c = int(run.config.model.num_classes) - 1
+    empty = np.zeros((0, c), np.float32)
+    dice = (dice_from_counts(counts)[1:] if n else [None] * c)
     return {
         "dice_loss": np.concatenate(dice_loss).astype(np.float32) if n else empty,
         "ce_loss": np.concatenate(ce_loss).astype(np.float32) if n else empty,

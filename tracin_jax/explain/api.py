@@ -59,9 +59,11 @@ def _pick_checkpoint(run, epoch: int | None):
 
 
 def present_classes(labels: np.ndarray, class_labels: Sequence[int]) -> np.ndarray:
-    """bool[N, C]: class c (label value class_labels[c]) occurs in slice n of labels u8[N, H, W]."""
+    """bool[N, C]: class c (label value class_labels[c]) occurs in example n of labels
+    u8[N, *S] (slices or volumes)."""
     labels = np.asarray(labels)
-    return np.stack([(labels == v).any(axis=(1, 2)) for v in class_labels], axis=1)
+    axes = tuple(range(1, labels.ndim))
+    return np.stack([(labels == v).any(axis=axes) for v in class_labels], axis=1)
 
 
 def _check_present(infl: Influence, labels: np.ndarray) -> None:
@@ -202,12 +204,26 @@ def _selection(curves, store, test, train, variables, *, names, labels, n_extrem
     }
 
 
+def channels_of(run) -> list[str]:
+    """The run's input channel names in the model's order: its task's (BraTS: its
+    ``data.modalities``), else the config's modalities (an object without a task)."""
+    task = getattr(run, "task", None)
+    return list(task.channels) if task is not None else list(run.config.data.modalities)
+
+
+def default_modality(channels: Sequence[str]) -> str:
+    """The channel figures show by default: ``flair`` when the run has it (BraTS), else the
+    first channel."""
+    return "flair" if "flair" in channels else channels[0]
+
+
 def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *, k: int = 5,
-                modality: str = "flair", level: str = "patient", train_class: int | str | None = None,
+                modality: str | None = None, level: str = "patient",
+                train_class: int | str | None = None,
                 items_per_class: int = 4, test_items: Sequence[str] | None = None,
                 similarity: str = "cosine", n_extremes: int = 10, n_permutations: int = 1000,
                 z_min: float = 2.0, alpha: float = 0.05, random_seeds: int = 5, seed: int = 0,
-                epoch: int | None = None, batch_size: int = 16, progress: bool = True,
+                epoch: int | None = None, batch_size: int | None = None, progress: bool = True,
                 evaluation: str | os.PathLike | None = None) -> dict:
     """Writes the explanation report of an opened run (see :func:`run_explain`); returns metrics."""
     from tracin_jax.paths import check_writable_folder
@@ -220,7 +236,8 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
         raise InputError(f"level={level!r}: choose one of {', '.join(LEVELS)}")
     if similarity not in SIMILARITIES:
         raise InputError(f"similarity={similarity!r}: choose one of {', '.join(SIMILARITIES)}")
-    modalities = list(run.config.data.modalities)
+    modalities = channels_of(run)
+    modality = default_modality(modalities) if modality is None else modality
     if modality not in modalities:
         raise InputError(f"modality={modality!r}: the run's channels are {', '.join(modalities)}")
     mod = modalities.index(modality)
@@ -234,17 +251,22 @@ def explain_run(run, influence_dir: str | os.PathLike, out: str | os.PathLike, *
                           train_cases=list(train.cases))
     _check_present(infl, np.asarray(query.labels))
     names = infl.class_names
+    example = "volume" if np.ndim(query.labels) == 4 else "slice"  # what one example of the run is
     ckpt = _pick_checkpoint(run, epoch)
     tmp = report.start(out)
     try:
         reps, rep_rule = _representatives(infl, np.asarray(train.labels))
+        if example == "volume" and np.bincount(infl.train_patient).max(initial=0) <= 1:
+            rep_rule = "its volume (one per patient)"
         steps = tqdm(total=4, desc="explain", disable=not progress)
         local = local_explanations(infl, query, train, reps, k=int(k), level=level, train_class=j_fixed,
                        items_per_class=items_per_class, test_items=test_items, mod=mod,
                        modality=modality, folder=tmp, progress=progress)
         steps.update()
-        glob = global_explanations(infl, int(k), tmp)
+        glob = global_explanations(infl, int(k), tmp, example=example)
         steps.update()
+        if batch_size is None:
+            batch_size = 2 if example == "volume" else 16
         store = FeatureStore(run.features, ckpt.variables, batch_size, progress=progress)
         faith, curves = _faithfulness(infl, store, query, train, reps, similarity=similarity,
                                       n_extremes=n_extremes, n_permutations=n_permutations,
@@ -294,8 +316,10 @@ def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def _case_of(slice_id: str) -> str:
-    return str(slice_id).rsplit("/", 1)[0]
+def _case_of(example_id: str) -> str:
+    """The case of an example id: ``<case>`` of a slice id ``<case>/z<index>``; a volume's id
+    (no ``/``) is its case."""
+    return str(example_id).rsplit("/", 1)[0]
 
 
 def check_same_run(run, influence_dir: str | os.PathLike, meta: dict) -> None:
@@ -381,6 +405,8 @@ def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, op
             if k not in ("test_ids", "train_ids", "train_cases", "test_cases", "patients")}
     return {
         "run": {"workdir": str(getattr(run, "workdir", "")),
+                "task": (run.task.to_dict() if getattr(run, "task", None) is not None
+                         else None),
                 "config": run.config.to_dict() if hasattr(run.config, "to_dict") else {},
                 "checkpoints": [{"epoch": c.epoch, "lr": c.lr} for c in run.checkpoints],
                 "features_checkpoint": {"epoch": ckpt.epoch, "lr": ckpt.lr}},
@@ -388,7 +414,7 @@ def _assemble(run, infl, ckpt, local, glob, faith, sel, rep_rule, folder, t0, op
                       "class_labels": list(infl.class_labels), "n_test": infl.n_test,
                       "n_train": infl.n_train, "n_patients": len(infl.patients),
                       "query_split": infl.query_split, "has_scores": infl.scores is not None,
-                      "representative_slice": rep_rule},
+                      "representative_slice": rep_rule, "example": local["example"]},
         "options": options,
         "local": local, "global": glob, "faithfulness": faith, "selection": sel,
         "seconds": time.perf_counter() - t0,
@@ -416,18 +442,26 @@ def _verdict(sel: dict, names: Sequence[str]) -> dict:
 
 
 def run_explain(workdir: str | os.PathLike, influence_dir: str | os.PathLike, out: str | os.PathLike,
-                *, k: int = 5, modality: str = "flair", data_dir: str | os.PathLike | None = None,
+                *, k: int = 5, modality: str | None = None,
+                data_dir: str | os.PathLike | None = None,
                 progress: bool = True, evaluation: str | os.PathLike | None = None,
                 **options) -> dict:
     """Explanation report of the influence folder ``influence_dir`` of the run in ``workdir``.
 
     Writes ``out/index.html`` (offline; figures as PNG files beside it) and ``out/metrics.json``
     (every number in the report); returns the metrics dict. ``k``: proponents/opponents shown and
-    counted; ``modality``: the channel shown in figures. Further keyword options (defaults):
+    counted; ``modality``: the channel shown in figures (a name of the run's task's channels;
+    None: ``flair`` for BraTS, else the first channel). Further keyword options (defaults):
     level='patient' | 'slice', train_class=None (j = i), items_per_class=4, test_items=None
-    (test slice ids to explain instead), similarity='cosine' | 'max_ratio' | 'max_product',
+    (test example ids to explain instead), similarity='cosine' | 'max_ratio' | 'max_product',
     n_extremes=10, n_permutations=1000, z_min=2.0, alpha=0.05, random_seeds=5, seed=0,
-    epoch=None (last checkpoint's features), batch_size=16.
+    epoch=None (last checkpoint's features), batch_size=None (examples per forward pass of the
+    feature maps: 16 slices, or 2 volumes for a 3D run).
+
+    A 3D run (examples are volumes: images f32[N, X, Y, Z, M], RAS) gets the same report: one
+    example is one patient's volume, figures show three orthogonal planes through each region
+    (:func:`figures.local_explanation_3d`), and the feature maps f32[N, X, Y, Z, width] are
+    compared and ablated over all their voxels.
 
     ``evaluation``: the ``tracin-jax evaluate --out`` folder (or its ``evaluation.json``) that
     scored this influence folder of this run; the report then shows its class-wise LDS with

@@ -2,8 +2,10 @@
 
 For test class i, training patients are ranked by ``patient_scores[t, i, :, i]`` (rank 1 = the
 strongest proponent, rank R = the strongest opponent; only the R patients with a class-i region
-in some slice are ranked); each patient is represented by its slice
-with the largest |score| (or, without per-slice scores, its largest class-i region). With the
+in some example are ranked); each patient is represented by its example (slice) with the
+largest |score| (or, without per-example scores, its largest class-i region). For a 3D run an
+example is a whole volume, so a patient is its one volume; every function below reduces over
+all spatial axes of the feature maps f32[N, *S, F] (S = H, W or D, H, W). With the
 per-filter similarity S_k of ``features.py`` between the test item's class-i region and that
 slice's class-i region,
 
@@ -30,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from tracin_jax.explain.features import FeatureStore, cosine_from_dots, max_similarity, region_max
+from tracin_jax.explain.features import (FeatureStore, cosine_from_dots, flat_voxels,
+                                         max_similarity, region_max, spatial_axes)
 from tracin_jax.explain.ranking import rank_desc
 
 
@@ -46,29 +49,34 @@ class RegionStats:
 
 
 def _onehot(labels: np.ndarray, class_labels=(1, 2, 3)) -> np.ndarray:
-    """u8[N, H, W] -> f32[N, H, W, C] masks of the classes with label values ``class_labels``."""
+    """u8[N, *S] -> f32[N, *S, C] masks of the classes with label values ``class_labels``."""
     return np.stack([(labels == c) for c in class_labels], axis=-1).astype(np.float32)
 
 
 @jax.jit
 def _block_dots(test_feats, test_masks, feats, masks):
-    """f32[C, T, B, F]: per-class, per-filter dot products of masked maps (full f32 precision)."""
+    """f32[C, T, B, F]: per-class, per-filter dot products of masked maps (full f32 precision).
+
+    test_feats f32[T, *S, F], test_masks f32[T, *S, C], feats f32[B, *S, F], masks f32[B, *S, C]:
+    the voxels of every spatial axis are summed."""
     out = []
     for c in range(masks.shape[-1]):
-        a = test_feats * test_masks[..., c:c + 1]
-        b = feats * masks[..., c:c + 1]
-        out.append(jnp.einsum("thwk,nhwk->tnk", a, b, precision=jax.lax.Precision.HIGHEST))
+        a = flat_voxels(test_feats * test_masks[..., c:c + 1])
+        b = flat_voxels(feats * masks[..., c:c + 1])
+        out.append(jnp.einsum("tvk,nvk->tnk", a, b, precision=jax.lax.Precision.HIGHEST))
     return jnp.stack(out)
 
 
 def _norms_and_max(feats: np.ndarray, masks: np.ndarray, chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(norms f32[C, N, F], maxima f32[C, N, F]) of the class-masked maps, in chunks of items."""
+    """(norms f32[C, N, F], maxima f32[C, N, F]) of the class-masked maps, in chunks of items.
+
+    feats f32[N, *S, F], masks f32[N, *S, C] (0/1)."""
     norms, maxes = [], []
     for s in range(0, len(feats), chunk):
         f, mk = feats[s:s + chunk], masks[s:s + chunk] > 0
         sq = np.asarray(f, np.float64) ** 2
-        nrm = np.sqrt(np.einsum("nhwk,nhwc->cnk", sq, mk))
-        nrm[~mk.any(axis=(1, 2)).T] = np.nan
+        nrm = np.sqrt(np.einsum("nvk,nvc->cnk", flat_voxels(sq), flat_voxels(mk)))
+        nrm[~mk.any(axis=spatial_axes(mk[..., 0])).T] = np.nan
         norms.append(nrm.astype(np.float32))
         maxes.append(np.stack([region_max(f, mk[..., c]) for c in range(mk.shape[-1])]))
     return np.concatenate(norms, 1), np.concatenate(maxes, 1)
@@ -80,8 +88,9 @@ def region_stats(store: FeatureStore, test_images: np.ndarray, test_labels: np.n
     """One pass over the training features against all test features (kept on the device).
 
     ``test_name`` is the store's name for the test images ("train" when the influence queries
-    were training slices). Memory: the test features f32[n_test, H, W, F] plus one training
-    block, and the dot products f32[C, n_test, n_train, F] (C = len(class_labels)).
+    were training slices). Images f32[N, *S, M], labels u8[N, *S] (slices or volumes). Memory:
+    the test features f32[n_test, *S, F] plus one training block, and the dot products
+    f32[C, n_test, n_train, F] (C = len(class_labels)).
     """
     test_feats = np.concatenate([f for _, f in store.blocks(test_name, test_images, "test features")])
     test_masks = _onehot(np.asarray(test_labels), class_labels)
@@ -133,10 +142,12 @@ def patient_order(patient_scores: np.ndarray, c: int, eligible: np.ndarray | Non
 
 def eligible_patients(train_labels: np.ndarray, train_patient: np.ndarray, n_patients: int,
                       class_labels=(1, 2, 3)) -> np.ndarray:
-    """bool[C, n_patients]: patient has a class-c region (label ``class_labels[c]``) in some slice."""
+    """bool[C, n_patients]: patient has a class-c region (label ``class_labels[c]``) in some
+    example (train_labels u8[n_train, *S])."""
     out = np.zeros((len(class_labels), n_patients), bool)
+    labels = np.asarray(train_labels)
     for c, v in enumerate(class_labels):
-        has = (np.asarray(train_labels) == v).any(axis=(1, 2))
+        has = (labels == v).any(axis=spatial_axes(labels))
         out[c, np.unique(train_patient[has])] = True
     return out
 

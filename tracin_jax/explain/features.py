@@ -1,18 +1,20 @@
 """Last-hidden-layer feature maps: extraction, masking by a class region, per-filter similarity.
 
-The last hidden layer is what the 1x1 ``head`` conv sees: ``features: f32[N, H, W, F]`` with
-F = model width (64 in the paper). A class region is a ground-truth mask ``bool[N, H, W]``.
+The last hidden layer is what the 1x1 (1x1x1) ``head`` conv sees: ``features: f32[N, *S, F]``
+with ``S`` the spatial axes of one example (``H, W`` for a slice, ``D, H, W`` for a volume) and
+F = model width (64 in the paper). A class region is a ground-truth mask ``bool[N, *S]``. Every
+function here reduces over all the spatial axes, whatever their number.
 
-Per-filter similarity S_k between a test region and a training region (both on the same pixel
+Per-filter similarity S_k between a test region and a training region (both on the same voxel
 grid) comes in three flavours (``SIMILARITIES``):
 
 - ``cosine`` (default; the 2023 text): cosine similarity of the two masked maps,
-  S_k = <a_k, b_k> / (|a_k| |b_k|), a_k = features[..., k] * mask flattened over pixels;
+  S_k = <a_k, b_k> / (|a_k| |b_k|), a_k = features[..., k] * mask flattened over voxels;
 - ``max_ratio`` (the journal figure reduces each masked map to its maximum first):
   with a = max of the masked map, S_k = 1 - |a - b| / max(|a|, |b|)  (= min/max for ReLU maps);
 - ``max_product``: the product-normalised variant, S_k = 2ab / (a^2 + b^2).
 
-All three are 1 for identical inputs. The cosine compares the maps pixel by pixel on the common
+All three are 1 for identical inputs. The cosine compares the maps voxel by voxel on the common
 grid, so regions that do not overlap score 0 whatever the filters see there: it measures
 position and response together. The max variants ignore position.
 
@@ -32,26 +34,41 @@ from tracin_jax.progress import tqdm
 SIMILARITIES = ("cosine", "max_ratio", "max_product")
 
 
+def spatial_axes(mask: np.ndarray) -> tuple[int, ...]:
+    """The spatial axes of a batch of masks bool[N, *S] (or labels): every axis but the first."""
+    return tuple(range(1, np.ndim(mask)))
+
+
+def flat_voxels(x):
+    """Collapses the spatial axes: f32[N, *S, F] -> f32[N, V, F], V = prod(S) (a numpy or jax
+    array, as given)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def masked(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """features f32[N, H, W, F] * mask bool[N, H, W] -> f32[N, H, W, F] (zero outside the region)."""
+    """features f32[N, *S, F] * mask bool[N, *S] -> f32[N, *S, F] (zero outside the region)."""
     xp = jnp if isinstance(features, jax.Array) else np
     return features * xp.asarray(mask, features.dtype)[..., None]
 
 
 def region_max(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """f32[N, F]: maximum of each filter inside the region; NaN where the region is empty."""
+    """f32[N, F]: maximum of each filter inside the region (features f32[N, *S, F], mask
+    bool[N, *S]); NaN where the region is empty."""
     f = np.asarray(features)
     m = np.asarray(mask, bool)
-    vals = np.where(m[..., None], f, -np.inf).max(axis=(1, 2))
-    vals[~m.any(axis=(1, 2))] = np.nan
+    ax = spatial_axes(m)
+    vals = np.where(m[..., None], f, -np.inf).max(axis=ax)
+    vals[~m.any(axis=ax)] = np.nan
     return vals.astype(np.float32)
 
 
 def region_norm(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """f32[N, F]: L2 norm of each masked map; NaN where the region is empty."""
+    """f32[N, F]: L2 norm of each masked map (features f32[N, *S, F], mask bool[N, *S]); NaN
+    where the region is empty."""
     m = np.asarray(mask, bool)
-    n = np.sqrt((masked(np.asarray(features, np.float64), m) ** 2).sum(axis=(1, 2)))
-    n[~m.any(axis=(1, 2))] = np.nan
+    ax = spatial_axes(m)
+    n = np.sqrt((masked(np.asarray(features, np.float64), m) ** 2).sum(axis=ax))
+    n[~m.any(axis=ax)] = np.nan
     return n.astype(np.float32)
 
 
@@ -90,12 +107,13 @@ def pairwise_similarity(fa: np.ndarray, ma: np.ndarray, fb: np.ndarray, mb: np.n
                         kind: str = "cosine") -> np.ndarray:
     """f32[A, B, F]: S_k between every region of ``a`` and every region of ``b`` (reference version).
 
-    fa f32[A, H, W, F], ma bool[A, H, W]; fb, mb likewise. Used for small inputs and tests; the
-    report streams the same computation over blocks (see ``faithfulness.region_stats``).
+    fa f32[A, *S, F], ma bool[A, *S]; fb, mb likewise (the same spatial shape S, of any rank).
+    Used for small inputs and tests; the report streams the same computation over blocks (see
+    ``faithfulness.region_stats``).
     """
     if kind == "cosine":
-        dots = np.einsum("ahwk,bhwk->abk", masked(np.asarray(fa, np.float64), ma),
-                         masked(np.asarray(fb, np.float64), mb))
+        dots = np.einsum("avk,bvk->abk", flat_voxels(masked(np.asarray(fa, np.float64), ma)),
+                         flat_voxels(masked(np.asarray(fb, np.float64), mb)))
         return cosine_from_dots(dots, region_norm(fa, ma), region_norm(fb, mb))
     return max_similarity(region_max(fa, ma)[:, None], region_max(fb, mb)[None], kind)
 
@@ -103,7 +121,8 @@ def pairwise_similarity(fa: np.ndarray, ma: np.ndarray, fb: np.ndarray, mb: np.n
 class FeatureStore:
     """Last hidden features of a run's images, computed in blocks; kept in memory when small.
 
-    ``blocks(name, images)`` yields ``(start, f32[b, H, W, F])``. The network runs once per split
+    ``blocks(name, images)`` yields ``(start, f32[b, *S, F])`` for images f32[N, *S, M] (slices
+    or volumes). The network runs once per split
     while the split's features fit in ``cache_bytes`` (later passes read the cache); otherwise
     every pass recomputes them block by block, so memory stays bounded by one block.
     """
@@ -119,7 +138,7 @@ class FeatureStore:
         self._cache: dict[str, np.ndarray] = {}
 
     def compute(self, images: np.ndarray) -> np.ndarray:
-        """f32[N, H, W, F] for a small array of images (no caching)."""
+        """f32[N, *S, F] for a small array of images f32[N, *S, M] (no caching)."""
         return np.concatenate([f for _, f in self._iter(images, None)], axis=0)
 
     def _iter(self, images: np.ndarray, desc: str | None) -> Iterator[tuple[int, np.ndarray]]:

@@ -1,13 +1,20 @@
 """Figures of the explanation report (matplotlib; every function writes one PNG and closes its figure).
 
-One colour per class everywhere (``CLASS_COLORS``, from the Okabe-Ito palette, which
+One colour per class everywhere (:func:`class_colors`, from the Okabe-Ito palette, which
 stays distinguishable under the common colour-vision deficiencies): NCR/NET vermillion,
-ED bluish green, ET sky blue; other classes of an influence folder (e.g. background) take the
-remaining Okabe-Ito colours in order. Neutral / "not selected" items are grey. Functions take
-the class names (and, for images, the label value of each class) of the influence folder.
+ED bluish green, ET sky blue (``CLASS_COLORS``); other classes of an influence folder (e.g.
+background, or the classes of any other task) take the Okabe-Ito colours not used by those, in
+order, then further distinct hues: any number of classes gets distinct colours, the same for
+the same list of names. Neutral / "not selected" items are grey. Functions take the class
+names (and, for images, the label value of each class) of the influence folder.
 
 Brain slices are shown in the neurological convention: the patient's left on the left of the
 image, anterior at the top (``display_view``); every image carries L/R and A/P markers.
+A volume (a 3D run's example, f32[X, Y, Z] in canonical RAS order) is shown by three
+orthogonal planes through one point (``view_point``: its class region's centre of mass):
+axial (patient's left on the left, anterior up: the 2D view), coronal (left on the left,
+superior up) and sagittal (posterior on the left, anterior on the right, superior up), each
+marked with the letters of its sides (``PLANE_SIDES``).
 Titles are wrapped to the width they have, and ids are shown whole (wrapped when long).
 """
 
@@ -26,10 +33,11 @@ from matplotlib.colors import to_rgba
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from tracin_jax.training.losses import CLASS_NAMES
+from tracin_jax.task import BRATS_CLASSES as CLASS_NAMES
 
 CLASS_COLORS = {"NCR/NET": "#D55E00", "ED": "#009E73", "ET": "#56B4E9"}
-OTHER_COLORS = ("#E69F00", "#0072B2", "#CC79A7", "#F0E442", "#000000")
+# The other Okabe-Ito colours (black left out: it draws text, axes and "overall" entries).
+OTHER_COLORS = ("#E69F00", "#0072B2", "#CC79A7", "#F0E442")
 NEUTRAL = "#9A9A9A"
 OPPONENT = "#505050"
 DPI = 110
@@ -38,10 +46,31 @@ plt.rcParams.update({"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9,
                      "figure.titlesize": 11, "legend.fontsize": 8})
 
 
+def extra_hue(k: int) -> str:
+    """The k-th colour beyond the Okabe-Ito palette: hues spaced by the golden ratio (each new
+    one far from the previous ones), saturation and value fixed; distinct for every k."""
+    from matplotlib.colors import hsv_to_rgb, to_hex
+
+    return to_hex(hsv_to_rgb(((0.11 + 0.618034 * k) % 1.0, 0.75, 0.8)))
+
+
 def class_colors(names: Sequence[str] = CLASS_NAMES) -> list[str]:
-    """One colour per class name: the fixed tumour-class colours, then the other Okabe-Ito ones."""
-    others = iter(OTHER_COLORS * (1 + len(names) // len(OTHER_COLORS)))
-    return [CLASS_COLORS[n] if n in CLASS_COLORS else next(others) for n in names]
+    """One distinct colour per class name, for any number of classes: the fixed tumour-class
+    colours (``CLASS_COLORS``) for those names; every other name takes, in order, the next
+    Okabe-Ito colour that no name of ``names`` has (``OTHER_COLORS``, then the tumour-class
+    colours themselves), then :func:`extra_hue` colours."""
+    taken = {CLASS_COLORS[n] for n in names if n in CLASS_COLORS}
+    free = [c for c in (*OTHER_COLORS, *CLASS_COLORS.values()) if c not in taken]
+    out, k = [], 0
+    for n in names:
+        if n in CLASS_COLORS:
+            out.append(CLASS_COLORS[n])
+        elif free:
+            out.append(free.pop(0))
+        else:
+            out.append(extra_hue(k))
+            k += 1
+    return out
 
 
 def color(c: int, names: Sequence[str] = CLASS_NAMES) -> str:
@@ -81,15 +110,28 @@ def _title(ax, text: str, width_in: float, size: float | None = None, **kw) -> N
     ax.set_title(wrap(text, width_in, size), fontsize=size, **kw)
 
 
-def _orient(ax) -> None:
-    """L/R and A/P markers on a brain slice shown by ``display_view`` (neurological convention)."""
+# The three planes of a volume [X, Y, Z] (RAS: x left -> right, y posterior -> anterior,
+# z inferior -> superior): the RAS axis shown left to right, the one shown bottom to top, and
+# the axis the plane is fixed on.
+PLANES = ("axial", "coronal", "sagittal")
+PLANE_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
+# Letters at the (left, right, bottom, top) edges of each plane as displayed.
+PLANE_SIDES = {"axial": ("L", "R", "P", "A"), "coronal": ("L", "R", "I", "S"),
+               "sagittal": ("P", "A", "I", "S")}
+
+
+def _orient(ax, plane: str = "axial") -> None:
+    """Side markers on an image shown by ``display_view``: L/R and A/P on an axial slice
+    (neurological convention), L/R and I/S on a coronal plane, P/A and I/S on a sagittal one
+    (``PLANE_SIDES``); each text's gid is ``orient-<letter>``."""
     fx = [patheffects.withStroke(linewidth=1.6, foreground="black")]
     kw = dict(transform=ax.transAxes, color="white", fontsize=6.5, fontweight="bold",
               path_effects=fx, clip_on=True)
-    ax.text(0.02, 0.5, "L", ha="left", va="center", gid="orient-L", **kw)
-    ax.text(0.98, 0.5, "R", ha="right", va="center", gid="orient-R", **kw)
-    ax.text(0.5, 0.98, "A", ha="center", va="top", gid="orient-A", **kw)
-    ax.text(0.5, 0.02, "P", ha="center", va="bottom", gid="orient-P", **kw)
+    left, right, bottom, top = PLANE_SIDES[plane]
+    ax.text(0.02, 0.5, left, ha="left", va="center", gid=f"orient-{left}", **kw)
+    ax.text(0.98, 0.5, right, ha="right", va="center", gid=f"orient-{right}", **kw)
+    ax.text(0.5, 0.98, top, ha="center", va="top", gid=f"orient-{top}", **kw)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", gid=f"orient-{bottom}", **kw)
 
 
 def _save(fig, path: Path) -> str:
@@ -137,12 +179,51 @@ def display_view(a: np.ndarray) -> np.ndarray:
     return np.rot90(a)
 
 
+def view_point(mask: np.ndarray) -> tuple[int, ...]:
+    """The voxel the three planes of a volume go through, for a region bool[X, Y, Z].
+
+    The region's centre of mass, rounded. When the centre of mass falls outside the region (a
+    shell, a crescent, several pieces) and a plane through it would miss the region, that
+    plane is replaced by the parallel one holding the most region voxels (ties: the nearest to
+    the centre of mass), so that every plane shown cuts the region. An empty region gives the
+    volume's centre.
+    """
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return tuple(int(n // 2) for n in m.shape)
+    com = np.array([i.mean() for i in np.nonzero(m)])
+    point = [int(v) for v in np.clip(np.rint(com), 0, np.array(m.shape) - 1)]
+    if m[tuple(point)]:
+        return tuple(point)
+    for a in range(m.ndim):
+        area = m.sum(axis=tuple(b for b in range(m.ndim) if b != a))  # region voxels per plane
+        if area[point[a]] == 0:
+            best = np.flatnonzero(area == area.max())
+            point[a] = int(best[np.argmin(np.abs(best - com[a]))])
+    return tuple(point)
+
+
+def plane_of(volume: np.ndarray, plane: str, point: Sequence[int]) -> np.ndarray:
+    """The 2D array [across, up] of one plane through ``point`` of a volume [X, Y, Z, ...] in
+    RAS order, ready for :func:`display_view` (axial [X, Y] at z, coronal [X, Z] at y, sagittal
+    [Y, Z] at x)."""
+    fixed = PLANE_AXES[plane][2]
+    return np.take(np.asarray(volume), int(point[fixed]), axis=fixed)
+
+
+def plane_index(plane: str, point: Sequence[int]) -> str:
+    """'z=12' for the axial plane through point (x, y, z), 'y=..' coronal, 'x=..' sagittal."""
+    fixed = PLANE_AXES[plane][2]
+    return f"{'xyz'[fixed]}={int(point[fixed])}"
+
+
 def _overlay(ax, img: np.ndarray, labels: np.ndarray, highlight: int | None,
-             class_labels: Sequence[int], colors: Sequence[str]) -> None:
+             class_labels: Sequence[int], colors: Sequence[str], plane: str = "axial") -> None:
     """Grey slice, ground truth of every class translucent, the highlighted class outlined.
 
-    img f32[H, W], labels u8[H, W] in RAS order; class c has label value class_labels[c]. A
-    class with label 0 (background) is only outlined when highlighted, never tinted.
+    img f32[H, W], labels u8[H, W] in RAS order (a slice, or a ``plane`` of a volume from
+    :func:`plane_of`); class c has label value class_labels[c]. A class with label 0
+    (background) is only outlined when highlighted, never tinted.
     """
     img, labels = display_view(img), display_view(labels)
     lo, hi = _window(img)
@@ -161,11 +242,13 @@ def _overlay(ax, img: np.ndarray, labels: np.ndarray, highlight: int | None,
             ax.contour(m, levels=[0.5], colors=[colors[highlight]], linewidths=1.4)
     ax.set_xticks([])
     ax.set_yticks([])
-    _orient(ax)
+    _orient(ax, plane)
 
 
-def _region(ax, img: np.ndarray, mask: np.ndarray, colour: str, name: str) -> None:
-    """Masked intensities: the region at full brightness, the rest of the slice dimmed to 15%."""
+def _region(ax, img: np.ndarray, mask: np.ndarray, colour: str, name: str,
+            plane: str = "axial") -> None:
+    """Masked intensities: the region at full brightness, the rest of the slice dimmed to 15%
+    (img f32[H, W], mask bool[H, W]: a slice, or a ``plane`` of a volume)."""
     img, mask = display_view(img), display_view(mask)
     lo, hi = _window(img)
     shown = np.where(mask, img, lo + 0.15 * (img - lo))
@@ -177,7 +260,7 @@ def _region(ax, img: np.ndarray, mask: np.ndarray, colour: str, name: str) -> No
                 transform=ax.transAxes, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-    _orient(ax)
+    _orient(ax, plane)
 
 
 def _score(v: float) -> str:
@@ -192,12 +275,20 @@ def _score(v: float) -> str:
 class Panel:
     """One training item of a local explanation."""
 
-    image: np.ndarray  # f32[H, W] (chosen modality)
-    labels: np.ndarray  # u8[H, W]
+    image: np.ndarray  # f32[H, W] (chosen modality); a volume: f32[X, Y, Z] in RAS order
+    labels: np.ndarray  # u8[H, W]; a volume: u8[X, Y, Z]
     patient: str
     slice_id: str
     score: float
     rank: int
+
+
+def class_legend(names: Sequence[str], class_labels: Sequence[int],
+                 colors: Sequence[str]) -> list[Patch]:
+    """Legend entries of the ground-truth overlay: one patch per tinted class (label value not
+    0), in the class's colour, labelled with its name."""
+    return [Patch(color=to_rgba(colors[c], 0.6), label=name)
+            for c, (name, v) in enumerate(zip(names, class_labels)) if v != 0]
 
 
 def local_explanation(path: Path, *, test_image: np.ndarray, test_labels: np.ndarray, test_id: str,
@@ -208,8 +299,15 @@ def local_explanation(path: Path, *, test_image: np.ndarray, test_labels: np.nda
     """Test slice (ground truth, class-i region) beside k proponents (top row) and k opponents.
 
     test_image f32[H, W], test_labels u8[H, W]; test_class / train_class index ``class_names``,
-    whose label values are ``class_labels``.
+    whose label values are ``class_labels``. Volumes (test_image f32[X, Y, Z], test_labels
+    u8[X, Y, Z] and the panels' arrays in RAS order) are drawn by :func:`local_explanation_3d`.
     """
+    if np.ndim(test_image) == 3:
+        return local_explanation_3d(path, test_image=test_image, test_labels=test_labels,
+                                    test_id=test_id, test_class=test_class,
+                                    train_class=train_class, proponents=proponents,
+                                    opponents=opponents, level=level, modality=modality,
+                                    class_names=class_names, class_labels=class_labels)
     k = max(len(proponents), len(opponents), 1)
     fig = plt.figure(figsize=(2.0 * (k + 1) + 0.4, 5.4), layout="constrained")
     gs = fig.add_gridspec(2, k + 2, width_ratios=[1.0, 0.08] + [1.0] * k)
@@ -239,15 +337,101 @@ def local_explanation(path: Path, *, test_image: np.ndarray, test_labels: np.nda
             where = p.slice_id.rsplit("/", 1)[-1]
             _title(ax, f"{kind} {p.rank}\n{p.patient}\n{where}, score {_score(p.score)}", panel_w, 8)
     unit = "patients" if level == "patient" else "slices"
+    handles = class_legend(class_names, class_labels, colors)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
+                   frameon=False, title="ground truth")
     _suptitle(fig, f"Test class {ci} explained by training class {cj} regions: top {k} proponent "
                    f"(top row) and opponent (bottom row) {unit} ({modality}; neurological view: "
                    "patient's left on the left, anterior up)")
     return _save(fig, path)
 
 
+def _missing(ax, kind: str, first: bool, width_in: float) -> None:
+    """The empty cell after the last proponent (opponent): says why there are no more."""
+    ax.axis("off")
+    sign = "positive" if kind == "proponent" else "negative"
+    msg = (f"no {kind}s\n(no {sign} scores)" if first else
+           f"no more {kind}s\n(no other {sign} scores)")
+    ax.text(0.5, 0.5, wrap(msg, width_in, 8), ha="center", va="center", transform=ax.transAxes,
+            fontsize=8, color=NEUTRAL)
+
+
+VOLUME_VIEW = ("each volume by three planes through the centre of mass of its class region: axial "
+               "(patient's left on the left, anterior up), coronal (left on the left, superior "
+               "up), sagittal (anterior on the right, superior up); letters mark the sides: "
+               "L/R left/right, A/P anterior/posterior, S/I superior/inferior")
+
+
+def local_explanation_3d(path: Path, *, test_image: np.ndarray, test_labels: np.ndarray,
+                         test_id: str, test_class: int, train_class: int,
+                         proponents: Sequence[Panel], opponents: Sequence[Panel], level: str,
+                         modality: str, class_names: Sequence[str] = CLASS_NAMES,
+                         class_labels: Sequence[int] = (1, 2, 3)) -> str:
+    """:func:`local_explanation` for volumes: every item is shown by its axial, coronal and
+    sagittal planes (one above the other) through :func:`view_point` of its class region (the
+    test volume: class i; a training volume: class j), each plane marked with its sides and
+    labelled with its index.
+
+    test_image f32[X, Y, Z], test_labels u8[X, Y, Z] and the panels' image / labels, all in
+    RAS order. Each image axes has gid ``plane-<axial|coronal|sagittal>``.
+    """
+    k = max(len(proponents), len(opponents), 1)
+    fig = plt.figure(figsize=(2.0 * (k + 1) + 0.9, 11.6), layout="constrained")
+    gs = fig.add_gridspec(6, k + 2, width_ratios=[1.0, 0.08] + [1.0] * k)
+    colors = class_colors(class_names)
+    ci, cj = class_names[test_class], class_names[train_class]
+    panel_w = 1.85  # inches of title width above one image
+
+    def column(col: int, row0: int, image, labels, value: int, title: str, draw) -> None:
+        point = view_point(np.asarray(labels) == value)
+        for r, plane in enumerate(PLANES):
+            ax = fig.add_subplot(gs[row0 + r, col])
+            ax.set_gid(f"plane-{plane}")
+            draw(ax, plane_of(image, plane, point), plane_of(labels, plane, point), plane)
+            ax.set_ylabel(f"{plane} {plane_index(plane, point)}", fontsize=7)
+            if r == 0:
+                _title(ax, title, panel_w, 8)
+
+    vi, vj = class_labels[test_class], class_labels[train_class]
+    column(0, 0, test_image, test_labels, vi, f"test {test_id}\nground truth",
+           lambda ax, im, lab, pl: _overlay(ax, im, lab, test_class, class_labels, colors, pl))
+    column(0, 3, test_image, test_labels, vi, f"test region {ci}",
+           lambda ax, im, lab, pl: _region(ax, im, lab == vi, colors[test_class], ci, pl))
+    for half, (panels, kind) in enumerate(((proponents, "proponent"), (opponents, "opponent"))):
+        for n in range(k):
+            if n >= len(panels):
+                if n == len(panels):
+                    _missing(fig.add_subplot(gs[3 * half:3 * half + 3, n + 2]), kind, n == 0,
+                             panel_w)
+                continue
+            p = panels[n]
+            column(n + 2, 3 * half, p.image, p.labels, vj,
+                   f"{kind} {p.rank}\n{p.patient}\nscore {_score(p.score)}",
+                   lambda ax, im, lab, pl: _region(ax, im, lab == vj, colors[train_class], cj, pl))
+    unit = "patients" if level == "patient" else "volumes"
+    handles = class_legend(class_names, class_labels, colors)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
+                   frameon=False, title="ground truth")
+    _suptitle(fig, f"Test class {ci} explained by training class {cj} regions: top {k} proponent "
+                   f"(upper half) and opponent (lower half) {unit} ({modality}; {VOLUME_VIEW})")
+    return _save(fig, path)
+
+
+def _tick_style(names: Sequence[str]) -> dict:
+    """Keyword arguments of ``set_xticks`` for class names under narrow columns: names longer
+    than 8 characters (e.g. 'white matter') are slanted so that neighbours do not overlap;
+    short ones (the tumour classes) stay level."""
+    if max(len(n) for n in names) > 8:
+        return {"rotation": 25, "ha": "right", "rotation_mode": "anchor"}
+    return {}
+
+
 def class_matrix(path: Path, matrix: np.ndarray, n_items: Sequence[int],
-                 names: Sequence[str] = CLASS_NAMES) -> str:
-    """Heatmap of the C x C mean influence matrix f32[C, C] (rows test class i, columns training class j)."""
+                 names: Sequence[str] = CLASS_NAMES, example: str = "slice") -> str:
+    """Heatmap of the C x C mean influence matrix f32[C, C] (rows test class i, columns training
+    class j); ``example``: what one training example is ("slice", or "volume" in 3D)."""
     extra = len(names) - 3
     fig, ax = plt.subplots(figsize=(5.4 + 1.0 * max(extra, 0), 4.4 + 0.8 * max(extra, 0)),
                            layout="constrained")
@@ -261,7 +445,7 @@ def class_matrix(path: Path, matrix: np.ndarray, n_items: Sequence[int],
             txt = "n/a" if not np.isfinite(v) else f"{v:.3g}"
             dark = np.isfinite(v) and abs(v) > 0.6 * vmax
             ax.text(j, i, txt, ha="center", va="center", color="white" if dark else "black")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, **_tick_style(names))
     ax.set_yticks(range(len(names)), [f"{c}\n(n={n})" for c, n in zip(names, n_items)])
     for t, c in zip(ax.get_xticklabels(), range(len(names))):
         t.set_color(color(c, names))
@@ -269,7 +453,7 @@ def class_matrix(path: Path, matrix: np.ndarray, n_items: Sequence[int],
         t.set_color(color(c, names))
     ax.set_xlabel("training class j")
     ax.set_ylabel("test class i (test items with class i)")
-    fig.colorbar(im, ax=ax, shrink=0.85, label="mean score per training slice")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=f"mean score per training {example}")
     _title(ax, "Mean class-wise influence T_ij over the test set", fig.get_figwidth() - 0.6)
     return _save(fig, path)
 
@@ -309,10 +493,11 @@ def topk_frequency(path: Path, prop: np.ndarray, opp: np.ndarray, patients: Sequ
 
 def score_distributions(path: Path, patient_scores: np.ndarray, present: np.ndarray,
                         max_points: int = 20000, seed: int = 0,
-                        names: Sequence[str] = CLASS_NAMES) -> str:
+                        names: Sequence[str] = CLASS_NAMES, example: str = "slice") -> str:
     """Violins of patient-level scores per class pair; one panel per test class i.
 
-    patient_scores f32[n_test, C, n_patients, C], present bool[n_test, C].
+    patient_scores f32[n_test, C, n_patients, C], present bool[n_test, C]; ``example``: what
+    one example is ("slice": a patient's score sums its slices; "volume": it is its volume's).
     """
     n_cls = len(names)
     fig, axes = plt.subplots(1, n_cls, figsize=(11 / 3 * n_cls, 3.8), layout="constrained",
@@ -340,13 +525,14 @@ def score_distributions(path: Path, patient_scores: np.ndarray, present: np.ndar
             else:
                 ax.plot([j - 0.3, j + 0.3], [v[0], v[0]], color=color(j, names), lw=2)
         ax.axhline(0, color=NEUTRAL, lw=0.6, ls="--")
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), names, **_tick_style(names))
         for t, c in zip(ax.get_xticklabels(), range(len(names))):
             t.set_color(color(c, names))
         ax.set_xlabel("training class j")
         _title(ax, f"test class {names[i]} (n={int(np.asarray(present)[:, i].sum())} items)", panel_w)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    axes[0].set_ylabel("patient score (sum over its slices)")
+    axes[0].set_ylabel("patient score (its volume's)" if example == "volume"
+                       else f"patient score (sum over its {example}s)")
     _suptitle(fig, "Distribution of patient-level scores per class pair")
     return _save(fig, path)
 

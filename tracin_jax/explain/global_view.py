@@ -11,8 +11,11 @@ from tracin_jax.explain import ranking
 from tracin_jax.explain.inputs import Influence
 
 
-def global_explanations(infl: Influence, k: int, folder: Path) -> dict:
-    """Aggregates over the test set (figures written into ``folder``); returns the metrics part."""
+def global_explanations(infl: Influence, k: int, folder: Path, example: str = "slice") -> dict:
+    """Aggregates over the test set (figures written into ``folder``); returns the metrics part.
+
+    ``example``: what one example of the run is, "slice" or (3D) "volume", for the figures'
+    wording."""
     present = infl.test_present
     names = infl.class_names
     n_cls = len(names)
@@ -40,12 +43,13 @@ def global_explanations(infl: Influence, k: int, folder: Path) -> dict:
            "topk": k, "topk_proponent_counts": prop, "topk_opponent_counts": opp,
            "dominating_patients": dominating, "score_distribution": dist,
            "figures": {
-               "class_matrix": fig.class_matrix(folder / "class_matrix.png", matrix, n_items, names),
+               "class_matrix": fig.class_matrix(folder / "class_matrix.png", matrix, n_items, names,
+                                                example=example),
                "topk_frequency": fig.topk_frequency(folder / "topk_frequency.png", prop, opp,
                                                     infl.patients, k, n_items, names=names),
                "score_distributions": fig.score_distributions(folder / "score_distributions.png",
                                                               infl.patient_scores, present,
-                                                              names=names)}}
+                                                              names=names, example=example)}}
     if infl.self_influence is not None:
         si = infl.self_influence
         out["self_influence_top"] = {

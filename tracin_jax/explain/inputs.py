@@ -1,17 +1,20 @@
 """Reading and checking an influence folder against the run it was computed for.
 
 An influence folder holds (axes: test example, test class i, train example or patient, train
-class j; C classes, by default the tumour classes NCR/NET, ED, ET):
+class j; C classes, the run's task's foreground classes, named in meta.json; a folder without
+class names holds the BraTS tumour classes NCR/NET, ED, ET):
 
 - ``scores.npy``          f32[n_test, C, n_train, C]   (optional: absent when too large),
-- ``patient_scores.npy``  f32[n_test, C, n_patients, C] (a patient's score = sum over its slices),
-- ``test_present.npy``    bool[n_test, C]  (test class present in the slice's ground truth),
+- ``patient_scores.npy``  f32[n_test, C, n_patients, C] (a patient's score = sum over its
+  examples: its slices, or its one volume in a 3D run),
+- ``test_present.npy``    bool[n_test, C]  (test class present in the example's ground truth),
 - ``self_influence.npy``  f32[n_train, C]  (optional),
 - ``topk_{proponents,opponents}_{indices,scores}.npy``  int32 / f32[n_test, C, C, K]
   (optional: the top-K training slices per test item, test class and training class; -1 / NaN
   where not ranked; written instead of ``scores.npy`` when that is too large),
 - ``meta.json``: class_names, class_labels (the label value of each class in the ground truth;
-  [1, 2, 3] when absent, as in folders written before it existed), workdir, test_ids,
+  [1, 2, 3] when absent, as in folders written before it existed), task (the run's task, when
+  recorded), workdir, test_ids,
   train_ids, train_cases, patients, checkpoints, ...
 
 Everything a user can get wrong (a missing file, a shape or id list that does not match the
@@ -29,13 +32,14 @@ from typing import Sequence
 import numpy as np
 
 from tracin_jax.errors import InputError
+from tracin_jax.task import BRATS_CLASSES
 
 META_FILE = "meta.json"
 SCORES_FILE = "scores.npy"
 PATIENT_SCORES_FILE = "patient_scores.npy"
 PRESENT_FILE = "test_present.npy"
 SELF_INFLUENCE_FILE = "self_influence.npy"
-DEFAULT_CLASS_NAMES = ("NCR/NET", "ED", "ET")
+DEFAULT_CLASS_NAMES = BRATS_CLASSES  # folders written before class names were recorded
 DEFAULT_CLASS_LABELS = (1, 2, 3)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tracin_jax.explain.figures import class_colors
 from tracin_jax.explain.report import Raw, esc, figure, fmt, page, table
-from tracin_jax.training.losses import CLASS_NAMES
+from tracin_jax.task import BRATS_CLASSES as CLASS_NAMES
 
 _COLORS: dict[str, str] = {}
 
@@ -22,6 +22,12 @@ def _names(m: dict) -> list[str]:
     names = list(m["influence"].get("class_names") or CLASS_NAMES)
     _COLORS.update(zip(names, class_colors(names)))
     return names
+
+
+def _volumes(m: dict) -> bool:
+    """Whether the report's examples are volumes (a 3D run); metrics written before 3D runs
+    existed are of slices."""
+    return m["influence"].get("example", "slice") == "volume"
 
 
 def _cls(name: str) -> Raw:
@@ -55,9 +61,24 @@ def _subset(meta: dict) -> str:
     return _short_json(p) if p is not None else "not recorded"
 
 
+def _task(m: dict) -> str:
+    """One line on the run's task (name, format, channels, classes), from the metrics or the
+    influence folder's meta.json; the BraTS default for metrics written before tasks were."""
+    raw = m["run"].get("task") or m["influence"]["meta"].get("task")
+    if not raw:
+        return "BraTS (not recorded)"
+    try:
+        from tracin_jax.task import Task
+
+        return Task.from_dict(raw).describe()
+    except Exception:  # noqa: BLE001 - a malformed entry is shown, not fatal to the page
+        return _short_json(raw)
+
+
 def _header(m: dict) -> str:
     names = _names(m)
     run, infl, opt = m["run"], m["influence"], m["options"]
+    ex = "volume" if _volumes(m) else "slice"
     cfg_rows = [(k, _short_json(v)) for k, v in _flat(run.get("config", {}))]
     meta_rows = [(k, _short_json(v)) for k, v in _flat(infl["meta"])]
     ck = [(c["epoch"], c["lr"]) for c in infl["meta"].get("checkpoints", [])
@@ -65,21 +86,22 @@ def _header(m: dict) -> str:
     return "\n".join([
         "<h1>Class-wise TracIn explanations</h1>",
         table(["", ""], [
-            ("run", run["workdir"]), ("influence folder", infl["dir"]),
+            ("run", run["workdir"]), ("task", _task(m)), ("influence folder", infl["dir"]),
             ("test items (rows of the score tensor)", f"{infl['n_test']} ({infl['query_split']} split)"),
-            ("training slices / patients", f"{infl['n_train']} / {infl['n_patients']}"),
+            (f"training {ex}s / patients", f"{infl['n_train']} / {infl['n_patients']}"),
             ("parameter subset (influence gradients)", _subset(infl["meta"])),
             ("projection", _short_json(infl["meta"].get("projection")) if infl["meta"].get("projection")
              else "none (exact gradients)"),
-            ("per-slice scores available", fmt(infl["has_scores"])),
-            ("patient shown by its slice with", infl["representative_slice"]),
+            (f"per-{ex} scores available", fmt(infl["has_scores"])),
+            (("patient shown by", infl["representative_slice"]) if _volumes(m) else
+             ("patient shown by its slice with", infl["representative_slice"])),
             ("feature maps from checkpoint (epoch, lr)",
              f"{run['features_checkpoint']['epoch']}, {fmt(run['features_checkpoint']['lr'])}"),
             ("report built in", f"{m['seconds']:.1f} s"),
         ], left=2),
         "<p>Classes: " + " ".join(str(_cls(n)) for n in names) + ". Scores T_ij: test class i, "
         "training class j; positive = proponent (training on it lowered the test loss), negative = "
-        "opponent. Test classes absent from a slice's ground truth are never ranked.</p>",
+        f"opponent. Test classes absent from a {ex}'s ground truth are never ranked.</p>",
         "<h3>Checkpoints used by the influence scores</h3>",
         table(["epoch", "learning rate"], ck, left=0),
         "<details><summary>Influence settings (meta.json)</summary>",
@@ -119,7 +141,8 @@ def _trust(m: dict) -> str:
              f"variant <code>{esc(t['variant'])}</code>, scored on the {esc(t.get('loss'))} loss): "
              f"{fmt(t.get('subsets'))} random subsets of the training patients (each keeping a "
              f"fraction {fmt(t.get('fraction'))} of them), each retrained from scratch with "
-             f"{fmt(t.get('seeds'))} seed(s). LDS: mean over (test slice, class) targets of the Spearman correlation, over "
+             f"{fmt(t.get('seeds'))} seed(s). LDS: mean over (test "
+             f"{'volume' if _volumes(m) else 'slice'}, class) targets of the Spearman correlation, over "
              "the retrained models, between the loss these scores predict and the loss measured "
              "(1: the scores rank the subsets as retraining does; 0: no relation); "
              f"{level}% intervals: percentile bootstrap over the retrained models"
@@ -170,18 +193,37 @@ def _trust(m: dict) -> str:
     return "\n".join(parts)
 
 
+_AXIS = {"axial": "z", "coronal": "y", "sagittal": "x"}  # the RAS axis each plane is fixed on
+VOLUME_VIEW = ("Each volume is shown by three orthogonal planes through the centre of mass of "
+               "its class region (a plane through it that would miss the region, as for a "
+               "shell, is moved to the parallel plane holding the most of the region), one "
+               "above the other, each labelled with its index: axial (the patient's left on "
+               "the left of the image, anterior at the top), coronal (left on the left, "
+               "superior at the top) and sagittal (posterior on the left, anterior on the "
+               "right, superior at the top), as the arrays are stored (canonical RAS); every "
+               "plane is marked with the letters of its sides (L/R, A/P, S/I). ")
+
+
 def _local(m: dict) -> str:
     names = _names(m)
     loc = m["local"]
-    parts = ["<h2>1. Local explanations</h2>",
-             f"<p>For each chosen test slice and class i: the top {loc['k']} proponent and opponent "
-             f"training {loc['level']}s by T_ij ({loc['modality']} shown; each training item shows "
-             "its class-j region at full brightness, the rest of its slice dimmed). Slices are "
-             "shown in the neurological convention: the patient's left on the left of the image "
-             "(marked L/R), anterior at the top (A/P), as the arrays are stored (canonical RAS). "
-             + ("A patient's score is the sum over its slices; it is shown by its slice with the "
-                "largest |score|. " if loc["level"] == "patient" else "")
-             + "</p>",
+    if _volumes(m):
+        unit = "patient" if loc["level"] == "patient" else "volume"
+        intro = (f"<p>For each chosen test volume and class i: the top {loc['k']} proponent and "
+                 f"opponent training {unit}s by T_ij ({loc['modality']} shown; each training "
+                 "item shows its class-j region at full brightness, the rest of its volume "
+                 "dimmed). One example is one patient's whole volume, so a patient's score is "
+                 "its volume's. " + VOLUME_VIEW + "</p>")
+    else:
+        intro = (f"<p>For each chosen test slice and class i: the top {loc['k']} proponent and opponent "
+                 f"training {loc['level']}s by T_ij ({loc['modality']} shown; each training item shows "
+                 "its class-j region at full brightness, the rest of its slice dimmed). Slices are "
+                 "shown in the neurological convention: the patient's left on the left of the image "
+                 "(marked L/R), anterior at the top (A/P), as the arrays are stored (canonical RAS). "
+                 + ("A patient's score is the sum over its slices; it is shown by its slice with the "
+                    "largest |score|. " if loc["level"] == "patient" else "")
+                 + "</p>")
+    parts = ["<h2>1. Local explanations</h2>", intro,
              table(["class", "chosen items skipped (class absent)", "test items never ranked (class absent)"],
                    [(_cls(c), loc["skipped_absent"][c], loc["not_ranked_absent"][c]) for c in names])]
     for c in names:
@@ -193,12 +235,25 @@ def _local(m: dict) -> str:
             rows = []
             for r, (p, o) in enumerate(zip_longest(it["proponents"], it["opponents"], fillvalue={}),
                                        start=1):
-                rows.append((r, p.get("patient", "–"), p.get("slice", ""), p.get("score", ""),
-                             o.get("patient", "–"), o.get("slice", ""), o.get("score", "")))
-            parts.append(f"<p><b>{esc(it['test_id'])}</b>, class {esc(c)} ({it['class_area']} pixels), "
-                         f"training class {esc(it['train_class'])}</p>")
+                if _volumes(m):
+                    rows.append((r, p.get("patient", "–"), p.get("score", ""),
+                                 o.get("patient", "–"), o.get("score", "")))
+                else:
+                    rows.append((r, p.get("patient", "–"), p.get("slice", ""), p.get("score", ""),
+                                 o.get("patient", "–"), o.get("slice", ""), o.get("score", "")))
+            if _volumes(m):
+                planes = it.get("planes") or {}
+                where = ", ".join(f"{k} {_AXIS.get(k, '')}={v}" for k, v in planes.items())
+                parts.append(f"<p><b>{esc(it['test_id'])}</b>, class {esc(c)} "
+                             f"({it['class_area']} voxels; planes {esc(where)}), "
+                             f"training class {esc(it['train_class'])}</p>")
+            else:
+                parts.append(f"<p><b>{esc(it['test_id'])}</b>, class {esc(c)} ({it['class_area']} pixels), "
+                             f"training class {esc(it['train_class'])}</p>")
             parts.append(figure(it["figure"], f"local explanation {it['test_id']} {c}"))
-            parts.append(table(["rank", "proponent", "slice", "score", "opponent", "slice", "score"],
+            parts.append(table(["rank", "proponent", "score", "opponent", "score"], rows, left=2)
+                         if _volumes(m) else
+                         table(["rank", "proponent", "slice", "score", "opponent", "slice", "score"],
                                rows, left=3))
     return "\n".join(parts)
 
@@ -215,11 +270,14 @@ def _global(m: dict) -> str:
         dom.append((_cls(c), fmt_list(d["proponents"]), fmt_list(d["opponents"])))
     dist = [(k.replace("<-", " ← "), v.get("n"), v.get("mean"), v.get("median"), v.get("std"),
              v.get("fraction_positive")) for k, v in g["score_distribution"].items()]
+    ex = "volume" if _volumes(m) else "slice"
     parts = [
         "<h2>2. Global explanations</h2>",
         "<h3>Class × class matrix</h3>",
-        "<p>M[i, j] = mean over test items with class i present of the mean over training slices of "
-        "T_ij (computed from the patient scores: their sum over patients equals the sum over slices).</p>",
+        ("<p>M[i, j] = mean over test items with class i present of the mean over training volumes "
+         "(one per patient) of T_ij.</p>" if _volumes(m) else
+         "<p>M[i, j] = mean over test items with class i present of the mean over training slices of "
+         "T_ij (computed from the patient scores: their sum over patients equals the sum over slices).</p>"),
         table(["test class i", "items", *[f"← {c}" for c in names]], rows, left=1),
         figure(g["figures"]["class_matrix"], "class matrix"),
         f"<h3>Patients that dominate the rankings (top {g['topk']}, j = i)</h3>",
@@ -233,8 +291,8 @@ def _global(m: dict) -> str:
         top = g["self_influence_top"]
         rows = [(_cls(c), ", ".join(f"{e['slice']} ({fmt(e['value'], 3)})" for e in top[c]))
                 for c in names]
-        parts += ["<h3>Highest self-influence (training slices)</h3>",
-                  table(["class", "slices (self-influence)"], rows, left=2)]
+        parts += [f"<h3>Highest self-influence (training {ex}s)</h3>",
+                  table(["class", f"{ex}s (self-influence)"], rows, left=2)]
     return "\n".join(parts)
 
 
@@ -253,19 +311,23 @@ def _faithfulness(m: dict) -> str:
         sp = v["spearman_pooled"]
         rows.append((k, "all classes", sp["rho"], sp["p_value"], sp["n_pairs"], None, None, None, None, None))
     n = m["selection"]["rule"]["n_window"]
+    vol = _volumes(m)
     return "\n".join([
         "<h2>3. Faithfulness</h2>",
-        "<p>Last hidden layer feature maps (what the 1×1 head sees), masked by each item's "
-        "ground-truth region of the class. For test class i, training patients are ranked by "
-        "T_ii (rank 1 = strongest proponent) and represented by one slice. "
+        (f"<p>Last hidden layer feature maps (what the {'1×1×1' if vol else '1×1'} head sees), "
+         "masked by each item's ground-truth region of the class. For test class i, training "
+         "patients are ranked by T_ii (rank 1 = strongest proponent) and represented by "
+         f"{'their volume' if vol else 'one slice'}. ") +
         "S_k: <code>cosine</code> = cosine similarity of the two masked maps of filter k; "
         "<code>max_ratio</code> = 1 − |a − b| / max(|a|, |b|) and <code>max_product</code> = "
         "2ab / (a² + b²), with a, b the maxima of the masked maps. Undefined pairs (empty region, "
         "silent filter) are left out. FI_k,i(r) = mean over test items of S_k with the r-th ranked "
-        "patient. The cosine compares the maps pixel by pixel on the common grid, so it is 0 when "
+        f"patient. The cosine compares the maps {'voxel by voxel' if vol else 'pixel by pixel'} "
+        "on the common grid, so it is 0 when "
         "the two regions do not overlap: it mixes the position of the regions with what the filters "
         "respond to. The max variants do not depend on position.</p>",
-        "<p>Only patients with a class-i region in some slice are ranked (" +
+        f"<p>Only patients with a class-i region in {'their volume' if vol else 'some slice'} "
+        "are ranked (" +
         ", ".join(f"{c}: {f['ranked_patients'][c]}" for c in names) + " patients); for the "
         "others every class-i gradient is zero, so their score is exactly 0.</p>",
         f"<p>Windows of N ranks (N = {', '.join(str(x) for x in n)} for "

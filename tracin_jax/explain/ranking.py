@@ -1,8 +1,10 @@
 """Rankings and aggregates of class-wise influence scores (pure numpy).
 
 Axes follow the influence folder: ``scores: f32[n_test, C, n_train, C]`` (test example, test
-class i, training slice, training class j) and ``patient_scores: f32[n_test, C, n_patients, C]``
-(C classes; the three tumour classes unless the folder says otherwise).
+class i, training example, training class j) and ``patient_scores: f32[n_test, C, n_patients, C]``
+(C classes; the three tumour classes unless the folder says otherwise). An example is a slice
+of a 2D run and a whole volume of a 3D run (where a patient has exactly one example, so its
+patient score is its volume's score).
 Proponents are the highest scores (training on them lowered the test loss), opponents the
 lowest (most negative). Test classes absent from a slice's ground truth are never ranked.
 """
@@ -72,9 +74,12 @@ def largest_region_representatives(train_labels: np.ndarray, train_patient: np.n
     """int[C, n_patients]: each patient's slice with the largest class-j region, per class j.
 
     The fallback representative when per-slice scores are not available (``scores.npy`` absent).
-    train_labels: u8[n_train, H, W]; class_labels: int[C], the label value of each class.
+    train_labels: u8[n_train, *S] (slices or volumes); class_labels: int[C], the label value of
+    each class.
     """
-    areas = np.stack([(train_labels == v).sum(axis=(1, 2)) for v in class_labels])  # [C, n_train]
+    labels = np.asarray(train_labels)
+    axes = tuple(range(1, labels.ndim))
+    areas = np.stack([(labels == v).sum(axis=axes) for v in class_labels])  # [C, n_train]
     return representatives(areas.astype(np.float64), train_patient, n_patients)
 
 
@@ -166,11 +171,13 @@ def largest_region_items(labels: np.ndarray, n: int, class_labels=(1, 2, 3)) -> 
     """Per class (label values ``class_labels``, int[C]), the indices of the (up to) n slices
     with the largest class region.
 
-    labels: u8[N, H, W]. Slices without the class are never chosen.
+    labels: u8[N, *S] (slices or volumes). Examples without the class are never chosen.
     """
+    labels = np.asarray(labels)
+    axes = tuple(range(1, labels.ndim))
     out = []
     for c in class_labels:
-        area = (np.asarray(labels) == c).sum(axis=(1, 2))
+        area = (labels == c).sum(axis=axes)
         order = np.argsort(-area, kind="stable")
         out.append([int(t) for t in order[:n] if area[t] > 0])
     return out

@@ -15,9 +15,11 @@ undefined (silent in every region) get z = NaN and are never selected. The filte
 shown in the log|FI| histograms is |gap_k|.
 
 Validation: zero one filter (or a group) of the last hidden layer and re-apply the head,
-logits = features @ W + b (the network is not rerun), then compare per-class hard Dice over the
-whole split with the unablated model. Groups per class: the selected set, random sets of the same
-size (several seeds) and the same number of least important filters (lowest z).
+logits = features @ W + b voxel by voxel (the network is not rerun; the head is the 1x1 conv of
+a 2D model or the 1x1x1 conv of a 3D one, its kernel read as f32[F, K]), then compare per-class
+hard Dice over the whole split (every voxel of every slice or volume) with the unablated
+model. Groups per class: the selected set, random sets of the same size (several seeds) and
+the same number of least important filters (lowest z).
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ def group_mask(n_filters: int, idx: Sequence[int]) -> np.ndarray:
 
 @jax.jit
 def _ablated_counts(feats, labels, kernel, bias, zero):
-    """f32[G, 3, K] hard-Dice counts (K head classes), the filters of each row of zero bool[G, F] zeroed."""
+    """f32[G, 3, K] hard-Dice counts (K head classes), the filters of each row of zero bool[G, F]
+    zeroed. feats f32[B, *S, F], labels int[B, *S]: the voxels of every spatial axis count."""
     def one(z):
         w = kernel * (1.0 - z.astype(kernel.dtype))[:, None]
-        logits = jnp.einsum("bhwf,fc->bhwc", feats, w, precision=jax.lax.Precision.HIGHEST) + bias
+        logits = jnp.einsum("...f,fc->...c", feats, w, precision=jax.lax.Precision.HIGHEST) + bias
         return hard_dice_counts(jnp.argmax(logits, -1), labels, kernel.shape[-1])
 
     return jax.lax.map(one, zero)
@@ -103,8 +106,9 @@ def ablation_counts(store: FeatureStore, split: str, images: np.ndarray, labels:
                     kernel: np.ndarray, bias: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """f64[G, 3, C] hard-Dice counts over a split for each ablation row of zero bool[G, F].
 
-    Zeroing filter k of the features is the same as zeroing row k of the head kernel f32[F, C]
-    (the bias stays), which is what is applied.
+    images f32[N, *S, M], labels u8[N, *S] (slices or volumes: every voxel counts). Zeroing
+    filter k of the features is the same as zeroing row k of the head kernel f32[F, C] (the
+    bias stays), which is what is applied.
     """
     zero = jnp.asarray(np.asarray(zero, bool))
     k = jnp.asarray(kernel, jnp.float32)

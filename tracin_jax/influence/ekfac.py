@@ -10,8 +10,9 @@ F_t the EK-FAC approximation of the Fisher at checkpoint t, block-diagonal over 
 sum over the chosen checkpoints weighted by their learning rates as in TracIn (``checkpoints``;
 pass only the last epoch for the classical influence function at the trained weights).
 
-Per layer (a 3x3 conv, the 2x2 transposed convs, the 1x1 head; BatchNorm scale and offset have
-no Kronecker structure and are left out of the parameter set) the per-example weight gradient
+Per layer (a 3x3 conv, the 2x2 transposed convs, the 1x1 head, or their 3x3x3, 2x2x2 and
+1x1x1 versions in a 3D model; BatchNorm scale and offset have no Kronecker structure and are
+left out of the parameter set) the per-example weight gradient
 is ``G = sum_p x_p delta_p^T`` over output pixels p, x_p the input patch (kh*kw*Cin numbers,
 channel-major, plus a homogeneous 1 when the bias is in the subset) and delta_p the gradient of
 the loss w.r.t. the layer's output at p. Fitting, per checkpoint, two passes over the training
@@ -85,25 +86,25 @@ class ConvLayer:
     """One convolution of the model as EK-FAC sees it.
 
     ``name``: module path (``enc0/conv0``, ``up1``, ``head``); ``kernel_shape`` (kh, kw, Cin,
-    Cout); ``has_bias``: the bias is in the parameter subset (adds the homogeneous coordinate);
-    ``transpose``: an ``nn.ConvTranspose``; ``strides`` and ``padding`` as the module's.
+    Cout), or (kd, kh, kw, Cin, Cout) for a 3D conv; ``has_bias``: the bias is in the parameter
+    subset (adds the homogeneous coordinate); ``transpose``: an ``nn.ConvTranspose``;
+    ``strides`` and ``padding`` as the module's.
     """
 
     name: str
-    kernel_shape: tuple[int, int, int, int]
+    kernel_shape: tuple[int, ...]
     has_bias: bool
     transpose: bool
-    strides: tuple[int, int]
+    strides: tuple[int, ...]
     padding: Any
 
     @property
     def in_dim(self) -> int:
-        kh, kw, cin, _ = self.kernel_shape
-        return kh * kw * cin + int(self.has_bias)
+        return int(np.prod(self.kernel_shape[:-1])) + int(self.has_bias)
 
     @property
     def out_dim(self) -> int:
-        return self.kernel_shape[3]
+        return self.kernel_shape[-1]
 
 
 def _pairs(v, n=2) -> tuple[int, ...]:
@@ -115,7 +116,7 @@ def _lax_padding(layer: ConvLayer):
     if not layer.transpose:
         return layer.padding
     pads = []
-    for k, s in zip(layer.kernel_shape[:2], layer.strides):  # as lax.conv_transpose
+    for k, s in zip(layer.kernel_shape[:-2], layer.strides):  # as lax.conv_transpose
         if layer.padding == "SAME":
             pad_len = k + s - 2
             pad_a = k - 1 if s > k - 1 else int(np.ceil(pad_len / 2))
@@ -127,20 +128,23 @@ def _lax_padding(layer: ConvLayer):
 
 
 def patches(layer: ConvLayer, x: jax.Array) -> jax.Array:
-    """Input patches of a layer: x f32[B,H,W,Cin] -> f32[B, P, in_dim] (P output pixels).
+    """Input patches of a layer: x f32[B,H,W,Cin] (f32[B,D,H,W,Cin] for a 3D conv) ->
+    f32[B, P, in_dim] (P output pixels or voxels).
 
-    Feature order (Cin, kh, kw) then the homogeneous 1 when ``has_bias``; with
-    :func:`kernel_matrix`, ``patches @ kernel_matrix + bias`` is the layer's output.
+    Feature order (Cin, kh, kw) (3D: (Cin, kd, kh, kw)) then the homogeneous 1 when
+    ``has_bias``; with :func:`kernel_matrix`, ``patches @ kernel_matrix + bias`` is the layer's
+    output.
     """
-    kh, kw = layer.kernel_shape[:2]
-    dn = ("NHWC", "HWIO", "NHWC")
+    window = tuple(layer.kernel_shape[:-2])
+    space = "DHW"[3 - len(window):]
+    dn = (f"N{space}C", f"{space}IO", f"N{space}C")
     if layer.transpose:
         p = jax.lax.conv_general_dilated_patches(
-            x, (kh, kw), (1, 1), _lax_padding(layer), lhs_dilation=layer.strides,
+            x, window, (1,) * len(window), _lax_padding(layer), lhs_dilation=layer.strides,
             dimension_numbers=dn, precision=HIGHEST)
     else:
         p = jax.lax.conv_general_dilated_patches(
-            x, (kh, kw), layer.strides, layer.padding, dimension_numbers=dn, precision=HIGHEST)
+            x, window, layer.strides, layer.padding, dimension_numbers=dn, precision=HIGHEST)
     p = p.reshape(p.shape[0], -1, p.shape[-1])
     if layer.has_bias:
         p = jnp.concatenate([p, jnp.ones(p.shape[:2] + (1,), p.dtype)], axis=-1)
@@ -150,13 +154,14 @@ def patches(layer: ConvLayer, x: jax.Array) -> jax.Array:
 def kernel_matrix(layer: ConvLayer, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """Kernel-shaped leaves -> the layer's weight matrix in patch order.
 
-    kernel f32[*lead, kh, kw, Cin, Cout] (and bias f32[*lead, Cout] when ``has_bias``) ->
-    f32[*lead, in_dim, out_dim].
+    kernel f32[*lead, kh, kw, Cin, Cout] (3D: f32[*lead, kd, kh, kw, Cin, Cout]) (and bias
+    f32[*lead, Cout] when ``has_bias``) -> f32[*lead, in_dim, out_dim].
     """
-    kh, kw, cin, cout = layer.kernel_shape
-    lead = kernel.shape[:-4]
+    *window, cin, cout = layer.kernel_shape
+    nd = len(window)
+    lead = kernel.shape[:-(nd + 2)]
     n = len(lead)
-    k = jnp.moveaxis(kernel, n + 2, n).reshape(*lead, cin * kh * kw, cout)
+    k = jnp.moveaxis(kernel, n + nd, n).reshape(*lead, cin * int(np.prod(window)), cout)
     if layer.has_bias:
         k = jnp.concatenate([k, bias[..., None, :]], axis=-2)
     return k
@@ -164,11 +169,12 @@ def kernel_matrix(layer: ConvLayer, kernel: jax.Array, bias: jax.Array | None = 
 
 def matrix_to_leaves(layer: ConvLayer, m: jax.Array) -> list[jax.Array]:
     """Inverse of :func:`kernel_matrix`: f32[*lead, in_dim, out_dim] -> [kernel(, bias)]."""
-    kh, kw, cin, cout = layer.kernel_shape
+    *window, cin, cout = layer.kernel_shape
+    nd = len(window)
     lead = m.shape[:-2]
     n = len(lead)
-    k = m[..., : cin * kh * kw, :].reshape(*lead, cin, kh, kw, cout)
-    out = [jnp.moveaxis(k, n, n + 2)]
+    k = m[..., : cin * int(np.prod(window)), :].reshape(*lead, cin, *window, cout)
+    out = [jnp.moveaxis(k, n, n + nd)]
     if layer.has_bias:
         out.append(m[..., -1, :])
     return out
@@ -181,7 +187,8 @@ def ekfac_subset(params: Any, spec: str) -> tuple[ParamSubset, tuple[str, ...]]:
     parameter) are dropped and listed in ``left_out``; InputError when nothing is left.
     """
     full = resolve_subset(params, spec)
-    kernels = {p for p, s in zip(full.paths, full.shapes) if p.endswith("/kernel") and len(s) == 4}
+    kernels = {p for p, s in zip(full.paths, full.shapes)
+               if p.endswith("/kernel") and len(s) in (4, 5)}  # 2D and 3D convolutions
     keep = [(p, s) for p, s in zip(full.paths, full.shapes)
             if p in kernels or (p.endswith("/bias") and p[: -len("bias")] + "kernel" in kernels)]
     kept = {p for p, _ in keep}
@@ -230,7 +237,7 @@ def _describe(name: str, mod: Any, has_bias: bool) -> ConvLayer:
     strides = _pairs(mod.strides or 1, nd)
     padding = mod.padding
     bad = None
-    if nd != 2:
+    if nd not in (2, 3):
         bad = f"{nd}-D kernel"
     elif _pairs(mod.kernel_dilation or 1, nd) != (1,) * nd:
         bad = "kernel dilation"
@@ -256,8 +263,9 @@ def capture(model: Any, variables: Any, images: jax.Array, layers: Sequence[Conv
             loss: Any) -> tuple[dict, dict]:
     """Inputs and output gradients of the layers.
 
-    ``loss(logits f32[B,H,W,K]) -> f32[B]`` (example b's value depending on example b only);
-    returns ({name: input f32[B,H,W,Cin]}, {name: d loss_b / d output f32[B,H',W',Cout]}).
+    ``loss(logits f32[B,*S,K]) -> f32[B]`` (example b's value depending on example b only;
+    S = (H, W), or (D, H, W) in 3D); returns ({name: input f32[B,*S_in,Cin]},
+    {name: d loss_b / d output f32[B,*S_out,Cout]}).
     BatchNorm in inference mode.
     """
     names = {l.name for l in layers}
@@ -311,7 +319,7 @@ def _output_shapes(model, names):
 
 
 def fisher_loss(kind: str, loss_fn: Any, labels: jax.Array, key: jax.Array):
-    """``logits f32[B,H,W,K] -> f32[B]`` whose gradients give the Fisher's output gradients.
+    """``logits f32[B,*S,K] -> f32[B]`` whose gradients give the Fisher's output gradients.
 
     ``sampled``: summed pixel cross-entropy of labels drawn from the model's softmax (the true
     Fisher); ``empirical``: the class losses ``loss_fn(logits, labels)`` summed over classes.
@@ -320,7 +328,8 @@ def fisher_loss(kind: str, loss_fn: Any, labels: jax.Array, key: jax.Array):
         def loss(logits):
             y = jax.random.categorical(key, jax.lax.stop_gradient(logits), axis=-1)
             logp = jax.nn.log_softmax(logits, axis=-1)
-            return -jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1), axis=(1, 2, 3))
+            picked = jnp.take_along_axis(logp, y[..., None], axis=-1)  # [B, *S, 1]
+            return -jnp.sum(picked, axis=tuple(range(1, picked.ndim)))
         return loss
     if kind == "empirical":
         return lambda logits: jnp.sum(loss_fn(logits, labels), axis=-1)
@@ -380,10 +389,10 @@ def fit_ekfac(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray
               batch_size: int = 16, seed: int = 0, progress: bool = False) -> dict:
     """EK-FAC factors of one checkpoint on the given (training) examples.
 
-    images f32[n,H,W,Cin], labels int[n,H,W]. Returns ``{layer name: {"qa": f32[in,in],
-    "qs": f32[out,out], "lam": f32[in,out]}}`` (eigenvectors of A and S as columns, the
-    corrected eigenvalues E_n[(Q_A^T G_n Q_S)^2]); damping is applied later
-    (:func:`whiten`), so one fit serves every damping.
+    images f32[n,*S,Cin], labels int[n,*S] (S = (H, W), or (D, H, W) in 3D). Returns
+    ``{layer name: {"qa": f32[in,in], "qs": f32[out,out], "lam": f32[in,out]}}`` (eigenvectors
+    of A and S as columns, the corrected eigenvalues E_n[(Q_A^T G_n Q_S)^2]); damping is applied
+    later (:func:`whiten`), so one fit serves every damping.
     """
     layers = tuple(layers)
     n = len(images)
@@ -449,17 +458,21 @@ def dense_ekfac_fisher(factors: dict, layer: ConvLayer) -> np.ndarray:
 def make_ekfac_grad_fn(model: Any, subset: ParamSubset, layers: Sequence[ConvLayer], loss_fn: Any,
                        *, damping: float = DEFAULT_DAMPING, proj_dim: int | None = None,
                        proj_seed: int = 0, proj_kind: str | None = DEFAULT_PROJ_KIND,
-                       tag: str, examples: str = "auto") -> ClassGradFunction:
+                       tag: str, examples: str = "auto", class_names=None,
+                       class_labels=None) -> ClassGradFunction:
     """Whitened class gradients: ``(variables, images, labels) -> f32[B, C, D]``.
 
     ``variables`` must carry the factors of :func:`fit_ekfac` as the collection ``"ekfac"``
     (:func:`with_factors`). D = the subset size, or the projection's dimension (the engine's
     default rule: exact up to 65536 numbers, else CountSketch 4096). ``tag`` names the loss and
-    the Fisher; the damping and the projection are added to it.
+    the Fisher; the damping and the projection are added to it. ``class_names``/
+    ``class_labels``: the loss's C classes (a run's: :func:`~.engine.run_classes`; default
+    NCR/NET, ED, ET <- 1, 2, 3).
     """
     check_damping(damping)
     layers = tuple(layers)
-    inner = make_class_grad_fn(model, subset, loss_fn, None, examples=examples, tag=tag)
+    inner = make_class_grad_fn(model, subset, loss_fn, None, examples=examples, tag=tag,
+                               class_names=class_names, class_labels=class_labels)
     flat = ParamSubset(subset.name, ("ekfac/whitened",), ((subset.size,),))
     projector = make_projector(flat, proj_dim, proj_seed, proj_kind)
     index = {p: i for i, p in enumerate(subset.paths)}
@@ -539,13 +552,17 @@ def ekfac_setup(run: Any, params: str = "all", *, loss: str = "dice",
                 damping: float = DEFAULT_DAMPING, fisher: str = "sampled", fisher_seed: int = 0,
                 proj_dim: int | None = None, proj_seed: int = 0,
                 proj_kind: str | None = DEFAULT_PROJ_KIND, normalise: bool = False) -> EkfacSetup:
-    """The EK-FAC gradient function for a loaded run (:class:`~tracin_jax.run.Run`)."""
+    """The EK-FAC gradient function for a loaded run (:class:`~tracin_jax.run.Run`), over the
+    C classes of its task."""
+    from tracin_jax.influence.engine import run_classes
     from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
     from tracin_jax.training.train import init_variables
+    from tracin_jax.training.window import check_per_layer_method
 
     check_damping(damping)
     if fisher not in FISHERS:
         raise InputError(f"--fisher {fisher!r} is not one of {', '.join(FISHERS)}")
+    check_per_layer_method(run.model, "EK-FAC (--method ekfac)", "--method tracin or trak")
     shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
     subset, left_out = ekfac_subset(shapes["params"], params)
     layers = conv_layers(run.model, shapes, run.image_shape, subset)
@@ -558,7 +575,8 @@ def ekfac_setup(run: Any, params: str = "all", *, loss: str = "dice",
         raise InputError(f"--loss {loss!r} is not one of dice, ce")
     grad_fn = make_ekfac_grad_fn(run.model, subset, layers, loss_fn, damping=float(damping),
                                  proj_dim=proj_dim, proj_seed=proj_seed, proj_kind=proj_kind,
-                                 tag=f"{loss_tag},fisher={fisher}s{fisher_seed}")
+                                 tag=f"{loss_tag},fisher={fisher}s{fisher_seed}",
+                                 **run_classes(run))
     if normalise:
         grad_fn = normalised(grad_fn)
     return EkfacSetup(grad_fn, subset, left_out, layers, loss_fn, loss_tag, float(damping),

@@ -8,19 +8,22 @@ Files written into ``out`` (each in full under a temporary name, then all rename
 ``meta.json`` last, so an earlier complete folder stays as it was until the new one is complete):
 
 - ``scores.npy``: f32[n_test, C, n_train, C] (test example, test class, train example, train
-  class; by default C = 3: NCR/NET, ED, ET, the gradient function's ``class_names`` and
-  ``class_labels``), when it fits ``memory_budget_gb`` on top of the stage's working memory;
+  class; the C classes are the gradient function's ``class_names`` and ``class_labels``, for a
+  run the C foreground classes of its task, :attr:`tracin_jax.run.Run.task`: NCR/NET, ED, ET
+  for BraTS), when it fits ``memory_budget_gb`` on top of the stage's working memory;
 - ``self_influence.npy``: f32[n_train, C];
 - ``test_present.npy`` / ``train_present.npy``: bool[n, C], class c present in the ground truth
   (label value ``class_labels[c]``);
-- ``topk_{proponents,opponents}_{indices,scores}.npy``: int32 / f32[n_test, 3, 3, K] (test
+- ``topk_{proponents,opponents}_{indices,scores}.npy``: int32 / f32[n_test, C, C, K] (test
   example, test class, train class, rank), when ``topk`` is given or the full tensor does not
   fit (then K = DEFAULT_TOPK); absent test classes hold -1 / NaN;
-- ``patient_scores.npy``: f32[n_test, 3, n_patients, 3], the sum over each training patient's
+- ``patient_scores.npy``: f32[n_test, C, n_patients, C], the sum over each training patient's
   slices (patients sorted by case id, listed in meta), when it fits; with ``topk`` also
   ``topk_patients_*`` ranked over patients;
-- ``meta.json``: class names and label values, ids, cases, patients, checkpoints (epoch, lr), parameter subset (name, paths,
-  size), projection, files and shapes, timings, device count.
+- ``meta.json``: class names and label values, the run's task (``task``: its name, format,
+  channels, classes and their label values in the dataset's files; None without a run), ids,
+  cases, patients, checkpoints (epoch, lr), parameter subset (name, paths, size), projection,
+  files and shapes, timings, device count.
 
 Sign convention: a positive score means a proponent (a gradient step on the training example
 lowers the test example's class loss), negative an opponent, as in TracIn.
@@ -72,10 +75,11 @@ OUTPUT_FILES = (
 
 def class_present(labels: np.ndarray, class_labels: Sequence[int] | int = DEFAULT_CLASS_LABELS
                   ) -> np.ndarray:
-    """labels int[n, H, W] -> bool[n, C]: label value ``class_labels[c]`` occurs in the slice.
+    """labels int[n, H, W] (or int[n, X, Y, Z]) -> bool[n, C]: label value ``class_labels[c]``
+    occurs in the slice (volume).
 
-    ``class_labels``: the label value of each class of the loss (default 1, 2, 3: NCR/NET, ED,
-    ET); an int C means labels 1..C.
+    ``class_labels``: the label value of each class of the loss (default 1, 2, 3: the BraTS
+    classes NCR/NET, ED, ET; a run's are 1..C, :func:`run_classes`); an int C means labels 1..C.
     """
     if isinstance(class_labels, (int, np.integer)):
         class_labels = range(1, int(class_labels) + 1)
@@ -268,23 +272,48 @@ def _join_query_blocks(parts: list[dict]) -> dict:
             "patient_scores": pat}
 
 
+def run_classes(run) -> dict:
+    """``class_names`` and ``class_labels`` of a run's C foreground classes, for
+    :func:`~.grads.make_class_grad_fn`: the names of its task (:attr:`~tracin_jax.run.Run.task`)
+    and the model's class indices 1..C. Empty (the BraTS defaults) for an object without a
+    ``task`` (a test double, a notebook's namespace)."""
+    task = getattr(run, "task", None)
+    if task is None:
+        return {}
+    return {"class_names": tuple(task.classes), "class_labels": tuple(task.class_labels)}
+
+
+def task_record(task) -> dict | None:
+    """meta.json's ``task``: a :class:`~tracin_jax.task.Task` (or its dict) as a dict, None
+    when there is none."""
+    if task is None:
+        return None
+    return dict(task) if isinstance(task, dict) else task.to_dict()
+
+
 def run_grad_fn(run, params="head", *, proj_dim=None, proj_seed=0, proj_kind=DEFAULT_PROJ_KIND,
                 loss="dice", normalise=False):
     """The class-gradient function :func:`run_influence` uses for a loaded run.
 
     ``run``: a :class:`~tracin_jax.run.Run`; the other arguments as in :func:`run_influence`
     (the Dice loss uses the run's training ``dice_eps``). Returns a ClassGradFunction
-    ``(variables, images, labels) -> f32[B, 3, D]`` with its ``subset`` and ``projector``.
+    ``(variables, images, labels) -> f32[B, C, D]`` with its ``subset`` and ``projector``, whose
+    C classes are the run's task's (:func:`run_classes`: names ``task.classes``, labels 1..C).
     """
     from tracin_jax.training.train import init_variables
 
+    from tracin_jax.training.window import check_per_layer_method
+
     _check_loss(loss)
+    if proj_kind == "logra":
+        check_per_layer_method(run.model, "LoGra (--proj-kind logra)",
+                               "another --proj-kind (countsketch, rademacher, gaussian)")
     shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
     subset = resolve_subset(shapes["params"], params, head=head_name(run.model))
     projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
     loss_fn = (partial(tumour_dice_loss, eps=run.config.train.dice_eps) if loss == "dice"
                else tumour_cross_entropy)
-    grad_fn = make_class_grad_fn(run.model, subset, loss_fn, projector)
+    grad_fn = make_class_grad_fn(run.model, subset, loss_fn, projector, **run_classes(run))
     return normalised(grad_fn) if normalise else grad_fn
 
 
@@ -409,16 +438,18 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
                       workdir: str | os.PathLike | None = None, class_names=None,
                       class_labels=None, extra_timings: dict | None = None, mesh=None,
                       precondition=None, relatif: bool = False,
-                      extra_meta: dict | None = None, method=None) -> dict:
+                      extra_meta: dict | None = None, method=None, task=None,
+                      query_checkpoints: Sequence[Any] | None = None) -> dict:
     """The engine without the workdir: gradient function, checkpoints and examples given.
 
     ``checkpoints``: objects with ``epoch``, ``lr``, ``variables``; ``train``/``test``: objects
-    with ``images`` f32[N,H,W,4], ``labels`` int[N,H,W], ``ids`` and ``cases``. ``split='train'``
+    with ``images`` f32[N,H,W,M], ``labels`` int[N,H,W], ``ids`` and ``cases``. ``split='train'``
     means ``test`` is the training set (its features are read back from the store). The store
     lives in ``store_dir``, else ``<workdir>/features/<key>``. ``mesh``: the devices to shard
     the training axis over (default: all visible, :func:`~.sharding.train_mesh`).
     ``class_names``/``class_labels``: the names and label values of the gradient function's C
-    classes (default: its own ``class_names``/``class_labels``, else NCR/NET, ED, ET <- 1, 2, 3);
+    classes (default: its own ``class_names``/``class_labels``, for :func:`run_grad_fn` the
+    run's task's, else NCR/NET, ED, ET <- 1, 2, 3);
     their count must equal C. ``precondition``: a per-checkpoint diagonal preconditioner
     (``(checkpoint, subset) -> arrays shaped like the subset's leaves``, with ``name`` and
     ``describe()``; e.g. :class:`~.precondition.AdamPreconditioner`, which reads
@@ -428,7 +459,12 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     RelatIFBlocks`); ``self_influence.npy`` keeps the un-normalised values. ``extra_meta``:
     entries added to meta.json. ``method``: a :class:`~.methods.base.Method` whose
     ``transform_train``/``transform_test`` wrap the training block reader and the query
-    features (None: unchanged). Returns the meta dict.
+    features (None: unchanged). ``task``: the run's :class:`~tracin_jax.task.Task` (or its
+    dict), recorded as meta.json's ``task`` (None: none recorded). ``query_checkpoints``: one
+    per checkpoint (same epochs), the variables the query features of that checkpoint are
+    taken at (with that checkpoint's lr and preconditioner), for a method whose query side
+    differs from its training side; None: the checkpoints themselves. Not with
+    ``split='train'``, whose queries are the stored training features. Returns the meta dict.
 
     Before any work: ``out`` and the store must be writable, the estimated memory
     (:func:`memory_estimate`, XLA's workspace of the gradient program included) must fit
@@ -451,6 +487,13 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     if not n_train or not n_test or not checkpoints:
         raise InputError(f"nothing to score: {n_train} training and {n_test} test examples, "
                          f"{len(checkpoints)} checkpoints")
+    if query_checkpoints is not None:
+        query_checkpoints = list(query_checkpoints)
+        if [q.epoch for q in query_checkpoints] != [ck.epoch for ck in checkpoints]:
+            raise ValueError("query_checkpoints must have the epochs of checkpoints, in order")
+        if split == "train":
+            raise InputError("--split train reads its queries from the training features, but "
+                             "this method takes its query features elsewhere; use --split test")
 
     c, dim = feature_shape(grad_fn, checkpoints[0].variables, train.images, train.labels)
     class_names, class_labels = class_axis(
@@ -503,9 +546,11 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
     test_parts, train_stats, test_s = [], {}, 0.0
     bar = tqdm(total=len(checkpoints) * n_train, desc="train gradients", unit="ex",
                disable=not progress, dynamic_ncols=True, leave=False)
-    for ckpt in checkpoints:
+    for t_index, ckpt in enumerate(checkpoints):
         bar.set_postfix(epoch=ckpt.epoch)
         variables = ckpt.variables
+        query_variables = (query_checkpoints[t_index].variables if query_checkpoints is not None
+                           else variables)
         diag = (checkpoint_diagonal(precondition, ckpt, subset) if precondition is not None
                 else None)
         stats = featurise_checkpoint(store, grad_fn, ckpt.epoch, ckpt.lr, variables,
@@ -515,7 +560,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
             train_stats[key] = train_stats.get(key, 0) + v
         if split != "train" and sharding.is_writer():  # (sent to the others below)
             ts = time.perf_counter()
-            test_parts.append(compute_features(grad_fn, sharding.replicate(variables, local),
+            test_parts.append(compute_features(grad_fn,
+                                               sharding.replicate(query_variables, local),
                                                ckpt.lr, test.images, test.labels, batch_size,
                                                local, precond=diag))
             test_parts[-1].block_until_ready()
@@ -590,7 +636,8 @@ def compute_influence(grad_fn, checkpoints: Sequence[Any], train: Any, test: Any
 
         projector = getattr(grad_fn, "projector", None)
         meta = {
-            **folder_meta(workdir, split, class_names, class_labels, test, train, patients),
+            **folder_meta(workdir, split, class_names, class_labels, test, train, patients,
+                          task=task),
             "checkpoints": [{"epoch": int(ck.epoch), "lr": float(ck.lr)} for ck in checkpoints],
             "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
             "gradient": {"tag": getattr(grad_fn, "tag", None), "feature_dim": dim},
@@ -667,15 +714,18 @@ def open_scores(staged: StagedFiles, shape: tuple[int, ...]) -> np.memmap:
     return mm
 
 
-def folder_meta(workdir, split: str, class_names, class_labels, test, train, patients) -> dict:
+def folder_meta(workdir, split: str, class_names, class_labels, test, train, patients,
+                task=None) -> dict:
     """What every influence folder's ``meta.json`` says about its axes and slices (TracIn, TRAK
-    and EK-FAC alike): the evaluation and explain stages match scores to slices through it."""
+    and EK-FAC alike): the evaluation and explain stages match scores to slices through it.
+    ``task``: the run's task (:func:`task_record`), None when unknown."""
     return {
         "format": 1,
         "workdir": str(workdir) if workdir is not None else None,
         "split": split,
         "class_names": list(class_names),
         "class_labels": list(class_labels),
+        "task": task_record(task),
         "score_axes": ["test example", "test class", "train example", "train class"],
         "topk_axes": ["test example", "test class", "train class", "rank"],
         "n_test": len(test.ids), "n_train": len(train.ids),
@@ -728,15 +778,22 @@ def class_tracin(grad_fn, checkpoints: Sequence[Any], train_images, train_labels
                  ) -> tuple[np.ndarray, np.ndarray]:
     """In-memory class-wise TracIn (no store, no files), for small sets and notebooks.
 
+    Images f32[n, H, W, M] and labels int[n, H, W] (slices), or f32[n, X, Y, Z, M] and
+    int[n, X, Y, Z] (volumes of a 3D model); train and test of the same rank.
     ``precondition``: as in :func:`compute_influence`. Returns (scores f32[n_test, C, n_train,
     C], self_influence f32[n_train, C]).
     """
-    chex.assert_rank([train_images, train_labels, test_images, test_labels], [4, 3, 4, 3])
-    chex.assert_equal_shape_prefix([train_images, train_labels], 3)
-    chex.assert_equal_shape_prefix([test_images, test_labels], 3)
+    spatial = np.ndim(train_labels) - 1
+    if spatial not in (2, 3):
+        raise InputError(f"class_tracin: labels of shape {np.shape(train_labels)} are neither "
+                         "slices [n, H, W] nor volumes [n, X, Y, Z]")
+    chex.assert_rank([train_images, train_labels, test_images, test_labels],
+                     [spatial + 2, spatial + 1, spatial + 2, spatial + 1])
+    chex.assert_equal_shape_prefix([train_images, train_labels], spatial + 1)
+    chex.assert_equal_shape_prefix([test_images, test_labels], spatial + 1)
     mesh = mesh if mesh is not None else sharding.train_mesh()
     precondition = make_preconditioner(precondition)
-    tr, te = [], []
+    tr, te = [], []  # features per checkpoint, slices or volumes alike
     for ckpt in checkpoints:
         variables = sharding.replicate(ckpt.variables, mesh)
         diag = (checkpoint_diagonal(precondition, ckpt, getattr(grad_fn, "subset", None))

@@ -4,8 +4,10 @@ The swappable unit is a *class-gradient function*::
 
     ClassGradFn = (variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B, C, D]
 
-row ``[b, c]`` is the gradient of the class-c loss of example b with respect to the chosen
-parameter subset, flattened (leaves in ``subset.paths`` order) or projected to D = d numbers.
+(for a 3D model, ``model.dims=3``: images f32[B,D,H,W,Cin], labels int[B,D,H,W]; everything
+below holds with one more spatial axis, and "pixel" means voxel). Row ``[b, c]`` is the
+gradient of the class-c loss of example b with respect to the chosen parameter subset,
+flattened (leaves in ``subset.paths`` order) or projected to D = d numbers.
 Anything with that signature can replace :func:`make_class_grad_fn`'s result (the feature store
 and the scorer only see the arrays); give it a ``tag`` attribute (a string naming what it
 computes) so features of different functions never share a store; the store refuses a
@@ -45,7 +47,8 @@ Two ways to get the gradients, same numbers:
   ``features @ W + b`` pixel by pixel, so ``dD_c/dW = sum_pixels features (x) dD_c/dlogits``
   and ``dD_c/db = sum_pixels dD_c/dlogits``. One batched forward gives the features and logits;
   the loss is a function of the logits alone, so its per-class logit gradients are cheap; then
-  one einsum ``bhwf,bchwk->bcfk``. No backward pass through the network at all.
+  one einsum ``bhwf,bchwk->bcfk`` (``bdhwf,bcdhwk->bcfk`` on volumes). No backward pass
+  through the network at all.
 
 Precision: the head einsum and all influence contractions run at HIGHEST precision; the
 network's own forward/backward passes run at the backend's default (TF32 convolutions on recent
@@ -166,8 +169,8 @@ def unique_name(fn: Any) -> str | None:
 def class_logit_grads(loss_fn: LossFn, logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example, per-class gradients of the loss w.r.t. the logits.
 
-    logits f32[B,H,W,K], labels int[B,H,W] -> f32[B, C, H, W, K]; one loss evaluation per
-    example, its VJP vmapped over the C class cotangents.
+    logits f32[B,*S,K], labels int[B,*S] -> f32[B, C, *S, K] (S = (H, W), or (D, H, W) for
+    volumes); one loss evaluation per example, its VJP vmapped over the C class cotangents.
     """
 
     def one(lg, y):
@@ -187,16 +190,31 @@ def _finish(leaves, projector: Projector | None) -> jax.Array:
 
 
 def is_head_subset(model: Any, subset: ParamSubset) -> bool:
-    """True when every chosen parameter belongs to the model's final 1x1 conv (named by the
-    model, :func:`tracin_jax.models.head_name`) and the model can return the head's input
+    """True when every chosen parameter belongs to the model's final 1x1 (1x1x1) conv (named by
+    the model, :func:`tracin_jax.models.head_name`) and the model can return the head's input
     (``return_features=True``; see :mod:`tracin_jax.models.interface`)."""
     head = head_name(model)
     if not set(subset.paths) <= {f"{head}/bias", f"{head}/kernel"}:
         return False
     kernel = dict(zip(subset.paths, subset.shapes)).get(f"{head}/kernel")
-    if kernel is not None and tuple(kernel[:2]) != (1, 1):
+    if kernel is not None and (len(kernel) < 3 or any(int(k) != 1 for k in kernel[:-2])):
         return False
     return has_features(model)
+
+
+def check_example_shapes(model: Any, images: Any, labels: Any) -> None:
+    """InputError (one line) unless ``images`` are f32[B,*S,Cin] and ``labels`` int[B,*S] with
+    S = (H, W) for a 2D model and (D, H, W) for a 3D one (the model's ``dims``; a model without
+    that attribute is not checked for it). Shapes only: free inside a traced function."""
+    dims = getattr(model, "dims", None)
+    shape = tuple(images.shape)
+    if isinstance(dims, int) and len(shape) != dims + 2:
+        want = {2: "B,H,W,Cin", 3: "B,D,H,W,Cin"}.get(dims, f"B,<{dims} sizes>,Cin")
+        raise InputError(f"images of shape {shape} do not fit a {dims}D model (model.dims={dims}"
+                         f" takes f32[{want}])")
+    if tuple(labels.shape) != shape[:-1]:
+        raise InputError(f"labels of shape {tuple(labels.shape)} do not match images of shape "
+                         f"{shape}: expected {shape[:-1]}")
 
 
 def default_examples_mode() -> str:
@@ -240,7 +258,7 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn | None =
         ``model.apply(variables, x, train=False)`` (the ``head`` method also needs
         ``return_features=True`` -> (logits, features), and reads the head's name from it).
       subset: the parameters to differentiate (see :func:`resolve_subset`).
-      loss_fn: ``(logits f32[B,H,W,K], labels int[B,H,W]) -> f32[B, C]`` (default: the one
+      loss_fn: ``(logits f32[B,*S,K], labels int[B,*S]) -> f32[B, C]`` (default: the one
         ``loss`` names, else :func:`~tracin_jax.training.losses.tumour_dice_loss`).
       projector: None for exact flattened gradients (D = subset.size), else a Projector
         (D = projector.dim).
@@ -262,7 +280,8 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn | None =
         as the result's ``loss`` (a folder's ``meta.json`` ``spec``); a ``loss_fn`` that is none
         of the project's and is given no name leaves it None (the folder gets ``spec: null``).
     Returns:
-      ClassGradFunction: ``(variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B,C,D]``.
+      ClassGradFunction: ``(variables, images f32[B,*S,Cin], labels int[B,*S]) -> f32[B,C,D]``,
+      S = (H, W) for a 2D model and (D, H, W) for a 3D one (``model.dims=3``).
     """
     loss_fn, named = resolve_loss(loss_fn, loss)
     logra = projector is not None and projector.kind == "logra"
@@ -289,21 +308,23 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn | None =
 
     def head_grads(variables, images, labels, scale=None):
         logits, feats = features_apply(model, variables, images)
-        dlog = class_logit_grads(loss_fn, logits, labels)  # [B, C, H, W, K]
+        dlog = class_logit_grads(loss_fn, logits, labels)  # [B, C, *S, K]
+        space = "dhw"[3 - (feats.ndim - 2):]  # "hw" for slices, "dhw" for volumes
         leaves = []
         for path in subset.paths:
             if path.endswith("/kernel"):
-                gk = jnp.einsum("bhwf,bchwk->bcfk", feats, dlog,
+                gk = jnp.einsum(f"b{space}f,bc{space}k->bcfk", feats, dlog,
                                 precision=jax.lax.Precision.HIGHEST)
-                leaves.append(gk[:, :, None, None])  # [B, C, 1, 1, F, K] like the kernel
+                # [B, C, 1, 1, F, K] (1, 1, 1 in 3D) like the kernel
+                leaves.append(gk.reshape(gk.shape[:2] + (1,) * len(space) + gk.shape[2:]))
             else:
-                leaves.append(jnp.sum(dlog, axis=(2, 3)))  # [B, C, K]
+                leaves.append(jnp.sum(dlog, axis=tuple(range(2, 2 + len(space)))))  # [B, C, K]
         if scale is not None:
             leaves = [l * s[None, None] for l, s in zip(leaves, scale)]
         return leaves
 
     def vjp_per_example(variables, x, y, scale=None):
-        """x f32[H,W,Cin], y int[H,W] -> tuple of [C, *leaf_shape] (subset order), each leaf
+        """x f32[*S,Cin], y int[*S] -> tuple of [C, *leaf_shape] (subset order), each leaf
         multiplied by ``scale`` (leaf-shaped) when given."""
         params = variables["params"]
         others = {k: v for k, v in variables.items() if k != "params"}
@@ -343,6 +364,7 @@ def make_class_grad_fn(model: Any, subset: ParamSubset, loss_fn: LossFn | None =
         logra_features = make_logra_grad_fn(model, subset, loss_fn, projector)
 
     def features(variables, images, labels, scale):
+        check_example_shapes(model, images, labels)
         images, labels = images.astype(jnp.float32), labels.astype(jnp.int32)
         if method == "logra":
             if scale is not None:
@@ -407,5 +429,5 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
 
 __all__ = ["DEFAULT_CLASS_LABELS", "LABEL_NAMES", "LOSSES", "ClassGradFn", "ClassGradFunction",
            "LossFn", "loss_name", "resolve_loss",
-           "class_axis", "class_logit_grads", "default_examples_mode", "is_head_subset",
-           "make_class_grad_fn", "normalised", "unique_name"]
+           "check_example_shapes", "class_axis", "class_logit_grads", "default_examples_mode",
+           "is_head_subset", "make_class_grad_fn", "normalised", "unique_name"]

@@ -2,16 +2,19 @@
 
 For a layer whose output is linear in its kernel, ``y[p, o] = sum_k a_p[k] W[k, o]`` (Flax
 ``Conv`` with a ``(kh, kw, Cin, Cout)`` kernel: k runs over the ``kh*kw*Cin`` numbers of the
-input patch at output pixel p; ``ConvTranspose`` and ``Dense`` likewise), the gradient of a loss
-is ``G = sum_p a_p delta_p^T`` with ``delta_p = dL/dy_p``. LoGra projects it with a Kronecker
-product of two small matrices, ``P_in`` (k x r_in) and ``P_out`` (Cout x r_out)::
+input patch at output pixel p; in 3D a ``(kd, kh, kw, Cin, Cout)`` kernel and the
+``kd*kh*kw*Cin`` numbers of the patch at output voxel p; ``ConvTranspose`` and ``Dense``
+likewise), the gradient of a loss is ``G = sum_p a_p delta_p^T`` with ``delta_p = dL/dy_p``.
+LoGra projects it with a Kronecker product of two small matrices, ``P_in`` (k x r_in) and
+``P_out`` (Cout x r_out)::
 
     P_in^T G P_out = sum_p (P_in^T a_p) (P_out^T delta_p)^T          f32[r_in, r_out]
 
-and ``P_in^T a_p`` is the layer itself run with ``P_in`` (reshaped to ``(kh, kw, Cin, r_in)``) as
-its kernel: one small convolution of the layer's input. So the projected gradient needs only
-the forward activations and the backward *output* gradients; the weight gradient (the
-``kh*kw*Cin x Cout`` outer-product sum, a full weight-gradient pass per class) is never formed.
+and ``P_in^T a_p`` is the layer itself run with ``P_in`` (reshaped to ``(kh, kw, Cin, r_in)``,
+``(kd, kh, kw, Cin, r_in)`` in 3D) as its kernel: one small convolution of the layer's input.
+So the projected gradient needs only the forward activations and the backward *output*
+gradients; the weight gradient (the ``kh*kw*Cin x Cout`` outer-product sum, a full
+weight-gradient pass per class) is never formed.
 The input projection is computed once per example and shared by the C classes.
 
 How the class gradients are computed (:func:`make_logra_grad_fn`): ONE batched forward pass in
@@ -37,9 +40,9 @@ so ``E[<P g, P g'>] = <g, g'>`` (P_in and P_out independent, each with E[P P^T] 
 reference the tests compare with, and what ``make_class_grad_fn(..., method="vjp")`` does with a
 LoGra projector).
 
-Supported layers: ``nn.Conv``, ``nn.ConvTranspose``, ``nn.Dense`` (kernel, bias) and
-``nn.BatchNorm``/``nn.GroupNorm`` (scale, bias); a subset leaf of any other module is refused
-with an InputError naming it.
+Supported layers, 2D and 3D alike: ``nn.Conv``, ``nn.ConvTranspose``, ``nn.Dense`` (kernel,
+bias) and ``nn.BatchNorm``/``nn.GroupNorm`` (scale, bias); a subset leaf of any other module is
+refused with an InputError naming it.
 """
 
 from __future__ import annotations
@@ -190,7 +193,8 @@ def _layer_plan(model: Any, variables: Any, subset: ParamSubset, x: jax.Array) -
 
 
 def make_logra_grad_fn(model: Any, subset: ParamSubset, loss_fn, projector: LograProjector):
-    """``(variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B, C, projector.dim]``:
+    """``(variables, images f32[B,*S,Cin], labels int[B,*S]) -> f32[B, C, projector.dim]``
+    (S = (H, W), or (D, H, W) for a 3D model):
     LoGra class gradients of ``loss_fn`` (``(logits, labels) -> f32[B, C]``) from one batched
     forward and C batched output-gradient passes (see the module docstring). Not jitted here."""
 

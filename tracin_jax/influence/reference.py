@@ -2,7 +2,8 @@
 
 One ``jax.grad`` per example, per class and per checkpoint, then plain dot products in
 float64: slow, but independent of the vmapped/VJP/einsum machinery of :mod:`.grads` and the
-blocked scorer of :mod:`.scores`.
+blocked scorer of :mod:`.scores`. Every function takes slices (images f32[n,H,W,Cin], labels
+int[n,H,W]) or, for a 3D model, volumes (f32[n,D,H,W,Cin], int[n,D,H,W]).
 """
 
 from __future__ import annotations
@@ -32,11 +33,25 @@ def single_class_grad_fn(model, subset: ParamSubset, loss_fn):
     return grad
 
 
+def loss_classes(model, loss_fn, variables: Any, images, labels) -> int:
+    """C, the number of classes ``loss_fn`` scores (its output f32[B, C]) for this model, from
+    shapes only (``jax.eval_shape``; the project's losses: the model's outputs minus
+    background)."""
+    x = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]), jnp.float32)
+    y = jax.ShapeDtypeStruct((1, *np.shape(labels)[1:]), jnp.int32)
+    out = jax.eval_shape(lambda v, a, b: loss_fn(model.apply(v, a, train=False), b),
+                         variables, x, y)
+    return int(out.shape[1])
+
+
 def brute_force_class_grads(model, subset: ParamSubset, variables: Any, images, labels,
-                            loss_fn=tumour_dice_loss, num_classes: int = 3,
+                            loss_fn=tumour_dice_loss, num_classes: int | None = None,
                             grad=None) -> np.ndarray:
     """f64[n, C, D]: one jax.grad per example and class (``grad``: a reused
-    :func:`single_class_grad_fn`, to compile once)."""
+    :func:`single_class_grad_fn`, to compile once). ``num_classes`` None: the loss's C
+    (:func:`loss_classes`)."""
+    if num_classes is None:
+        num_classes = loss_classes(model, loss_fn, variables, images, labels)
     grad = grad or single_class_grad_fn(model, subset, loss_fn)
     out = []
     for x, y in zip(np.asarray(images, np.float32), np.asarray(labels, np.int32)):
@@ -46,14 +61,19 @@ def brute_force_class_grads(model, subset: ParamSubset, variables: Any, images, 
 
 def brute_force_tracin(model, subset: ParamSubset, checkpoints: Sequence[Any], train_images,
                        train_labels, test_images, test_labels, loss_fn=tumour_dice_loss,
-                       num_classes: int = 3, grads: list | None = None
+                       num_classes: int | None = None, grads: list | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(scores f64[n_test, C, n_train, C], self-influence f64[n_train, C]) by explicit loops:
     sum over checkpoints of lr * <grad D_j(train b), grad D_i(test a)>.
 
-    ``grads``: optional list, one (train f[n_train, C, D], test f[n_test, C, D]) per
-    checkpoint, from :func:`brute_force_class_grads`; computed when absent.
+    ``num_classes`` None: the loss's C (:func:`loss_classes`; BraTS models: 3). ``grads``:
+    optional list, one (train f[n_train, C, D], test f[n_test, C, D]) per checkpoint, from
+    :func:`brute_force_class_grads`; computed when absent.
     """
+    if num_classes is None:
+        num_classes = (np.shape(grads[0][0])[1] if grads else
+                       loss_classes(model, loss_fn, checkpoints[0].variables, train_images,
+                                    train_labels))
     n_test, n_train = len(test_images), len(train_images)
     scores = np.zeros((n_test, num_classes, n_train, num_classes))
     self_inf = np.zeros((n_train, num_classes))
@@ -104,13 +124,15 @@ def total_loss_tracin(model, subset: ParamSubset, checkpoints: Sequence[Any], tr
 
 
 def toy_problem(n_train: int = 5, n_test: int = 3, size: int = 16, n_checkpoints: int = 2,
-                seed: int = 0, width: int = 4, depth: int = 2):
+                seed: int = 0, width: int = 4, depth: int = 2, dims: int = 2,
+                channels: int = 4):
     """A tiny UNet with perturbed 'checkpoints' and random slices, for tests and examples.
 
     Returns a namespace with ``model``, ``checkpoints`` (each ``epoch``, ``lr``, ``variables``),
-    ``train`` and ``test`` (each ``images`` f32[n,size,size,4], ``labels`` u8[n,size,size],
-    ``ids``, ``cases``). Class 3 (ET) is absent from test slice 1 and class 1 (NCR/NET) from
-    training slice 2; BatchNorm statistics are perturbed so inference mode matters.
+    ``train`` and ``test`` (each ``images`` f32[n,size,size,channels], ``labels``
+    u8[n,size,size], ``ids``, ``cases``). Class 3 (ET) is absent from test slice 1 and class 1
+    (NCR/NET) from training slice 2; BatchNorm statistics are perturbed so inference mode
+    matters. ``dims=3``: a 3D UNet and volumes f32[n,size,size,size,channels], u8[n,size,size,size].
     """
     from types import SimpleNamespace
 
@@ -119,9 +141,10 @@ def toy_problem(n_train: int = 5, n_test: int = 3, size: int = 16, n_checkpoints
     from tracin_jax.models import UNet
     from tracin_jax.training.train import init_variables
 
-    model = UNet(width=width, depth=depth)
+    model = UNet(width=width, depth=depth, dims=dims)
+    space = (size,) * dims
     # Shapes only: a numpy draw is much faster to build than tracing the Flax initialisers.
-    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (size, size, 4)))
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (*space, channels)))
     rng = np.random.default_rng(seed)
 
     def draw(tree, stats=False):
@@ -147,8 +170,8 @@ def toy_problem(n_train: int = 5, n_test: int = 3, size: int = 16, n_checkpoints
         checkpoints.append(SimpleNamespace(epoch=2 * t + 1, lr=lr, variables=variables))
 
     def examples(n, prefix, absent_row, absent_class):
-        images = rng.normal(size=(n, size, size, 4)).astype(np.float32)
-        labels = rng.choice(4, size=(n, size, size), p=[0.55, 0.15, 0.15, 0.15]).astype(np.uint8)
+        images = rng.normal(size=(n, *space, channels)).astype(np.float32)
+        labels = rng.choice(4, size=(n, *space), p=[0.55, 0.15, 0.15, 0.15]).astype(np.uint8)
         if n > absent_row:
             labels[absent_row][labels[absent_row] == absent_class] = 0
         ids = [f"{prefix}{k:03d}" for k in range(n)]

@@ -6,7 +6,7 @@ concatenated over checkpoints into f32[C, T*D]:
     scores[a, i, b, j] = sum_t eta_t < g_t(train b, class j), g_t(test a, class i) >
                        = < F(train b)[j], F(test a)[i] >
 
-Layouts (C = 3 tumour classes NCR/NET, ED, ET):
+Layouts (C classes: the run's foreground classes, e.g. the BraTS tumour classes NCR/NET, ED, ET):
 
 - ``scores``: f32[n_test, C, n_train, C] (test example, test class, train example, train class);
 - ``self_influence``: f32[n_train, C], ``sum_t eta_t |g_t(b, j)|^2`` (the diagonal of the

@@ -322,7 +322,8 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
                      precond: Sequence[Any] | None = None) -> jax.Array:
     """sqrt(lr)-scaled class gradients of a set of examples, kept on device.
 
-    images f32[n,H,W,Cin], labels int[n,H,W] (host arrays) -> f32[n, C, D]. ``precond``: the
+    images f32[n,H,W,Cin], labels int[n,H,W] (host arrays; a 3D model's volumes:
+    f32[n,D,H,W,Cin], int[n,D,H,W]) -> f32[n, C, D]. ``precond``: the
     checkpoint's diagonal preconditioner on the subset's leaves (see
     :func:`preconditioned_call`; the features become ``sqrt(lr) * P(sqrt(precond) * g)``), None
     for plain TracIn. Batches are padded
@@ -331,8 +332,8 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
     (rounded up to the device count): padded rows are computed in full, so a handful of test
     examples would otherwise cost a whole batch.
     """
-    chex.assert_rank([images, labels], [4, 3])
-    chex.assert_equal_shape_prefix([images, labels], 3)  # [n, H, W] of both
+    chex.assert_rank([images, labels], [{4, 5}, {3, 4}])
+    chex.assert_equal_shape_prefix([images, labels], np.ndim(labels))  # [n, H, W] or [n, D, H, W]
     n = len(images)
     bs = sharding.padded_size(max(1, min(batch_size, n)), mesh)
     scale = jnp.float32(math.sqrt(float(lr)))

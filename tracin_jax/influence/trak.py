@@ -26,7 +26,7 @@ terms), written in the influence-folder format of :mod:`.engine` (positive = pro
   classes (and pixels), so each class region is one "example" of the generalised Gauss-Newton
   approximation TRAK builds. lambda_m = ``damping`` x the mean eigenvalue of Phi_m^T Phi_m
   (its trace / D): relative damping, so one value serves head (D = 32) and projected (D = 4096)
-  features, whose Phi^T Phi is rank-deficient when D exceeds the 3 x n_train rows.
+  features, whose Phi^T Phi is rank-deficient when D exceeds the C x n_train rows.
 - **Out-to-loss Q.** TRAK's 1 - p (the derivative of the cross-entropy with respect to the
   margin) becomes, for a region, the mean over the region's pixels of 1 - p_c (p = softmax), so
   that Q_m(z, j) f_j is the region cross-entropy's first-order change up to the pixel count;
@@ -66,10 +66,9 @@ from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, abandon_outp
                                          check_memory, check_writable_folder, open_outputs,
                                          class_present, folder_meta, gradient_workspace,
                                          memory_estimate, open_scores, output_bytes,
-                                         parse_checkpoints, run_record, write_meta,
-                                         write_score_files)
-from tracin_jax.influence.grads import (DEFAULT_CLASS_LABELS, ClassGradFunction, class_axis,
-                                        make_class_grad_fn)
+                                         parse_checkpoints, run_classes, run_record,
+                                         write_meta, write_score_files)
+from tracin_jax.influence.grads import ClassGradFunction, class_axis, make_class_grad_fn
 from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
 from tracin_jax.influence.scores import patient_index, score_blocks
 from tracin_jax.influence.store import (compute_features, feature_shape, featurise_checkpoint,
@@ -83,45 +82,62 @@ DEFAULT_DAMPING = 1.0
 MAX_KERNEL_DIM = 16384  # D x D float64 kernel: 2 GiB at this size
 
 
+def _foreground(logits: jax.Array, class_labels: Sequence[int] | None) -> tuple[int, ...]:
+    """``class_labels``, or the model's foreground classes 1..K-1 of logits f32[..., K]."""
+    if class_labels is None:
+        return tuple(range(1, logits.shape[-1]))
+    return tuple(int(v) for v in class_labels)
+
+
 def region_margin(logits: jax.Array, labels: jax.Array,
-                  class_labels: Sequence[int] = DEFAULT_CLASS_LABELS) -> jax.Array:
+                  class_labels: Sequence[int] | None = None) -> jax.Array:
     """Summed log-odds margin of each class over its ground-truth region.
 
-    logits f32[B,H,W,K], labels int[B,H,W] -> f32[B, C]: ``sum over pixels with label
-    class_labels[c] of logit_c - logsumexp_{k != c} logit_k``; 0 where the class is absent.
+    logits f32[B,*S,K], labels int[B,*S] (S = (H, W), or (D, H, W)) -> f32[B, C]: ``sum over
+    pixels with label class_labels[c] of logit_c - logsumexp_{k != c} logit_k``; 0 where the
+    class is absent.
+    ``class_labels`` None: the foreground classes 1..K-1 (C = K - 1; BraTS: 1, 2, 3).
     """
     logits = logits.astype(jnp.float32)
     out = []
-    for v in class_labels:
+    for v in _foreground(logits, class_labels):
         others = jnp.delete(logits, v, axis=-1, assume_unique_indices=True)
         margin = logits[..., v] - jax.nn.logsumexp(others, axis=-1)  # [B, H, W]
-        out.append(jnp.sum(jnp.where(labels == v, margin, 0.0), axis=(1, 2)))
+        out.append(jnp.sum(jnp.where(labels == v, margin, 0.0),
+                           axis=tuple(range(1, labels.ndim))))  # every pixel, or voxel in 3D
     return jnp.stack(out, axis=1)
 
 
 def region_margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """f32[B, 3]: minus :func:`region_margin` of the tumour classes (the TRAK output as a loss)."""
+    """f32[B, C]: minus :func:`region_margin` of the foreground classes 1..K-1 (the TRAK output
+    as a loss; BraTS: NCR/NET, ED, ET)."""
     return -region_margin(logits, labels)
 
 
 def out_to_loss(logits: jax.Array, labels: jax.Array,
-                class_labels: Sequence[int] = DEFAULT_CLASS_LABELS) -> jax.Array:
-    """TRAK's Q for regions: logits f32[B,H,W,K], labels int[B,H,W] -> f32[B, C], the mean over
-    the class-c region of 1 - p_c (p = softmax); 0 where the class is absent."""
+                class_labels: Sequence[int] | None = None) -> jax.Array:
+    """TRAK's Q for regions: logits f32[B,*S,K], labels int[B,*S] -> f32[B, C], the mean over
+    the class-c region of 1 - p_c (p = softmax); 0 where the class is absent. ``class_labels``
+    None: the foreground classes 1..K-1."""
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = []
-    for v in class_labels:
+    for v in _foreground(logits, class_labels):
         region = labels == v
-        n = jnp.sum(region, axis=(1, 2))
-        s = jnp.sum(jnp.where(region, 1.0 - p[..., v], 0.0), axis=(1, 2))
+        space = tuple(range(1, labels.ndim))  # (1, 2), or (1, 2, 3) for volumes
+        n = jnp.sum(region, axis=space)
+        s = jnp.sum(jnp.where(region, 1.0 - p[..., v], 0.0), axis=space)
         out.append(jnp.where(n > 0, s / jnp.maximum(n, 1), 0.0))
     return jnp.stack(out, axis=1)
 
 
-def trak_grad_fn(model: Any, subset, projector=None) -> ClassGradFunction:
+def trak_grad_fn(model: Any, subset, projector=None, *, class_names=None,
+                 class_labels=None) -> ClassGradFunction:
     """The TRAK features: gradients of :func:`region_margin_loss` (``(variables, images,
-    labels) -> f32[B, 3, D]``), exact or projected."""
-    return make_class_grad_fn(model, subset, region_margin_loss, projector)
+    labels) -> f32[B, C, D]``, C = the model's K - 1 foreground classes), exact or projected.
+    ``class_names``/``class_labels``: what those classes are (a run's:
+    :func:`~.engine.run_classes`; default NCR/NET, ED, ET <- 1, 2, 3)."""
+    return make_class_grad_fn(model, subset, region_margin_loss, projector,
+                              class_names=class_names, class_labels=class_labels)
 
 
 # -- the closed form ----------------------------------------------------------------------
@@ -325,7 +341,7 @@ def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MOD
     shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
     subset = resolve_subset(shapes["params"], params)
     projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
-    grad_fn = trak_grad_fn(run.model, subset, projector)
+    grad_fn = trak_grad_fn(run.model, subset, projector, **run_classes(run))
     if grad_fn.dim > MAX_KERNEL_DIM:
         raise InputError(f"--params {params}: {grad_fn.dim} features per class; TRAK's kernel "
                          f"needs at most {MAX_KERNEL_DIM}: use --proj-dim 4096")
@@ -348,6 +364,7 @@ def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MOD
                         damping=damping, topk=topk, batch_size=batch_size,
                         chunk_size=chunk_size, memory_budget_gb=memory_budget_gb,
                         progress=progress, workdir=workdir, run_checkpoints=run.checkpoints,
+                        task=run.task,
                         extra_timings=timings, extra_meta={"run_identity": identity.describe(
                             run, sorted({m.epoch for m in ensemble if m.epoch is not None}))})
 
@@ -357,16 +374,17 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
                  batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
                  progress: bool = True, workdir=None, store_dir=None, run_checkpoints=(),
                  extra_timings: dict | None = None, mesh=None,
-                 extra_meta: dict | None = None) -> dict:
+                 extra_meta: dict | None = None, task=None) -> dict:
     """TRAK without the workdir: the Flax ``model``, the features ``grad_fn`` (e.g.
     :func:`trak_grad_fn`; any ClassGradFn with a ``tag``), the models and the examples given.
 
     ``ensemble``: :class:`TrakModel` objects; ``train``/``test``: objects with ``images``
-    f32[n,H,W,4], ``labels`` int[n,H,W], ``ids`` and ``cases``.
+    f32[n,H,W,M], ``labels`` int[n,H,W], ``ids`` and ``cases``.
     The store lives in ``store_dir``, else ``<workdir>/features/trak-<models>-<key>``.
     ``run_checkpoints``: the run's checkpoints (epoch, lr), to record the models that are run
-    checkpoints in meta.json. Writes the files of :mod:`.engine` (``self_influence.npy`` holds
-    the TRAK self-score phi^T K^-1 phi Q) and returns the meta dict.
+    checkpoints in meta.json; ``task``: the run's task, meta.json's ``task``. Writes the files
+    of :mod:`.engine` (``self_influence.npy`` holds the TRAK self-score phi^T K^-1 phi Q) and
+    returns the meta dict.
     """
     timings = dict(extra_timings or {})
     _check_trak_args(models if models in MODEL_SOURCES else "seeds", len(ensemble) or 1, damping)
@@ -381,6 +399,10 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
     c, dim = feature_shape(grad_fn, ensemble[0].variables, train.images, train.labels)
     class_names, class_labels = class_axis(getattr(grad_fn, "class_names", None),
                                            getattr(grad_fn, "class_labels", None))
+    if len(class_labels) != c:
+        raise InputError(f"the TRAK features have {c} classes but their class labels are "
+                         f"{list(class_labels)} ({', '.join(class_names)}); pass class_names= "
+                         f"and class_labels= with {c} entries to trak_grad_fn")
     if dim > MAX_KERNEL_DIM:
         raise InputError(f"the TRAK features have {dim} dimensions; the kernel needs at most "
                          f"{MAX_KERNEL_DIM} (project the gradients)")
@@ -484,7 +506,8 @@ def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any,
         lrs = {int(ck.epoch): float(ck.lr) for ck in run_checkpoints}
         projector = getattr(grad_fn, "projector", None)
         meta = {
-            **folder_meta(workdir, "test", class_names, class_labels, test, train, patients),
+            **folder_meta(workdir, "test", class_names, class_labels, test, train, patients,
+                          task=task),
             "spec": trak_spec(grad_fn, [mdl.epoch for mdl in ensemble if mdl.epoch is not None],
                               damping=damping, n_models=m, models_from=models),
             "method": "trak",
@@ -529,8 +552,9 @@ def randomised_trak(run, meta: dict, out_dir, *, seed: int = 0, progress: bool =
     models = [TrakModel(k, f"random init {seed + k}", None,
                         init_variables(run.model, jax.random.key(seed + k), run.image_shape))
               for k in range(max(1, len(trak.get("models", []))))]
-    out = compute_trak(run.model, trak_grad_fn(run.model, subset, projector), models, run.train,
-                       run.test, out_dir, models="randomised",
+    out = compute_trak(run.model, trak_grad_fn(run.model, subset, projector, **run_classes(run)),
+                       models, run.train, run.test, out_dir, models="randomised",
+                       task=getattr(run, "task", None),
                        damping=trak.get("damping", DEFAULT_DAMPING),
                        store_dir=out_dir / "features", progress=progress)
     shutil.rmtree(out_dir / "features", ignore_errors=True)

@@ -9,7 +9,9 @@ nearest-neighbour 2x upsampling, concatenates the skip and applies a unit of str
 pre-activation ResNets, the last unit's sum passes one more norm -> ReLU (``dec0/out_norm``)
 before the 1x1 ``head``: that activated map is the last hidden feature map (``width`` channels,
 full resolution, non-negative like the U-Net's). Zhang et al. had 3 levels at width 64 and a
-sigmoid for one class; here depth, width and classes follow the config.
+sigmoid for one class; here depth, width and classes follow the config, and ``dims=3`` gives
+the same network on volumes (3x3x3 convs, 1x1x1 shortcuts and head, 2x upsampling of the three
+axes).
 
 Trainable parameters, 4 input channels, 4 classes, depth 4, width 64 (``jax.eval_shape``, no
 init): 33,137,412.
@@ -21,11 +23,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tracin_jax.models.deepseg import upsample2
-from tracin_jax.models.unet import SegmentationNet, _norm, head
+from tracin_jax.models.unet import SegmentationNet, _norm, cube, head, net_fields
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual unit. x: f32[B,H,W,Cin] -> f32[B,H/s,W/s,features].
+    """Pre-activation residual unit. x: f32[B,*S,Cin] -> f32[B,*S/s,features] (S: ``dims``
+    spatial sizes).
 
     ``first``: no norm/ReLU before the first conv (the network's input); ``stride``: 1 or 2;
     ``out_norm``: a final norm -> ReLU on the sum (the network's last unit).
@@ -37,6 +40,7 @@ class ResBlock(nn.Module):
     out_norm: bool = False
     norm: str = "batch"
     bn_momentum: float = 0.99
+    dims: int = 2
 
     def _act(self, x, train, name):
         norm = _norm(self.norm, x.shape[-1], train, name, self.bn_momentum)
@@ -45,23 +49,25 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         bias = self.norm == "none"
-        s = (self.stride, self.stride)
+        s, three = cube(self.stride, self.dims), cube(3, self.dims)
         h = x if self.first else self._act(x, train, "norm0")
-        h = nn.Conv(self.features, (3, 3), strides=s, padding="SAME", use_bias=bias, name="conv0")(h)
+        h = nn.Conv(self.features, three, strides=s, padding="SAME", use_bias=bias,
+                    name="conv0")(h)
         h = self._act(h, train, "norm1")
-        h = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True, name="conv1")(h)
-        skip = nn.Conv(self.features, (1, 1), strides=s, use_bias=bias, name="skip_conv")(x)
+        h = nn.Conv(self.features, three, padding="SAME", use_bias=True, name="conv1")(h)
+        skip = nn.Conv(self.features, cube(1, self.dims), strides=s, use_bias=bias,
+                       name="skip_conv")(x)
         norm = _norm(self.norm, self.features, train, "skip_norm", self.bn_momentum)
         y = h + (norm(skip) if norm is not None else skip)
         return self._act(y, train, "out_norm") if self.out_norm else y
 
 
 class ResUNet(SegmentationNet):
-    """x: f32[B,H,W,Cin] -> logits f32[B,H,W,num_classes] (and features f32[B,H,W,width])."""
+    """x: f32[B,*S,Cin] -> logits f32[B,*S,num_classes] (and features f32[B,*S,width])."""
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
-        kw = dict(norm=self.norm, bn_momentum=self.bn_momentum)
+        kw = dict(norm=self.norm, bn_momentum=self.bn_momentum, dims=self.dims)
         skips = []
         for k in range(self.depth):
             x = ResBlock(self.width * 2**k, stride=1 if k == 0 else 2, first=k == 0, name=f"enc{k}",
@@ -75,5 +81,4 @@ class ResUNet(SegmentationNet):
 
 
 def build_resunet(cfg) -> ResUNet:
-    return ResUNet(width=cfg.width, depth=cfg.depth, norm=cfg.norm, num_classes=cfg.num_classes,
-                   bn_momentum=cfg.bn_momentum)
+    return ResUNet(**net_fields(cfg))

@@ -1,19 +1,27 @@
-"""Per-example, per-class losses for mutually exclusive classes (0 background, 1 NCR/NET, 2 ED, 3 ET).
+"""Per-example, per-class losses for mutually exclusive classes: 0 background and the C
+foreground classes 1..C of the task (BraTS: 1 NCR/NET, 2 ED, 3 ET; any other task: its
+``dataset.json`` classes, :class:`tracin_jax.task.Task`). Every function works for any C: the
+number of classes is the logits' last axis.
 
 Soft Dice as in the paper's code (squared denominator), one value per example and class:
 
     D_c = 1 - 2 * sum(y_c * p_c) / (sum(y_c**2) + sum(p_c**2) + eps),   p = softmax(logits)
 
 Only channel c enters D_c, so each class loss isolates its own region. The training loss is the
-weighted mean of D_c over classes (background weight 0 by default: the mean over the three
-tumour classes). Class-wise influence uses the tumour-class columns of :func:`classwise_dice_loss`.
+weighted mean of D_c over classes (background weight 0 by default: the mean over the C
+foreground classes). Class-wise influence uses the foreground columns 1..C of
+:func:`classwise_dice_loss` (``tumour_*`` are those columns; the names are BraTS's, the functions
+are not).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+# The BraTS task's foreground classes; another task's names are ``Task.classes`` (``Run.task``).
 TUMOUR_CLASSES = (1, 2, 3)
 CLASS_NAMES = ("NCR/NET", "ED", "ET")
 
@@ -22,21 +30,23 @@ def classwise_dice_loss(logits: jax.Array, labels: jax.Array, eps: float = 1e-6)
     """Soft Dice loss per example and class.
 
     Args:
-      logits: f32[B, H, W, C].
-      labels: int[B, H, W] with values in [0, C).
+      logits: f32[B, H, W, C] (a slice) or f32[B, D, H, W, C] (a volume).
+      labels: int[B, H, W] (int[B, D, H, W]) with values in [0, C).
       eps: added to the denominator.
     Returns:
-      f32[B, C]: D_c for every class, background included.
+      f32[B, C]: D_c for every class, background included (sums over every pixel or voxel).
     """
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     y = jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
-    inter = jnp.sum(y * p, axis=(1, 2))
-    denom = jnp.sum(y * y, axis=(1, 2)) + jnp.sum(p * p, axis=(1, 2)) + eps
+    space = tuple(range(1, labels.ndim))  # (1, 2) for slices, (1, 2, 3) for volumes
+    inter = jnp.sum(y * p, axis=space)
+    denom = jnp.sum(y * y, axis=space) + jnp.sum(p * p, axis=space) + eps
     return 1.0 - 2.0 * inter / denom
 
 
 def tumour_dice_loss(logits: jax.Array, labels: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """f32[B, 3]: D_c for the tumour classes NCR/NET, ED, ET (the class-wise TracIn losses)."""
+    """f32[B, C]: D_c of the foreground classes 1..C, logits f32[..., C + 1] (BraTS: NCR/NET, ED,
+    ET); the class-wise TracIn losses."""
     return classwise_dice_loss(logits, labels, eps)[:, 1:]
 
 
@@ -44,16 +54,17 @@ def classwise_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Cross-entropy restricted to each class's region, per example and class.
 
     CE_c = -sum_{pixels with label c} log p_c / (number of pixels), so sum_c CE_c is the
-    pixel-mean cross-entropy of the whole slice. Returns f32[B, C].
+    pixel-mean cross-entropy of the whole slice (voxel-mean of a volume, logits f32[B,D,H,W,C]).
+    Returns f32[B, C].
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     y = jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype)
-    n_pix = labels.shape[1] * labels.shape[2]
-    return -jnp.sum(y * logp, axis=(1, 2)) / n_pix
+    n_pix = math.prod(labels.shape[1:])
+    return -jnp.sum(y * logp, axis=tuple(range(1, labels.ndim))) / n_pix
 
 
 def tumour_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """f32[B, 3]: region cross-entropy of the tumour classes NCR/NET, ED, ET.
+    """f32[B, C]: region cross-entropy of the foreground classes 1..C (BraTS: NCR/NET, ED, ET).
 
     Not the training loss: an alternative class-wise TracIn loss (``--loss ce``). Its gradient
     w.r.t. the logits, p - y, stays large where the model confidently predicts another class,
@@ -88,11 +99,12 @@ def training_loss(logits, labels, *, kind: str = "dice", background_weight: floa
 
 
 def hard_dice_counts(pred: jax.Array, labels: jax.Array, num_classes: int = 4) -> jax.Array:
-    """Counts for hard Dice. pred, labels: int[B,H,W] -> f32[3, C] rows (intersection, |pred|, |true|)."""
+    """Counts for hard Dice. pred, labels: int[B,H,W] (int[B,D,H,W] for volumes; any rank) ->
+    f32[3, C] rows (intersection, |pred|, |true|), summed over the batch and every voxel."""
     p = jax.nn.one_hot(pred, num_classes, dtype=jnp.float32)
     y = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    return jnp.stack([jnp.sum(p * y, axis=(0, 1, 2)), jnp.sum(p, axis=(0, 1, 2)),
-                      jnp.sum(y, axis=(0, 1, 2))])
+    axes = tuple(range(labels.ndim))  # every axis but the class axis
+    return jnp.stack([jnp.sum(p * y, axis=axes), jnp.sum(p, axis=axes), jnp.sum(y, axis=axes)])
 
 
 def dice_from_counts(counts) -> list[float | None]:

@@ -1,7 +1,8 @@
 """Training K models from scratch at once, each on its own subset of the training patients.
 
 A model follows the run's own recipe (``run.config``: epochs, optimiser, learning rate, batch
-size, augmentation, initialisation from its training seed) on the training slices of a subset
+size, augmentation, 3D patches, initialisation from its training seed) on the training
+examples (slices, or a 3D run's volumes: one per patient) of a subset
 of patients, given as a mask over the sorted unique ``run.train.cases`` (the order of
 :func:`tracin_jax.data.split.patient_index` and of ``patient_scores``' patient axis).
 
@@ -43,6 +44,7 @@ from tracin_jax.errors import InputError
 from tracin_jax.models import build_model
 from tracin_jax.progress import tqdm
 from tracin_jax.training.train import epoch_order, init_variables, make_optimizer, make_train_step
+from tracin_jax.training.window import patch_of
 
 MODES = ("auto", "sequential", "vmap")
 
@@ -113,11 +115,14 @@ def schedule_steps(run, n_slices: int, steps: str = "epochs") -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _train_fns(config: Config, image_shape: tuple[int, int, int]):
-    """(model, tx, jitted single-model step, jitted K-model vmapped step) for a config."""
+def _train_fns(config: Config, image_shape: tuple[int, ...]):
+    """(model, tx, jitted single-model step, jitted K-model vmapped step) for a config;
+    ``image_shape`` one example's (H, W, M), or (X, Y, Z, M) for a 3D run (whose steps cut
+    ``data.patch`` patches as the base run's do)."""
     model = build_model(config.model)
     tx = make_optimizer(config.train)
-    step = make_train_step(model, tx, config.train, image_shape[:2], config.data.downsample)
+    step = make_train_step(model, tx, config.train, image_shape[:2], config.data.downsample,
+                           patch=patch_of(config))
     raw = getattr(step, "__wrapped__", step)
 
     def one(variables, opt_state, idx, key_data, active, images, labels):
@@ -145,7 +150,7 @@ def _init(fns, seed: int):
     return key, variables, tx.init(variables["params"])
 
 
-def _image_shape(run) -> tuple[int, int, int]:
+def _image_shape(run) -> tuple[int, ...]:
     return tuple(int(s) for s in run.train.images.shape[1:])
 
 

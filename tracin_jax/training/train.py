@@ -2,7 +2,11 @@
 
 ``train_and_evaluate(config, data_dir, workdir)`` is the whole stage. The workdir it fills:
 
-- ``config.json``: the full config; ``run.json``: data folder, dataset info, split ids.
+- ``config.json``: the full config as run: for a non-BraTS task, the automatic data settings
+  (:func:`~tracin_jax.data.loader.resolve_data_config`) and ``model.num_classes`` = C + 1 when
+  it was left at its default (:func:`resolve_config`);
+- ``run.json``: data folder, dataset info, split ids, and ``task`` (the task's channels,
+  classes and label values, :class:`~tracin_jax.task.Task`).
 - ``checkpoints/<epoch>/``: see :mod:`tracin_jax.checkpoints`.
 - ``metrics.jsonl``: one line per epoch (loss, per-class hard Dice on train and test, lr, time).
 
@@ -22,6 +26,7 @@ device count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -40,11 +45,13 @@ from tracin_jax.progress import tqdm
 from tracin_jax import checkpoints, identity
 from tracin_jax.atomic import write_json_atomic, writing
 from tracin_jax.paths import check_free_space, check_writable_folder
-from tracin_jax.config import Config, config_from_dict
+from tracin_jax.config import Config, ModelConfig, config_from_dict, validate
 from tracin_jax.data.dataset import class_slice_counts
 from tracin_jax.errors import InputError
 from tracin_jax.models import build_model, count_params
+from tracin_jax.task import Task, task_of
 from tracin_jax.training import augment, parallel
+from tracin_jax.training.window import inference_model, patch_of
 from tracin_jax.training.losses import (CLASS_NAMES, absent_class_predictions,
                                         classwise_dice_loss, dice_from_counts, hard_dice_counts,
                                         training_loss)
@@ -158,23 +165,37 @@ def make_apply(model) -> Callable:
 
 
 def make_train_step(model, tx, tcfg, image_hw: tuple[int, int], downsample: int = 1,
-                    out_sharding=None):
+                    out_sharding=None, patch: tuple[int, ...] | None = None):
     """Jitted step(variables, opt_state, images f32[B,H,W,C], labels int32[B,H,W], key) ->
-    (variables, opt_state, loss f32[]); variables and opt_state are donated.
+    (variables, opt_state, loss f32[]); variables and opt_state are donated. Volumes (a 3D
+    model): images f32[B,X,Y,Z,C], labels int32[B,X,Y,Z].
 
     The loss is the mean over the B examples of the batch, however they are placed; the
     shardings of the inputs choose the placement. ``out_sharding`` (e.g. replicated on the
     data-parallel mesh) fixes that of every output; None leaves it to XLA.
+
+    Augmentation, in this order, each drawing a key split from ``key``: a random ``patch`` of
+    each volume (``data.patch``, when given), the resize-crop of slices
+    (``train.augment_resize_crop``), flips (``train.augment_flip``: the last in-plane axis of a
+    slice, each axis of a volume), intensity jitter (``train.augment_intensity`` > 0).
     """
     resize_to = int(round(tcfg.resize_to / downsample))
+    jitter = float(getattr(tcfg, "augment_intensity", 0.0))
 
     def step(variables, opt_state, images, labels, key):
+        if patch is not None:
+            key, sub = jax.random.split(key)
+            images, labels = augment.random_patch(sub, images, labels, patch)
         if tcfg.augment_resize_crop:
             key, sub = jax.random.split(key)
             images, labels = augment.random_resize_crop(sub, images, labels, resize_to)
         if tcfg.augment_flip:
             key, sub = jax.random.split(key)
-            images, labels = augment.random_flip(sub, images, labels)
+            flip = augment.random_flip if labels.ndim == 3 else augment.random_flips
+            images, labels = flip(sub, images, labels)
+        if jitter > 0:
+            key, sub = jax.random.split(key)
+            images = augment.random_intensity(sub, images, jitter)
 
         def loss_fn(params):
             logits, new_state = model.apply(
@@ -194,6 +215,8 @@ def make_train_step(model, tx, tcfg, image_hw: tuple[int, int], downsample: int 
 
 def make_eval_step(model, eps: float, out_sharding=None):
     """Jitted step(variables, images f32[B,H,W,C], labels int32[B,H,W]) -> (counts f32[3, K]
+    (volumes: f32[B,X,Y,Z,C], int32[B,X,Y,Z]; ``model`` the run's inference model, which for
+    a run trained on patches is the sliding window, :mod:`~tracin_jax.training.window`)
     summed over the batch (see :func:`~tracin_jax.training.losses.hard_dice_counts`), loss f32[]:
     the sum over the batch of the mean tumour-class soft-Dice loss); ``out_sharding`` as in
     :func:`make_train_step`."""
@@ -212,48 +235,63 @@ def _put_local(images: np.ndarray, labels: np.ndarray) -> tuple[jax.Array, jax.A
 
 
 def evaluate(eval_step, variables, images: np.ndarray, labels: np.ndarray, batch_size: int,
-             put: Callable = _put_local) -> dict:
+             put: Callable = _put_local, class_names=CLASS_NAMES) -> dict:
     """Per-class hard Dice over the whole split (global counts), mean soft-Dice loss, and the
     voxels predicted as classes absent from the split's labels.
 
     ``put(images, labels)`` places one host batch for ``eval_step`` (default: this process's
     default device; :func:`~tracin_jax.training.parallel.put_batch` for the mesh).
-    Returns {"dice": {class: float | None}, "fp_voxels": {class: int} (absent classes only),
+    ``class_names``: the C foreground classes 1..C (the task's; default BraTS). Returns
+    {"dice": {class: float | None}, "fp_voxels": {class: int} (absent classes only),
     "loss": float | None}; see :func:`~tracin_jax.training.losses.dice_from_counts`.
     """
     n = len(images)
     if n == 0:
-        return {"dice": dict.fromkeys(CLASS_NAMES), "fp_voxels": {}, "loss": None}
+        return {"dice": dict.fromkeys(class_names), "fp_voxels": {}, "loss": None}
     counts, total = 0.0, 0.0
     for s in range(0, n, batch_size):
         c, l = eval_step(variables, *put(images[s:s + batch_size], labels[s:s + batch_size]))
         counts, total = counts + np.asarray(c), total + float(l)
-    dice = dice_from_counts(counts)[1:]
-    fp = absent_class_predictions(counts)[1:]
-    return {"dice": dict(zip(CLASS_NAMES, dice)),
-            "fp_voxels": {k: v for k, v in zip(CLASS_NAMES, fp) if v is not None},
+    dice = dice_from_counts(counts)[1:len(class_names) + 1]
+    fp = absent_class_predictions(counts)[1:len(class_names) + 1]
+    return {"dice": dict(zip(class_names, dice)),
+            "fp_voxels": {k: v for k, v in zip(class_names, fp) if v is not None},
             "loss": total / n}
 
 
-def absent_class_warnings(dataset) -> list[str]:
-    """One-line warnings for tumour classes absent from every slice of a split.
+def example_word(config) -> str:
+    """What one example of a run is: ``slice`` (2D) or ``volume`` (``model.dims=3``)."""
+    return "volume" if int(getattr(config.model, "dims", 2)) == 3 else "slice"
 
-    Uses ``dataset.info["class_slices"][split]`` where the loader provides it, else counts the
+
+def absent_class_warnings(dataset) -> list[str]:
+    """One-line warnings for foreground classes absent from every example (slice or volume) of
+    a split.
+
+    The classes are those of ``dataset.info["task"]`` (BraTS when absent). Uses
+    ``dataset.info["class_slices"][split]`` where the loader provides it, else counts the
     labels (:func:`~tracin_jax.data.dataset.class_slice_counts`).
     """
+    names = task_of(dataset.info).classes
+    volumes = task_of(dataset.info).dims == 3
     known = dataset.info.get("class_slices") or {}
     out = []
     for split in ("train", "test"):
         part = getattr(dataset, split)
         if len(part.labels) == 0:
             continue
-        counts = known.get(split) or class_slice_counts(np.asarray(part.labels))
-        absent = [name for name in CLASS_NAMES if counts.get(name, 0) == 0]
+        counts = known.get(split) or class_slice_counts(np.asarray(part.labels), names)
+        absent = [name for name in names if counts.get(name, 0) == 0]
         if absent:
             effect = ("its test Dice is undefined, shown '-'" if split == "test"
                       else "the model cannot learn it")
+            if volumes:
+                out.append(f"warning: no {split} volume contains {', '.join(absent)} ({effect})")
+                continue
+            what = ("every slice with tumour use --set data.slices=tumour" if names == CLASS_NAMES
+                    else "every slice with a foreground class use --set data.slices=foreground")
             out.append(f"warning: no {split} slice contains {', '.join(absent)} ({effect}); "
-                       f"to train and test on every slice with tumour use --set data.slices=tumour")
+                       f"to train and test on {what}")
     return out
 
 
@@ -302,9 +340,34 @@ def _finished(workdir: Path, epochs: int) -> bool:
     return bool(done) and done[-1] >= epochs
 
 
-def _run_record(data_dir, dataset) -> dict:
-    return {"data_dir": str(Path(data_dir).resolve()), "dataset": dataset.info,
+def _run_record(data_dir, dataset, task: Task) -> dict:
+    return {"data_dir": str(Path(data_dir).resolve()), "task": task.to_dict(), "dataset": dataset.info,
             "train_ids": dataset.train.ids, "test_ids": dataset.test.ids}
+
+
+def resolve_config(config: Config, data_dir) -> tuple[Config, Task, dict]:
+    """The config to run on ``data_dir``, its task, and the data settings chosen automatically.
+
+    For a non-BraTS task (an MSD task other than Task01, an nnU-Net dataset) with
+    ``data.auto``, the data settings come from the data
+    (:func:`~tracin_jax.data.loader.resolve_data_config`, in-plane size a multiple of
+    ``2**model.depth``); ``model.num_classes`` left at its default (4) becomes the task's C + 1
+    (any other value is kept: :func:`check_num_classes` refuses one too small). BraTS data keep
+    the config as it is. InputError in one line for bad data or a config they do not fit.
+    """
+    from tracin_jax.data.loader import resolve_data_config
+
+    data, task, auto = resolve_data_config(data_dir, config.data,
+                                           size_multiple=2**config.model.depth,
+                                           dims=config.model.dims)
+    model = config.model
+    default = {f.name: f.default for f in dataclasses.fields(ModelConfig)}["num_classes"]
+    if model.num_classes == default and task.num_classes != default:
+        model = dataclasses.replace(model, num_classes=task.num_classes)
+    if data != config.data or model != config.model:
+        config = dataclasses.replace(config, data=data, model=model)
+        validate(config)
+    return config, task, auto
 
 
 def _check_same_data(workdir: Path, record: dict, log: Callable[[str], None]) -> bool:
@@ -328,7 +391,7 @@ def _check_same_data(workdir: Path, record: dict, log: Callable[[str], None]) ->
             only_old = len(set(a or []) - set(b))
             raise InputError(
                 f"{workdir} was trained on {old.get('data_dir')} with a different {split} split "
-                f"({len(a or [])} {split} slices there, {len(b)} in {record['data_dir']}, "
+                f"({len(a or [])} {split} examples there, {len(b)} in {record['data_dir']}, "
                 f"{only_old} not in both); use a new --workdir, or --data {old.get('data_dir')}")
     if old.get("data_dir") != record["data_dir"]:
         log(f"{workdir}: data folder moved from {old.get('data_dir')} to {record['data_dir']} "
@@ -401,22 +464,27 @@ def _train(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLi
 
     workdir = Path(workdir)
     check_writable_folder(workdir, "--workdir")
+    # Everything that can fail on bad input happens before the workdir is written.
+    log(f"loading data from {data_dir} ...")
+    config, task, auto = resolve_config(config, data_dir)
+    log(f"task: {task.describe()}")
+    if auto:
+        log(_format_auto(task, auto))
     _check_same_config(workdir, config)
     mesh = parallel.data_mesh()
     if not _finished(workdir, config.train.epochs):  # a finished run loads with any count
         parallel.check_batch_size(config.train.batch_size, mesh.size)
     writer = parallel.is_writer()
-    # Everything that can fail on bad input happens before the workdir is written.
-    log(f"loading data from {data_dir} ...")
-    dataset = load_dataset(data_dir, config.data, progress=progress)
+    dataset = load_dataset(data_dir, config.data, progress=progress, dims=config.model.dims)
     train, test = dataset.train, dataset.test
+    unit = example_word(config)
     if len(train.images) == 0:
-        raise InputError(f"{data_dir}: the training split has no slices")
+        raise InputError(f"{data_dir}: the training split has no {unit}s")
     check_num_classes(config, np.concatenate([train.labels.reshape(-1),
                                               test.labels.reshape(-1)]), data_dir)
-    record = _run_record(data_dir, dataset)
+    record = _run_record(data_dir, dataset, task)
     write_run = _check_same_data(workdir, record, log)
-    log(f"loaded {len(train.images)} train / {len(test.images)} test slices of "
+    log(f"loaded {len(train.images)} train / {len(test.images)} test {unit}s of "
         f"{'x'.join(map(str, train.images.shape[1:]))} [{elapsed()}]")
     for line in absent_class_warnings(dataset):
         log(line)
@@ -462,10 +530,12 @@ def _train(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLi
     variables, opt_state = parallel.put_replicated((variables, opt_state), mesh)
     rng = parallel.put_key(key, mesh)
     train_step = make_train_step(model, tx, tcfg, train.images.shape[1:3], config.data.downsample,
-                                 out_sharding=parallel.replicated(mesh))
-    eval_step = make_eval_step(model, tcfg.dice_eps, out_sharding=parallel.replicated(mesh))
+                                 out_sharding=parallel.replicated(mesh), patch=patch_of(config))
+    eval_step = make_eval_step(inference_model(config), tcfg.dice_eps,
+                               out_sharding=parallel.replicated(mesh))
     put = partial(parallel.put_batch, mesh)
-    eval_bs = parallel.eval_batch_size(tcfg.batch_size, mesh.size)
+    eval_bs = (parallel.eval_batch_size(tcfg.batch_size, mesh.size) if config.model.dims == 2
+               else -(-tcfg.batch_size // mesh.size) * mesh.size)  # volumes: the train batch
     n, bs = len(train.images), tcfg.batch_size
     n_batches = math.ceil(n / bs)
     last_metrics: dict = {}
@@ -511,8 +581,10 @@ def _train(config: Config, data_dir: str | os.PathLike, workdir: str | os.PathLi
         if epoch == start:
             log(f"epoch {epoch} trained in {train_time:.1f}s; evaluating (compiles the "
                 f"evaluation step) ...")
-        ev_train = evaluate(eval_step, variables, train.images, train.labels, eval_bs, put)
-        ev_test = evaluate(eval_step, variables, test.images, test.labels, eval_bs, put)
+        ev_train = evaluate(eval_step, variables, train.images, train.labels, eval_bs, put,
+                            task.classes)
+        ev_test = evaluate(eval_step, variables, test.images, test.labels, eval_bs, put,
+                           task.classes)
         last_metrics = {
             "epoch": epoch, "step": step_count, "lr": lr, "train_loss": train_loss,
             "train_dice": ev_train["dice"], "test_dice": ev_test["dice"],
@@ -548,6 +620,25 @@ def _fault_injection(step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _format_auto(task: Task, auto: dict) -> str:
+    """One line: the data settings chosen automatically for a non-BraTS task, or the volume
+    window chosen for a 3D run."""
+    if "crop" not in auto:
+        window = (f"volume window {'x'.join(map(str, auto['volume']))} centred on each case "
+                  f"(data.volume)" if "volume" in auto else "")
+        if "modalities" not in auto:
+            return f"automatic data settings (recorded in config.json): {window}"
+        return (f"{task.name} is not BraTS: automatic data settings (recorded in config.json; "
+                f"--set data.auto=false to give your own): channels "
+                f"{','.join(auto['modalities'])}, {window + ', ' if window else ''}"
+                f"normalise {auto['normalise']}")
+    y0, y1, x0, x1 = auto["crop"]
+    return (f"{task.name} is not BraTS: automatic data settings (recorded in config.json; "
+            f"--set data.auto=false to give your own): channels {','.join(auto['modalities'])}, "
+            f"in-plane window {y1 - y0}x{x1 - x0} centred on each case (data.crop_space=centre), "
+            f"slices {auto['slices']}, normalise {auto['normalise']}")
 
 
 def _format_metrics(m: dict) -> str:
