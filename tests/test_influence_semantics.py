@@ -199,9 +199,14 @@ def test_gradients_compile_once_per_batch_shape_across_batches_and_checkpoints(
 def test_public_boundaries_check_shapes(toy, head):
     from tracin_jax.influence import contract
 
+    from tracin_jax.errors import InputError
+
     fn = make_class_grad_fn(toy.model, head)
-    with pytest.raises(AssertionError):
+    with pytest.raises(InputError, match="neither slices"):  # labels of rank 2
         class_tracin(fn, toy.checkpoints, toy.train.images, toy.train.labels[:, 0],
+                     toy.test.images, toy.test.labels)
+    with pytest.raises(AssertionError):  # images of another rank than the labels
+        class_tracin(fn, toy.checkpoints, toy.train.images[:, 0], toy.train.labels,
                      toy.test.images, toy.test.labels)
     with pytest.raises(AssertionError):
         contract(np.zeros((2, 3, 5), np.float32), np.zeros((4, 3, 6), np.float32))

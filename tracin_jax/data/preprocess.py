@@ -259,6 +259,18 @@ def zscore_normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.nda
     return out.astype(np.float32)
 
 
+
+def normalise_channels(img: np.ndarray, channels, names, normalise: str) -> np.ndarray:
+    """``img`` f32[..., M] (cut from ``channels``, the M whole channel volumes named ``names``)
+    normalised per channel with statistics of the whole volumes: ``paper`` (2x/max(x)-1) or
+    ``zscore`` (inside the brain); another value is a one-line InputError."""
+    if normalise == "paper":
+        return paper_normalise(img, paper_scale(channels, names))
+    if normalise == "zscore":
+        mean, std = zscore_stats(channels, names)
+        return zscore_normalise(img, mean, std)
+    raise InputError(f"config value data.normalise={normalise!r} is not one of paper, zscore")
+
 def downsample_images(images: np.ndarray, k: int) -> np.ndarray:
     """Mean-pools k x k blocks: f32[N, H, W, C] -> f32[N, H/k, W/k, C] (H, W divisible by k)."""
     if k == 1:
@@ -299,13 +311,7 @@ def case_examples(channels: list[np.ndarray], labels: np.ndarray, names: list[st
     lab = crop_inplane(labels, crop)  # [H, W, Z]
     z = select_slices(lab, slices, case_id)
     img = np.stack([crop_inplane(v, crop)[:, :, z] for v in channels], axis=-1)  # [H, W, n, C]
-    if normalise == "paper":
-        img = paper_normalise(img, paper_scale(channels, names))
-    elif normalise == "zscore":
-        mean, std = zscore_stats(channels, names)
-        img = zscore_normalise(img, mean, std)
-    else:
-        raise InputError(f"config value data.normalise={normalise!r} is not one of paper, zscore")
+    img = normalise_channels(img, channels, names, normalise)
     img = np.ascontiguousarray(np.moveaxis(img, 2, 0), dtype=np.float32)  # [n, H, W, C]
     lab = np.ascontiguousarray(np.moveaxis(lab[:, :, z], 2, 0), dtype=np.uint8)  # [n, H, W]
     return downsample_images(img, downsample), downsample_labels(lab, downsample), z
@@ -394,13 +400,7 @@ def case_volume(channels: list[np.ndarray], labels: np.ndarray, names: list[str]
             raise InputError(f"{name}: shape {v.shape} differs from the seg shape {labels.shape}")
     window = volume_window(labels.shape, size)
     img = np.stack([cut_volume(v, window) for v in channels], axis=-1)  # [X, Y, Z, M]
-    if normalise == "paper":
-        img = paper_normalise(img, paper_scale(channels, names))
-    elif normalise == "zscore":
-        mean, std = zscore_stats(channels, names)
-        img = zscore_normalise(img, mean, std)
-    else:
-        raise InputError(f"config value data.normalise={normalise!r} is not one of paper, zscore")
+    img = normalise_channels(img, channels, names, normalise)
     lab = cut_volume(labels, window).astype(np.uint8, copy=False)
     return (np.ascontiguousarray(downsample_volume_images(img, downsample), dtype=np.float32),
             downsample_volume_labels(lab, downsample))

@@ -455,6 +455,19 @@ def dense_ekfac_fisher(factors: dict, layer: ConvLayer) -> np.ndarray:
     return q @ np.diag(np.asarray(f["lam"], np.float64).reshape(-1)) @ q.T
 
 
+
+def leaf_reader(subset: Any):
+    """``(g, path) -> leaf``: the entries of parameter ``path`` (one of ``subset.paths``) in a
+    flat class gradient g f32[..., P] of ``subset``, reshaped to f32[..., *its shape]."""
+    index = {p: i for i, p in enumerate(subset.paths)}
+    offsets = np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in subset.shapes])])
+
+    def leaf(g, path):
+        i = index[path]
+        return g[..., offsets[i]:offsets[i + 1]].reshape(*g.shape[:-1], *subset.shapes[i])
+
+    return leaf
+
 def make_ekfac_grad_fn(model: Any, subset: ParamSubset, layers: Sequence[ConvLayer], loss_fn: Any,
                        *, damping: float = DEFAULT_DAMPING, proj_dim: int | None = None,
                        proj_seed: int = 0, proj_kind: str | None = DEFAULT_PROJ_KIND,
@@ -475,12 +488,7 @@ def make_ekfac_grad_fn(model: Any, subset: ParamSubset, layers: Sequence[ConvLay
                                class_names=class_names, class_labels=class_labels)
     flat = ParamSubset(subset.name, ("ekfac/whitened",), ((subset.size,),))
     projector = make_projector(flat, proj_dim, proj_seed, proj_kind)
-    index = {p: i for i, p in enumerate(subset.paths)}
-    offsets = np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in subset.shapes])])
-
-    def leaf(g, path):
-        i = index[path]
-        return g[..., offsets[i]:offsets[i + 1]].reshape(*g.shape[:-1], *subset.shapes[i])
+    leaf = leaf_reader(subset)
 
     @jax.jit
     def fn(variables, images, labels):

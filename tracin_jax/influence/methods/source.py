@@ -232,7 +232,7 @@ def make_source_grad_fn(model: Any, subset: Any, layers: Sequence[Any], loss_fn:
     import jax
     import jax.numpy as jnp
 
-    from tracin_jax.influence.ekfac import HIGHEST, kernel_matrix
+    from tracin_jax.influence.ekfac import HIGHEST, kernel_matrix, leaf_reader
     from tracin_jax.influence.grads import ClassGradFunction, make_class_grad_fn
     from tracin_jax.influence.projection import make_projector
     from tracin_jax.influence.subsets import ParamSubset
@@ -242,12 +242,7 @@ def make_source_grad_fn(model: Any, subset: Any, layers: Sequence[Any], loss_fn:
                                class_labels=class_labels)
     flat = ParamSubset(subset.name, ("source/rotated",), ((subset.size,),))
     projector = make_projector(flat, proj_dim, proj_seed, proj_kind)
-    index = {p: i for i, p in enumerate(subset.paths)}
-    offsets = np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in subset.shapes])])
-
-    def leaf(g, path):
-        i = index[path]
-        return g[..., offsets[i]:offsets[i + 1]].reshape(*g.shape[:-1], *subset.shapes[i])
+    leaf = leaf_reader(subset)
 
     def rotate(f, m):
         return jnp.einsum("ia,...ij,jb->...ab", f["qa"], m, f["qs"], precision=HIGHEST)
