@@ -156,3 +156,15 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         order.setdefault(item.path.name, len(order))
     items.sort(key=lambda it: (-FILE_SECONDS.get(it.path.name, 0), order[it.path.name]))
+
+
+def cli_in_process(capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of the command line run in this process (no JAX start-up cost);
+    argparse's own refusals (SystemExit) give their status too."""
+    from tracin_jax.cli import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err

@@ -19,14 +19,7 @@ from tracin_jax.errors import InputError
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _main(capsys, *args) -> tuple[int, str]:
-    from tracin_jax.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
+from conftest import cli_in_process as _main  # noqa: E402
 
 
 def _one_line(err: str) -> str:

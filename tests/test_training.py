@@ -72,15 +72,7 @@ def _cli(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-def _main(capsys, *args) -> tuple[int, str]:
-    """(exit status, stderr) of the command line run in this process (no JAX start-up cost)."""
-    from tracin_jax.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own refusals
-        rc = e.code
-    return rc, capsys.readouterr().err
+from conftest import cli_in_process as _main  # noqa: E402
 
 
 def test_sigkill_mid_epoch_keeps_checkpoints_and_resume_matches(tiny_data, tiny_run, tmp_path):

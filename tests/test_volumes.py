@@ -285,14 +285,7 @@ def test_patches_train_and_the_window_sees_whole_volumes(patch_run, tmp_path):
 # --------------------------------------------------------------------------------- bad input
 
 
-def _main(capsys, *args) -> tuple[int, str]:
-    from tracin_jax.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
+from conftest import cli_in_process as _main  # noqa: E402
 
 
 @pytest.mark.parametrize("sets,needle", [
