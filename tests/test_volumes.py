@@ -323,3 +323,47 @@ def test_demo_dims_is_2_or_3(capsys, tmp_path):
     rc, err = _main(capsys, "demo", "--dims", "4", "--workdir", tmp_path / "d")
     assert rc == 2 and "--dims 4" in err and err.count("\n") == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_a_killed_patch_run_resumes_to_the_weights_of_an_uninterrupted_one(data3d, tmp_path):
+    """Random patches, flips and intensity jitter are drawn per step from the run's seed, so a
+    patch-trained run killed mid-epoch and resumed trains the same steps as one never killed."""
+    import os
+    import subprocess
+    import sys
+
+    from tracin_jax import checkpoints
+
+    extra = ("train.epochs=2", "data.patch=8,8,8", "data.patch_overlap=0",
+             "train.augment_flip=true", "train.augment_intensity=0.1")
+    whole = _train(data3d, tmp_path / "whole", *extra)
+    killed = tmp_path / "killed"
+    sets = [a for o in ("model.dims=3", *TINY3D[1:], *extra) for a in ("--set", o)]
+    n_steps = -(-len(whole.train.ids) // 2)  # batches of 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracin_jax.cli", "train", "--data", str(data3d), "--workdir",
+         str(killed), "--config", "tiny", *sets], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TRACIN_JAX_KILL_AT_STEP": str(n_steps + 1)})  # one step into epoch 2
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert checkpoints.list_epochs(killed) == [1]
+    resumed = _train(data3d, killed, *extra)
+    assert [c.epoch for c in resumed.checkpoints] == [1, 2]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 resumed.checkpoints[-1].variables, whole.checkpoints[-1].variables)
+
+
+def test_the_3d_demo_runs_end_to_end(capsys, tmp_path):
+    """``tracin-jax demo --dims 3`` at a tiny size: the synthetic nnU-Net task, a 3D run, head
+    influence and the report, with the task's classes carried to the end."""
+    workdir = tmp_path / "demo3d"
+    rc, err = _main(capsys, "demo", "--dims", "3", "--cases", "5", "--workdir", workdir,
+                    "--set", "data.downsample=3", "--set", "model.width=2", "--set",
+                    "model.depth=1", "--set", "train.epochs=1", "--set", "train.batch_size=2")
+    assert rc == 0, err
+    run = json.loads((workdir / "run" / "run.json").read_text())
+    assert run["task"]["dims"] == 3 and tuple(run["task"]["classes"]) == CLASSES
+    meta = json.loads((workdir / "influence" / "meta.json").read_text())
+    assert tuple(meta["class_names"]) == CLASSES
+    assert np.load(workdir / "influence" / "patient_scores.npy").shape[:2] == (meta["n_test"], 4)
+    page = (workdir / "report" / "index.html").read_text()
+    assert all(c in page for c in CLASSES) and "volume" in page

@@ -29,6 +29,11 @@ def class_names(result: dict) -> list[str]:
     return list(CLASS_NAMES)
 
 
+def example_unit(task: dict | None) -> str:
+    """What one example of the run is: ``volume`` for a 3D task (``dims`` 3), else ``slice``."""
+    return "volume" if int((task or {}).get("dims", 2) or 2) == 3 else "slice"
+
+
 def _f(x, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return ""
@@ -128,10 +133,11 @@ def markdown(result: dict) -> str:
     kmax = max(ks) if ks else None
     names = class_names(result)
     task = result.get("task") or {}
+    item = example_unit(task)
     lines = [
         "# Evaluation: class-wise LDS, leave-top-k-out, sanity checks", "",
         f"Run `{result['workdir']}`: {gt['patients']} training patients, {gt['n_test']} test "
-        f"slices, {gt['targets']} (slice, class) targets. Ground truth: {gt['subsets']} subsets of "
+        f"{item}s, {gt['targets']} ({item}, class) targets. Ground truth: {gt['subsets']} subsets of "
         f"{gt['fraction']:.0%} of the patients x {gt['seeds']} training seed(s), seed {gt['seed']}.",
         "",
         (f"Task {task.get('name', '?')}: " if task else "Classes: ")
@@ -184,7 +190,7 @@ def markdown(result: dict) -> str:
     if has_base:
         lines.append(
             "`baseline-class-voxels` uses no model: each training patient scores its voxels of "
-            "the query's class, for every test slice (scored on the Dice loss). LDS - baseline: "
+            f"the query's class, for every test {item} (scored on the Dice loss). LDS - baseline: "
             "a variant's paired difference with it on the variant's own loss; a variant whose "
             "interval includes 0 has not shown more than how much of each class a patient has. "
             "Spearman with the baseline: mean over targets of the rank correlation over patients "
@@ -200,7 +206,7 @@ def markdown(result: dict) -> str:
             + "). A faithful attribution: proponents > random > opponents.")
     lines.append("Randomisation rho: mean Spearman over patients between the scores of the trained "
                  "checkpoints and of re-initialised weights (low is good).")
-    lines.append("Mislabel AUC: slice ROC-AUC of class-wise self-influence for corrupted labels, "
+    lines.append(f"Mislabel AUC: {item} ROC-AUC of class-wise self-influence for corrupted labels, "
                  "from `experiments.mislabel` (blank: not given or not computed there).")
     return "\n".join(lines) + "\n"
 

@@ -342,7 +342,7 @@ def local_explanation(path: Path, *, test_image: np.ndarray, test_labels: np.nda
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6),
                    frameon=False, title="ground truth")
     _suptitle(fig, f"Test class {ci} explained by training class {cj} regions: top {k} proponent "
-                   f"(top row) and opponent (bottom row) {unit} ({modality}; neurological view: "
+                   f"(top row) and opponent (bottom row) {unit} ({modality}; "
                    "patient's left on the left, anterior up)")
     return _save(fig, path)
 
