@@ -47,6 +47,7 @@ import numpy as np
 
 from tracin_jax import checkpoints as ckpt_io
 from tracin_jax import influence as inf
+from tracin_jax.influence.grads import default_examples_mode
 from tracin_jax.flops import compiled_flops
 from tracin_jax.models import UNet
 from tracin_jax.training.losses import tumour_dice_loss
@@ -769,7 +770,7 @@ def _run_case(case: Case, args, machine: dict, emit, tmp: Path) -> None:
                 step_gf / torch_rate["s"] if step_gf else None, 2))
         if args.rate_only and method == "vjp" and projector is None:
             line["classgrad_per_example_loop"] = per_example_loop_rate(ctx, subset, args.reps)
-            other = "vmap" if inf.default_examples_mode() == "unroll" else "unroll"
+            other = "vmap" if default_examples_mode() == "unroll" else "unroll"
             alt = inf.make_class_grad_fn(ctx.model, subset, tumour_dice_loss, projector,
                                          examples=other)
             line[f"classgrad_examples_{other}"] = rate_section(ctx, alt, method, args.reps,

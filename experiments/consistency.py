@@ -69,7 +69,9 @@ CONSISTENCY_OVERRIDES = ("model.width=4", "model.depth=3")
 def features_per_checkpoint(run, grad_fn, images, labels, batch_size: int, progress: bool,
                             desc: str) -> list[np.ndarray]:
     """sqrt(lr_t)-scaled class gradients f32[n, 3, D] at every checkpoint of ``run``."""
-    from tracin_jax.influence import compute_features, sharding, train_mesh
+    from tracin_jax.influence import sharding
+    from tracin_jax.influence.sharding import train_mesh
+    from tracin_jax.influence.store import compute_features
 
     mesh = train_mesh()
     out = []
@@ -426,7 +428,7 @@ def run(args) -> dict:
     import tracin_jax
     from tracin_jax.data import write_synthetic_dataset
     from tracin_jax.influence import make_class_grad_fn, resolve_subset, run_influence
-    from tracin_jax.influence.engine import class_present
+    from tracin_jax.influence.folder import class_present
     from tracin_jax.influence.scores import patient_index
     from tracin_jax.training.train import train_and_evaluate
 

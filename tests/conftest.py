@@ -168,3 +168,93 @@ def cli_in_process(capsys, *args) -> tuple[int, str]:
     except SystemExit as e:
         rc = e.code
     return rc, capsys.readouterr().err
+
+
+def check_conv_layer_pieces(model, variables, x, layers, loss) -> None:
+    """Asserts that EK-FAC's Kronecker pieces rebuild every layer of ``layers`` (2D or 3D):
+    patches @ W + b is the layer's output, sum_p x_p delta_p^T its weight gradient (against
+    ``jax.grad`` of the summed ``loss(logits)``), and the kernel matrix maps back to the
+    kernel. One jitted program computes every piece (run eagerly, each primitive would
+    compile alone)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from tracin_jax.influence import ekfac as E
+
+    def layer_outputs(v):
+        got = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            path = "/".join(context.module.scope.path)
+            if context.method_name == "__call__" and path in {l.name for l in layers}:
+                got[path] = out
+            return out
+
+        with nn.intercept_methods(interceptor):
+            model.apply(v, x, train=False)
+        return got
+
+    @jax.jit
+    def pieces(v):
+        inputs, grads = E.capture(model, v, x, layers, loss)
+        flat = traverse_util.flatten_dict(v["params"], sep="/")
+        full = traverse_util.flatten_dict(jax.grad(
+            lambda p: jnp.sum(loss(model.apply(dict(v, params=p), x, train=False))))(v["params"]),
+            sep="/")
+        outs = layer_outputs(v)
+        res = {}
+        for l in layers:
+            p = E.patches(l, inputs[l.name])
+            w = E.kernel_matrix(l, flat[f"{l.name}/kernel"], flat.get(f"{l.name}/bias"))
+            d = grads[l.name].reshape(len(x), -1, l.out_dim)
+            res[l.name] = {
+                "pw": p @ w, "out": outs[l.name].reshape(len(x), -1, l.out_dim),
+                "g": jnp.einsum("bpi,bpo->io", p, d),
+                "want": E.kernel_matrix(l, full[f"{l.name}/kernel"], full.get(f"{l.name}/bias")),
+                "back": E.matrix_to_leaves(l, w)[0]}
+        return res
+
+    got = pieces(variables)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    for l in layers:
+        r = got[l.name]
+        np.testing.assert_allclose(r["pw"], r["out"], atol=1e-5, err_msg=l.name)
+        np.testing.assert_allclose(r["g"], r["want"], rtol=1e-4, atol=1e-6, err_msg=l.name)
+        np.testing.assert_array_equal(r["back"], np.float32(flat[f"{l.name}/kernel"]))
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Captures each figure of ``tracin_jax.explain.figures`` at save time, after a full draw,
+    instead of writing it: one record per figure, {"bbox": the figure's box, "texts": [(text,
+    window extent, gid)] of the visible texts that are drawn, "axes": its axes}."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from tracin_jax.explain import figures
+
+    seen = []
+
+    def save(fig, path):
+        fig.set_dpi(figures.DPI)
+        fig.canvas.draw()
+        undrawn = set()  # labels of ticks outside the axis limits, which matplotlib skips
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                lo, hi = sorted(axis.get_view_interval())
+                for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                    if not lo - 1e-9 * (hi - lo) <= tick.get_loc() <= hi + 1e-9 * (hi - lo):
+                        undrawn |= {id(tick.label1), id(tick.label2)}
+        texts = [(t.get_text(), t.get_window_extent(fig.canvas.get_renderer()), t.get_gid())
+                 for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and id(t) not in undrawn]
+        seen.append({"bbox": fig.bbox.frozen(), "texts": texts, "axes": list(fig.axes)})
+        plt.close(fig)
+        return Path(path).name
+
+    monkeypatch.setattr(figures, "_save", save)
+    return seen

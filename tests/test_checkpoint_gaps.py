@@ -82,25 +82,25 @@ def test_influence_refuses_a_gap_and_takes_an_explicit_subset(gappy, tmp_path, m
 
 
 def test_trak_and_ekfac_use_the_same_check(gappy, tmp_path, monkeypatch):
-    from tracin_jax.influence import ekfac, trak
+    from tracin_jax.influence import api, ekfac, run_influence, trak
 
     def boom(*a, **k):
         raise AssertionError("worked before checking the checkpoints")
 
     monkeypatch.setattr(ekfac, "factored_checkpoints", boom)
-    monkeypatch.setattr(trak, "compute_trak", boom)
     monkeypatch.setattr(trak, "ensure_seed_models", boom)
     with pytest.raises(InputError, match="checkpoints/1 is missing.*available: 2, 3"):
-        ekfac.run_ekfac_influence(gappy, tmp_path / "e", params="head", progress=False)
+        api.run_ekfac_influence(gappy, tmp_path / "e", params="head", progress=False)
     with pytest.raises(InputError, match="checkpoints/1 is missing.*available: 2, 3"):
-        trak.run_trak(gappy, tmp_path / "t", models="checkpoints", progress=False)
+        run_influence(gappy, tmp_path / "t", method="trak", models_from="checkpoints",
+                      progress=False)
     # The seeds ensemble starts from the last epoch: a gap before it does not matter, a
     # missing last epoch does.
     with pytest.raises(AssertionError, match="worked before"):
-        trak.run_trak(gappy, tmp_path / "t", models="seeds", progress=False)
+        run_influence(gappy, tmp_path / "t", method="trak", models_from="seeds", progress=False)
     shutil.rmtree(gappy / "checkpoints" / "3")
     with pytest.raises(InputError, match=r"finished epoch 3 but its checkpoint .*3 is missing "
                        r"\(last available: 2\)"):
-        trak.run_trak(gappy, tmp_path / "t", models="seeds", progress=False)
+        run_influence(gappy, tmp_path / "t", method="trak", models_from="seeds", progress=False)
     assert not (tmp_path / "e").exists() and not (tmp_path / "t").exists()
     assert np.all([p.name != "trak" for p in gappy.iterdir()])

@@ -7,10 +7,8 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from matplotlib.text import Text
 
 from tracin_jax.explain import figures, selection
 from tracin_jax.explain import faithfulness as fa
@@ -78,25 +76,6 @@ def test_planes_are_ras_with_the_right_sides_marked():
     assert planes_of(vol > 0) == {"axial": 5, "coronal": 4, "sagittal": 3}
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """Captures each figure at save time (after a full draw) instead of writing it."""
-    seen = []
-
-    def save(fig, path):
-        fig.set_dpi(figures.DPI)
-        fig.canvas.draw()
-        r = fig.canvas.get_renderer()
-        seen.append({"bbox": fig.bbox.frozen(), "axes": list(fig.axes),
-                     "texts": [(t.get_text(), t.get_window_extent(r)) for t in fig.findobj(Text)
-                               if t.get_visible() and t.get_text().strip()]})
-        plt.close(fig)
-        return Path(path).name
-
-    monkeypatch.setattr(figures, "_save", save)
-    return seen
-
-
 def test_local_figure_of_volumes_has_three_marked_planes_per_item(drawn, tmp_path):
     rng = np.random.default_rng(0)
     images, labels = _blobs(rng, 4)
@@ -120,10 +99,10 @@ def test_local_figure_of_volumes_has_three_marked_planes_per_item(drawn, tmp_pat
         box = ax.get_window_extent()
         assert left.x1 < box.x0 + box.width / 2 < right.x0
         assert bottom.y1 < box.y0 + box.height / 2 < top.y0
-    text = "\n".join(t for t, _ in rec["texts"])
+    text = "\n".join(t for t, *_ in rec["texts"])
     box = rec["bbox"]
     assert all(box.x0 - 4 <= e.x0 and e.x1 <= box.x1 + 4 and box.y0 - 4 <= e.y0
-               and e.y1 <= box.y1 + 4 for _, e in rec["texts"])  # every text inside the figure
+               and e.y1 <= box.y1 + 4 for _, e, _ in rec["texts"])  # every text inside the figure
     for name in CLASSES:  # the legend names every class
         assert name in text
     assert "axial" in text and "coronal" in text and "sagittal" in text

@@ -9,7 +9,7 @@ from test_explain_fixtures import FakeRun, write_influence
 from tracin_jax.errors import InputError
 from tracin_jax.explain import explain_run
 from tracin_jax.explain.api import present_classes
-from tracin_jax.explain.inputs import classes_of
+from tracin_jax.influence.folder import classes_of
 
 FAST = dict(k=2, items_per_class=1, n_permutations=50, random_seeds=2, progress=False)
 FOUR = ["background", "NCR/NET", "ED", "ET"]

@@ -3,37 +3,10 @@
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from matplotlib.text import Text
 
 from tracin_jax.explain import figures
 
 LONG_IDS = ["BraTS-GLI-00001-000", "BraTS-GLI-90001-000", "BraTS-SSA-00123-001", "BraTS-MEN-01234-000"]
-
-
-@pytest.fixture
-def drawn(monkeypatch):
-    """Captures each figure at save time: (figure, renderer) after a full draw, then closes it."""
-    seen = []
-
-    def save(fig, path):
-        fig.set_dpi(figures.DPI)
-        fig.canvas.draw()
-        undrawn = set()  # labels of ticks outside the axis limits, which matplotlib skips
-        for ax in fig.axes:
-            for axis in (ax.xaxis, ax.yaxis):
-                lo, hi = sorted(axis.get_view_interval())
-                for tick in axis.get_major_ticks() + axis.get_minor_ticks():
-                    if not lo - 1e-9 * (hi - lo) <= tick.get_loc() <= hi + 1e-9 * (hi - lo):
-                        undrawn |= {id(tick.label1), id(tick.label2)}
-        texts = [(t.get_text(), t.get_window_extent(fig.canvas.get_renderer()), t.get_gid())
-                 for t in fig.findobj(Text)
-                 if t.get_visible() and t.get_text().strip() and id(t) not in undrawn]
-        seen.append({"bbox": fig.bbox.frozen(), "texts": texts, "axes": list(fig.axes)})
-        plt.close(fig)
-        return path.name
-
-    monkeypatch.setattr(figures, "_save", save)
-    return seen
 
 
 def _outside(record, tol=4.0):

@@ -7,7 +7,7 @@ from test_explain_fixtures import FakeRun, write_influence
 from tracin_jax.errors import InputError
 from tracin_jax.explain import ranking
 from tracin_jax.explain.api import _check_present
-from tracin_jax.explain.inputs import load_influence
+from tracin_jax.influence.folder import load_influence
 
 
 @pytest.fixture(scope="module")

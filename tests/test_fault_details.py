@@ -63,14 +63,14 @@ def test_negative_voxels_warning_is_one_line():
 
 
 def test_memory_estimate_includes_the_gradient_programs_workspace(toy, tmp_path):
-    from tracin_jax.influence import engine, sharding
+    from tracin_jax.influence import checks, engine, sharding
     from tracin_jax.influence.grads import make_class_grad_fn
     from tracin_jax.influence.subsets import resolve_subset
 
     variables = toy.checkpoints[0].variables
     fn = make_class_grad_fn(toy.model, resolve_subset(variables["params"], "all"))
     mesh = sharding.train_mesh()
-    workspace = engine.gradient_workspace(fn, variables, toy.train.images, toy.train.labels, 2,
+    workspace = checks.gradient_workspace(fn, variables, toy.train.images, toy.train.labels, 2,
                                           mesh)
     # The same program the stage runs, compiled ahead of time.
     spec = lambda s, d: jax.ShapeDtypeStruct(s, d)  # noqa: E731
@@ -84,8 +84,8 @@ def test_memory_estimate_includes_the_gradient_programs_workspace(toy, tmp_path)
 
     sizes = dict(n_test=3, n_train=7, num_classes=3, dim=fn.dim, n_checkpoints=2, chunk_size=3,
                  batch_size=2, grad_params=fn.subset.size, split="test")
-    without = engine.memory_estimate(**sizes)
-    with_ws = engine.memory_estimate(**sizes, workspace_bytes=workspace)
+    without = checks.memory_estimate(**sizes)
+    with_ws = checks.memory_estimate(**sizes, workspace_bytes=workspace)
     assert with_ws["total"] - without["total"] == workspace == with_ws["gradient_workspace"]
 
     kw = dict(store_dir=tmp_path / "store", chunk_size=3, batch_size=2, progress=False)
@@ -102,5 +102,5 @@ def test_memory_estimate_includes_the_gradient_programs_workspace(toy, tmp_path)
 
     # No ahead-of-time compilation (a plain Python function): the part is 0, as before.
     plain = lambda v, x, y: fn(v, x, y)  # noqa: E731
-    assert engine.gradient_workspace(plain, variables, toy.train.images, toy.train.labels, 2,
+    assert checks.gradient_workspace(plain, variables, toy.train.images, toy.train.labels, 2,
                                      mesh) is None

@@ -60,14 +60,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # Known violations, (importer, imported) -> what removes it. An edge listed here is neither a
 # stage violation nor part of a cycle.
-ALLOWED: dict[tuple[str, str], str] = {
-    # Cycle: engine dispatches to the method registry, whose methods call back into engine
-    # (methods.base/tracin/trak import engine; methods.ekfac -> influence.ekfac -> engine).
-    # Fixed by the influence refactor: the methods own the computation and engine stops
-    # importing tracin_jax.influence.methods (the command line or run_influence dispatches).
-    ("tracin_jax.influence.engine", "tracin_jax.influence.methods"):
-        "influence refactor: engine must not import the method registry",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def module_files() -> dict[str, Path]:

@@ -6,12 +6,10 @@ dense definition, and the one-line errors."""
 from __future__ import annotations
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from tracin_jax.errors import InputError
 from tracin_jax.influence import (is_head_subset, make_class_grad_fn, make_projector,
@@ -19,11 +17,13 @@ from tracin_jax.influence import (is_head_subset, make_class_grad_fn, make_proje
 from tracin_jax.influence import ekfac as E
 from tracin_jax.influence.logra import make_logra_grad_fn
 from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
-                                            single_class_grad_fn, toy_problem)
+                                            dense_logra, single_class_grad_fn, toy_problem)
 from tracin_jax.influence.scores import contract, squared_norms
 from tracin_jax.influence.store import compute_features
 from tracin_jax.influence.trak import out_to_loss, region_margin, region_margin_loss
 from tracin_jax.training.losses import tumour_dice_loss
+
+from conftest import check_conv_layer_pieces  # noqa: E402
 
 # A 3D U-Net of width 2 and depth 1 on 8^3 volumes with 2 channels; 3 training and 2 test
 # volumes, 2 checkpoints. Batches of 2 (training: 2 + 1 padded), so every function compiles once.
@@ -148,22 +148,6 @@ def test_countsketch_features_are_the_sketch_of_the_exact_gradients(toy3, everyt
     _close(got, want)
 
 
-def _explicit_logra(subset, projector, grads):
-    """f64[n, C, P] exact gradients -> f64[n, C, D]: every kernel G (k x Cout, k = kd*kh*kw*Cin)
-    to P_in^T G P_out (row-major), every other leaf unchanged; numpy, leaf by leaf."""
-    mats = {p: tuple(np.asarray(m, np.float64) for m in pm)
-            for p, pm in projector.matrices().items()}
-    out = []
-    for path, g in zip(subset.paths, _leaves(subset, grads, subset.paths)):
-        g = g.reshape(*g.shape[:2], -1)
-        if path in mats:
-            p_in, p_out = mats[path]
-            g = g.reshape(*g.shape[:2], p_in.shape[0], p_out.shape[0])
-            g = np.einsum("nckr,kp,rq->ncpq", g, p_in, p_out).reshape(*g.shape[:2], -1)
-        out.append(g)
-    return np.concatenate(out, axis=-1)
-
-
 def test_logra_with_3d_convolutions_matches_its_dense_definition(toy3, everything):
     subset, ref = everything
     rank = 3
@@ -174,7 +158,7 @@ def test_logra_with_3d_convolutions_matches_its_dense_definition(toy3, everythin
     assert mats["up0/kernel"][0].shape == (2 * 2 * 2 * 4, rank)  # 2x2x2 transposed conv
     fn = make_class_grad_fn(toy3.model, subset, projector=projector)
     assert fn.dim == projector.dim < subset.size
-    grads = {k: _explicit_logra(subset, projector, g) for k, g in ref.items()}
+    grads = {k: dense_logra(subset, projector, g) for k, g in ref.items()}
     _check_tracin(fn, toy3, subset, grads)
 
 
@@ -187,21 +171,6 @@ def test_logra_compiles_once_over_checkpoints(toy3):
         assert fn(ck.variables, toy3.train.images[:2], toy3.train.labels[:2]).shape == (2, 3, 4)
 
 
-def _layer_outputs(model, variables, x, names) -> dict:
-    got = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = "/".join(context.module.scope.path)
-        if context.method_name == "__call__" and path in names:
-            got[path] = out
-        return out
-
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, x, train=False)
-    return got
-
-
 def test_ekfac_pieces_rebuild_every_3d_conv_layer(toy3):
     """patches @ W + b is each layer's output and sum_p x_p delta_p^T its weight gradient, for
     the 3x3x3 convs, the 2x2x2 stride-2 transposed conv and the 1x1x1 head."""
@@ -212,34 +181,7 @@ def test_ekfac_pieces_rebuild_every_3d_conv_layer(toy3):
     layers = E.conv_layers(model, v, x.shape[1:], subset)
     assert {len(l.kernel_shape) for l in layers} == {5} and any(l.transpose for l in layers)
     loss = lambda logits: jnp.sum(tumour_dice_loss(logits, y), axis=-1)  # noqa: E731
-
-    @jax.jit
-    def pieces(v):
-        inputs, grads = E.capture(model, v, x, layers, loss)
-        flat = traverse_util.flatten_dict(v["params"], sep="/")
-        full = traverse_util.flatten_dict(jax.grad(
-            lambda p: jnp.sum(loss(model.apply(dict(v, params=p), x, train=False))))(v["params"]),
-            sep="/")
-        outs = _layer_outputs(model, v, x, {l.name for l in layers})
-        res = {}
-        for l in layers:
-            p = E.patches(l, inputs[l.name])
-            w = E.kernel_matrix(l, flat[f"{l.name}/kernel"], flat.get(f"{l.name}/bias"))
-            d = grads[l.name].reshape(len(x), -1, l.out_dim)
-            res[l.name] = {"pw": p @ w, "out": outs[l.name].reshape(len(x), -1, l.out_dim),
-                           "g": jnp.einsum("bpi,bpo->io", p, d),
-                           "want": E.kernel_matrix(l, full[f"{l.name}/kernel"],
-                                                   full.get(f"{l.name}/bias")),
-                           "back": E.matrix_to_leaves(l, w)[0]}
-        return res
-
-    got = pieces(v)
-    flat = traverse_util.flatten_dict(v["params"], sep="/")
-    for l in layers:
-        r = got[l.name]
-        np.testing.assert_allclose(r["pw"], r["out"], atol=1e-5, err_msg=l.name)
-        np.testing.assert_allclose(r["g"], r["want"], rtol=1e-4, atol=1e-6, err_msg=l.name)
-        np.testing.assert_array_equal(r["back"], np.float32(flat[f"{l.name}/kernel"]))
+    check_conv_layer_pieces(model, v, x, layers, loss)
 
 
 def test_ekfac_whitened_head_gradients_are_the_damped_inverse_fisher(toy3, everything):

@@ -20,6 +20,8 @@ from tracin_jax.models.unet import UNet
 from tracin_jax.training.losses import tumour_dice_loss
 from tracin_jax.training.train import init_variables
 
+from conftest import check_conv_layer_pieces  # noqa: E402
+
 SHAPE = (8, 8, 4)
 
 
@@ -33,22 +35,6 @@ def small():
     return model, v, np.asarray(x), np.asarray(y)
 
 
-def _layer_outputs(model, variables, x, names) -> dict:
-    """{name: output of the layer ``name``} of one forward pass (traceable: used under jit)."""
-    got = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = "/".join(context.module.scope.path)
-        if context.method_name == "__call__" and path in names:
-            got[path] = out
-        return out
-
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, x, train=False)
-    return got
-
-
 def test_patches_and_output_gradients_rebuild_every_conv_layer(small):
     """patches @ W + b is the layer's output and sum_p x_p delta_p^T its weight gradient, for
     the 3x3 convs, the stride-2 transposed convs and the 1x1 head."""
@@ -58,34 +44,7 @@ def test_patches_and_output_gradients_rebuild_every_conv_layer(small):
     layers = E.conv_layers(model, v, SHAPE, subset)
     assert {l.transpose for l in layers} == {True, False} and layers[-1].name == "head"
     loss = lambda logits: jnp.sum(tumour_dice_loss(logits, y), axis=-1)  # noqa: E731
-
-    @jax.jit  # one program for every piece (run eagerly, each primitive would compile alone)
-    def pieces(v):
-        inputs, grads = E.capture(model, v, x, layers, loss)
-        flat = traverse_util.flatten_dict(v["params"], sep="/")
-        full = traverse_util.flatten_dict(jax.grad(
-            lambda p: jnp.sum(loss(model.apply(dict(v, params=p), x, train=False))))(v["params"]),
-            sep="/")
-        outs = _layer_outputs(model, v, x, {l.name for l in layers})
-        res = {}
-        for l in layers:
-            p = E.patches(l, inputs[l.name])
-            w = E.kernel_matrix(l, flat[f"{l.name}/kernel"], flat.get(f"{l.name}/bias"))
-            d = grads[l.name].reshape(len(x), -1, l.out_dim)
-            res[l.name] = {
-                "pw": p @ w, "out": outs[l.name].reshape(len(x), -1, l.out_dim),
-                "g": jnp.einsum("bpi,bpo->io", p, d),
-                "want": E.kernel_matrix(l, full[f"{l.name}/kernel"], full.get(f"{l.name}/bias")),
-                "back": E.matrix_to_leaves(l, w)[0]}
-        return res
-
-    got = pieces(v)
-    flat = traverse_util.flatten_dict(v["params"], sep="/")
-    for l in layers:
-        r = got[l.name]
-        np.testing.assert_allclose(r["pw"], r["out"], atol=1e-5, err_msg=l.name)
-        np.testing.assert_allclose(r["g"], r["want"], rtol=1e-4, atol=1e-6, err_msg=l.name)
-        np.testing.assert_array_equal(r["back"], flat[f"{l.name}/kernel"])
+    check_conv_layer_pieces(model, v, x, layers, loss)
 
 
 def _split(g, subset: ParamSubset) -> dict:
@@ -268,7 +227,8 @@ def test_cli_ekfac_end_to_end_resumes_and_refuses_bad_damping(tiny_run, tmp_path
 
     spec = sanity.gradient_spec(meta)
     assert spec.method == "ekfac" and spec.describe().startswith("EK-FAC dice ")
-    assert sanity.mislabel_method(spec, 3) is None
+    assert sanity.mislabel_match(meta["spec"], 3, [sanity.MislabelGradient(
+        "Dice head", {**meta["spec"], "method": "tracin", "options": {}}, 6, 0.2)]) is None
     rnd = sanity.model_randomisation(load_run(tiny_run), out, tmp_path / "rnd")
     assert -1 <= rnd["mean"] <= 1
     assert len(list((tmp_path / "rnd").glob("*/ekfac_factors/*.npz"))) == 2

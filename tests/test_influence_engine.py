@@ -51,7 +51,7 @@ def test_head_influence_matches_brute_force(tiny_run, head_out):
 
 
 def test_meta_is_readable_by_the_explain_stage(tiny_run, head_out):
-    from tracin_jax.explain.inputs import load_influence
+    from tracin_jax.influence.folder import load_influence
 
     run = tracin_jax.load_run(tiny_run)
     infl = load_influence(head_out[1], test_ids=run.test.ids, train_ids=run.train.ids,

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from tracin_jax.errors import InputError
-from tracin_jax.influence import (class_tracin, default_examples_mode, is_head_subset,
-                                  make_class_grad_fn, make_projector, normalised, resolve_subset)
+from tracin_jax.influence import (class_tracin, is_head_subset, make_class_grad_fn,
+                                  make_projector, normalised, resolve_subset)
 from tracin_jax.influence import sharding
+from tracin_jax.influence.grads import default_examples_mode
 from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
                                             single_class_grad_fn, total_loss_tracin)
 from tracin_jax.influence.store import compute_features

@@ -16,7 +16,7 @@ from tracin_jax.influence import (class_tracin, make_class_grad_fn, make_project
                                   resolve_subset, sharding)
 from tracin_jax.influence.logra import LograProjector, layer_ranks
 from tracin_jax.influence.reference import (brute_force_class_grads, brute_force_tracin,
-                                            single_class_grad_fn)
+                                            dense_logra, single_class_grad_fn)
 from tracin_jax.influence.store import compute_features
 from tracin_jax.models import UNet
 from tracin_jax.training.losses import tumour_dice_loss
@@ -38,24 +38,6 @@ def _close(got, want, rel=1e-5):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.abs(want).max())
-
-
-def explicit_projection(subset, projector, grads: np.ndarray) -> np.ndarray:
-    """f64[n, C, P] flat exact gradients -> f64[n, C, D]: each kernel G (k x Cout) to
-    P_in^T G P_out (row-major), every other leaf unchanged; plain numpy, leaf by leaf."""
-    mats = {p: (np.asarray(a, np.float64), np.asarray(b, np.float64))
-            for p, (a, b) in projector.matrices().items()}
-    out, start = [], 0
-    for path, shape in zip(subset.paths, subset.shapes):
-        size = int(np.prod(shape))
-        g = grads[..., start:start + size]
-        start += size
-        if path in mats:
-            p_in, p_out = mats[path]
-            g = g.reshape(*g.shape[:2], p_in.shape[0], p_out.shape[0])
-            g = np.einsum("nckr,kp,rq->ncpq", g, p_in, p_out).reshape(*g.shape[:2], -1)
-        out.append(g)
-    return np.concatenate(out, axis=-1)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +82,7 @@ def test_projector_shapes_identity_sides_and_tag(toy, setup):
 def test_features_equal_explicit_projection_of_brute_force_gradients(toy, setup, exact):
     subset, projector, fn = setup
     ck = toy.checkpoints[0]
-    want = explicit_projection(subset, projector, exact[0, "train"])
+    want = dense_logra(subset, projector, exact[0, "train"])
     _close(feats(fn, ck.variables, toy.train.images, toy.train.labels), want)
     # The same projection applied to explicit per-example VJP gradients (method="vjp"; one
     # example: its unrolled program grows with the batch).
@@ -113,7 +95,7 @@ def test_tracin_scores_equal_explicit_and_class_sum_is_total_loss(toy, setup, ex
     args = (toy.checkpoints, toy.train.images, toy.train.labels, toy.test.images,
             toy.test.labels)
     scores, self_inf = class_tracin(fn, *args, batch_size=BATCH)
-    grads = [tuple(explicit_projection(subset, projector, exact[t, name])
+    grads = [tuple(dense_logra(subset, projector, exact[t, name])
                    for name in ("train", "test")) for t in range(len(toy.checkpoints))]
     want, want_self = brute_force_tracin(toy.model, subset, *args, grads=grads)
     _close(scores, want, 1e-4)
@@ -147,7 +129,7 @@ def test_group_norm_scale_and_unit_norm_wrapper(toy):
     projector = make_projector(subset, 3, seed=2, kind="logra")
     fn = make_class_grad_fn(model, subset, projector=projector)
     exact = brute_force_class_grads(model, subset, variables, images, labels)
-    _close(fn(variables, images, labels), explicit_projection(subset, projector, exact))
+    _close(fn(variables, images, labels), dense_logra(subset, projector, exact))
     unit = normalised(fn)(variables, images, labels)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, rtol=1e-5)
 
@@ -214,8 +196,8 @@ def test_memory_check_counts_logra_features_not_weight_gradients(toy, setup, tmp
     """A budget that fits LoGra's batch (B x C x D) is accepted; weight gradients are never
     formed, so the subset's size must not be charged for them."""
     from tracin_jax.influence import sharding
-    from tracin_jax.influence.engine import (compute_influence, gradient_workspace,
-                                             memory_estimate)
+    from tracin_jax.influence.checks import gradient_workspace, memory_estimate
+    from tracin_jax.influence.engine import compute_influence
 
     subset, projector, fn = setup
     workspace = gradient_workspace(fn, toy.checkpoints[0].variables, toy.train.images,

@@ -25,7 +25,7 @@ from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 EPS = inspect.signature(tumour_dice_loss).parameters["eps"].default
 # Per method: options for the toy problem (head subset, exact gradients).
 TOY_OPTIONS = {"tracin": {"params": "head"}, "ekfac": {"params": "head", "damping": 0.5},
-               "trak": {"params": "head", "proj_dim": 0},
+               "trak": {"params": "head", "proj_dim": 0, "models_from": "checkpoints"},
                "source": {"params": "head", "damping": 0.5}}
 
 

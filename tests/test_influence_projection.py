@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from tracin_jax.errors import InputError
-from tracin_jax.influence import (DEFAULT_PROJ_DIM, EXACT_MAX_PARAMS, ParamSubset, Projector,
-                                  class_tracin, make_class_grad_fn, make_projector,
-                                  resolve_subset)
+from tracin_jax.influence import (DEFAULT_PROJ_DIM, class_tracin, make_class_grad_fn,
+                                  make_projector, resolve_subset)
 from tracin_jax.influence import projection
+from tracin_jax.influence.projection import EXACT_MAX_PARAMS, Projector
+from tracin_jax.influence.subsets import ParamSubset
 from tracin_jax.influence.reference import toy_problem
 
 SUBSET = ParamSubset("fake", ("a/kernel", "b/kernel"), ((40,), (7, 8)))  # D = 96

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from tracin_jax.influence import (aggregate_by_patient, contract, finalise_topk, init_topk,
-                                  merge_topk, patient_index, score_blocks, topk_from_scores,
-                                  train_mesh)
+from tracin_jax.influence.scores import (aggregate_by_patient, contract, finalise_topk,
+                                         init_topk, merge_topk, patient_index, score_blocks,
+                                         topk_from_scores)
+from tracin_jax.influence.sharding import train_mesh
 
 
 def _numpy_topk(scores, k, present):

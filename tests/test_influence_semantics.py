@@ -95,7 +95,7 @@ def test_a_loss_with_background_scores_labels_0_to_3(toy, head, tmp_path):
 
 
 def test_a_budget_below_the_stage_estimate_is_refused_up_front(toy, head, tmp_path, monkeypatch):
-    from tracin_jax.influence import engine
+    from tracin_jax.influence import checks, engine
 
     calls = []
     monkeypatch.setattr(engine, "featurise_checkpoint", lambda *a, **k: calls.append(1))
@@ -105,7 +105,7 @@ def test_a_budget_below_the_stage_estimate_is_refused_up_front(toy, head, tmp_pa
         _run(toy, fn, tmp_path, "out", memory_budget_gb=1e-6)
     assert "\n" not in str(e.value) and not calls
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
-    est = engine.memory_estimate(n_test=3, n_train=7, num_classes=3, dim=fn.dim,
+    est = checks.memory_estimate(n_test=3, n_train=7, num_classes=3, dim=fn.dim,
                                  n_checkpoints=2, chunk_size=3, batch_size=2,
                                  grad_params=head.size, split="test")
     f, row = 4, 3 * 2 * fn.dim * 4
@@ -197,7 +197,7 @@ def test_gradients_compile_once_per_batch_shape_across_batches_and_checkpoints(
 
 
 def test_public_boundaries_check_shapes(toy, head):
-    from tracin_jax.influence import contract
+    from tracin_jax.influence.scores import contract
 
     from tracin_jax.errors import InputError
 

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 from tracin_jax.influence import (compute_influence, make_class_grad_fn, make_projector,
-                                  resolve_subset, train_mesh)
+                                  resolve_subset)
+from tracin_jax.influence.sharding import train_mesh
 from tracin_jax.influence.reference import toy_problem
 
 REPO = Path(__file__).resolve().parents[1]

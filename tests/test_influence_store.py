@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tracin_jax.errors import InputError
-from tracin_jax.influence import (aggregate_by_patient, class_tracin, compute_influence,
-                                  make_class_grad_fn, resolve_subset, topk_from_scores)
+from tracin_jax.influence import class_tracin, compute_influence, make_class_grad_fn, resolve_subset
+from tracin_jax.influence.scores import aggregate_by_patient, topk_from_scores
 from conftest import TOY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_split_train_gives_symmetric_scores_with_self_influence_on_the_diagonal(
 def _stage_only_budget(toy, fn) -> float:
     """A budget (GB) that holds the stage's working memory but not the full score tensor."""
     from tracin_jax.influence import sharding
-    from tracin_jax.influence.engine import gradient_workspace, memory_estimate
+    from tracin_jax.influence.checks import gradient_workspace, memory_estimate
 
     workspace = gradient_workspace(fn, toy.checkpoints[0].variables, toy.train.images,
                                    toy.train.labels, 2, sharding.train_mesh())
@@ -208,7 +208,8 @@ def test_a_set_smaller_than_a_batch_is_not_padded_to_a_whole_batch():
     import jax
     import jax.numpy as jnp
 
-    from tracin_jax.influence import compute_features, train_mesh
+    from tracin_jax.influence.sharding import train_mesh
+    from tracin_jax.influence.store import compute_features
 
     seen = []
 

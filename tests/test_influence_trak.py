@@ -1,10 +1,12 @@
-"""Class-wise TRAK: the region output and Q by hand, the closed form on a linear model, the
-stage end to end on the tiny run (checkpoints and retrained seeds, resume), and CLI errors."""
+"""Class-wise TRAK: the region output and Q by hand, the closed form on a linear model (through
+the shared pipeline), the method end to end on the tiny run (checkpoints and retrained seeds,
+resume, the shared store), and CLI errors."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -15,9 +17,11 @@ import pytest
 
 from tracin_jax.cli import main
 from tracin_jax.errors import InputError
-from tracin_jax.influence import resolve_subset
-from tracin_jax.influence.trak import (TrakModel, compute_trak, out_to_loss, region_margin,
-                                       run_trak, trak_grad_fn, trak_scores)
+from tracin_jax.influence import resolve_subset, run_influence
+from tracin_jax.influence.methods import Common, Method
+from tracin_jax.influence.methods.trak import Trak, TrakOptions
+from tracin_jax.influence.trak import (TrakModel, out_to_loss, region_margin, trak_grad_fn,
+                                       trak_scores)
 
 
 class Linear1x1(nn.Module):
@@ -112,14 +116,31 @@ def _closed_form(models, train, test, damping):
     return total / len(models) * qbar[None, None]
 
 
+def _compute(models, train, test, out, damping, model, **common):
+    """TRAK of the given models (the ensemble as they are) through Method.compute."""
+    run = SimpleNamespace(model=model, image_shape=train.images.shape[1:], train=train,
+                          test=test)
+    subset = resolve_subset(models[0].variables["params"], "head")
+    method = Trak(TrakOptions(damping=damping, models_from="checkpoints"))
+    return method.compute(run, models, out, Common(**{"progress": False, **common}),
+                          grad_fn=trak_grad_fn(model, subset))
+
+
+def test_trak_goes_through_the_shared_pipeline():
+    from tracin_jax.influence.store import key_folder
+
+    assert Trak.run is Method.run and Trak.compute is Method.compute
+    # a store "checkpoint" is an epoch or a model's name (TRAK's retrained seeds)
+    assert key_folder(3) == "epoch_0003" and key_folder("seed1") == "model_seed1"
+    with pytest.raises(ValueError, match="starts with a letter"):
+        key_folder("1")
+
+
 def test_trak_equals_closed_form_on_linear_model(tmp_path):
     model, models, train, test = _linear_problem()
-    subset = resolve_subset(models[0].variables["params"], "head")
-    grad_fn = trak_grad_fn(model, subset)
     damping = 0.05
-    meta = compute_trak(model, grad_fn, models, train, test, tmp_path / "out",
-                        store_dir=tmp_path / "store", damping=damping, batch_size=2,
-                        chunk_size=2, progress=False)  # 3 chunks, one batch shape
+    meta = _compute(models, train, test, tmp_path / "out", damping, model,
+                    store_dir=tmp_path / "store", batch_size=2, chunk_size=2)  # 3 chunks
     want = _closed_form(models, train, test, damping)
     scores = np.load(tmp_path / "out" / "scores.npy")
     np.testing.assert_allclose(scores, want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
@@ -139,6 +160,13 @@ def test_trak_equals_closed_form_on_linear_model(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out" / "self_influence.npy"),
                                np.mean(lev, axis=0) * qbar, rtol=2e-3, atol=1e-6)
     assert meta["method"] == "trak" and meta["trak"]["damping"] == damping
+    assert len(meta["trak"]["lambda"]) == 2 and meta["checkpoints"] == []  # no run epochs
+    assert meta["spec"]["options"] == {"damping": damping, "models": 2,
+                                       "models_from": "checkpoints"}
+    # the shared pipeline's folder: its fields, one store "checkpoint" per model (the keys)
+    assert meta["relatif"] is False and meta["batch_size"] == 2 and "memory_estimate" in meta
+    assert {p.name for p in (tmp_path / "store").glob("epoch_*")} == {"epoch_0000",
+                                                                      "epoch_0001"}
     assert not np.load(tmp_path / "out" / "train_present.npy")[0, 2]  # no ET in slice 0
     np.testing.assert_array_equal(scores[:, :, 0, 2], 0.0)  # an absent class scores 0
     # the in-memory function gives the same numbers from the same features
@@ -155,7 +183,7 @@ def test_trak_scores_rejects_mismatched_inputs():
 
 
 # The tiny run's 16 training and 8 test slices in batches of one shape: each gradient and
-# output function of a run_trak call is traced and compiled once, not once per shape.
+# output function of a TRAK run is traced and compiled once, not once per shape.
 BATCH = 8
 
 
@@ -167,17 +195,21 @@ def trak_workdir(tiny_run, tmp_path_factory):
     return wd
 
 
+def _trak_folder(workdir, out, **kw):
+    return run_influence(workdir, out, method="trak", **{"batch_size": BATCH, "progress": False,
+                                                         "params": "head", **kw})
+
+
 @pytest.fixture(scope="module")
 def trak_checkpoints(trak_workdir, tmp_path_factory):
     """(folder, meta): TRAK of the run's checkpoints 2 and 3 (head), computed once; tests that
     change the folder work on a copy."""
     out = tmp_path_factory.mktemp("trak_checkpoints") / "trak"
-    meta = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
-                    batch_size=BATCH, progress=False, log=lambda s: None)
+    meta = _trak_folder(trak_workdir, out, models_from="checkpoints", checkpoints="2,3")
     return out, meta
 
 
-def test_run_trak_checkpoints_end_to_end(trak_workdir, trak_checkpoints, tmp_path):
+def test_trak_checkpoints_end_to_end(trak_workdir, trak_checkpoints, tmp_path):
     from tracin_jax import load_run
     from tracin_jax.evaluate.api import _load_influence
 
@@ -192,48 +224,61 @@ def test_run_trak_checkpoints_end_to_end(trak_workdir, trak_checkpoints, tmp_pat
     assert np.isfinite(loaded["scores"]).all()
     assert [c["epoch"] for c in meta["checkpoints"]] == [2, 3]
     assert meta["trak"]["models"] == ["run epoch 2", "run epoch 3"]
+    assert meta["gradient"]["tag"].startswith("trak(") and meta["run_identity"]["checkpoints"]
+    assert list(meta["run_identity"]["checkpoints"]) == ["2", "3"]
+    store = Path(meta["store"])
+    assert store.parent == trak_workdir / "features"
+    assert sorted(p.name for p in store.glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
     # rerun after a lost meta.json and a lost store chunk: same scores
     first = np.load(out / "scores.npy")
     (out / "meta.json").unlink()
-    chunk = next(iter(sorted((trak_workdir / "features").glob("trak-checkpoints-*/epoch_*/*.npy"))))
-    chunk.unlink()
-    meta2 = run_trak(trak_workdir, out, models="checkpoints", checkpoints="2,3", params="head",
-                     batch_size=BATCH, progress=False, log=lambda s: None)
+    next(iter(sorted(store.glob("epoch_*/*.npy")))).unlink()
+    meta2 = _trak_folder(trak_workdir, out, models_from="checkpoints", checkpoints="2,3")
     assert meta2["timings"]["train_features"]["chunks_computed"] == 1
     np.testing.assert_allclose(np.load(out / "scores.npy"), first, rtol=1e-5, atol=1e-7)
 
 
-def test_run_trak_seeds_trains_once(trak_workdir, tmp_path):
-    logs = []
-    meta = run_trak(trak_workdir, tmp_path / "a", models="seeds", n_models=2, params="head",
-                    batch_size=BATCH, progress=False, log=logs.append)
+def test_trak_seeds_trains_once(trak_workdir, tmp_path, capsys):
+    meta = _trak_folder(trak_workdir, tmp_path / "a", models_from="seeds", models=2)
     files = sorted((trak_workdir / "trak" / "models").glob("*.npz"))
-    assert len(files) == 1 and any("training 1 full-data model" in s for s in logs)
-    assert meta["trak"]["models"][1] == "seed 1" and len(meta["checkpoints"]) == 1
+    assert len(files) == 1 and "training 1 full-data model" in capsys.readouterr().err
+    assert meta["trak"]["models"] == ["run epoch 3", "seed 1"]
+    assert [c["epoch"] for c in meta["checkpoints"]] == [3]
+    assert meta["spec"]["checkpoints"] == [3] and meta["spec"]["options"]["models"] == 2
+    assert list(meta["run_identity"]["checkpoints"]) == ["3"]
+    # one store with the checkpoints ensemble: the seed model under its name
+    store = Path(meta["store"])
+    assert {p.name for p in store.iterdir() if p.is_dir()} >= {"epoch_0003", "model_seed1"}
     stamp = files[0].stat().st_mtime_ns
-    logs.clear()
-    run_trak(trak_workdir, tmp_path / "b", models="seeds", n_models=2, params="head",
-             batch_size=BATCH, progress=False, log=logs.append)
-    assert files[0].stat().st_mtime_ns == stamp and not logs  # reused, not retrained
+    meta_b = _trak_folder(trak_workdir, tmp_path / "b", models_from="seeds", models=2)
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not retrained
+    assert "training" not in capsys.readouterr().err
+    assert meta_b["timings"]["train_features"]["chunks_computed"] == 0
     np.testing.assert_allclose(np.load(tmp_path / "b" / "patient_scores.npy"),
                                np.load(tmp_path / "a" / "patient_scores.npy"), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"models": "bagging"}, "--trak-models-from 'bagging'"),
-    ({"n_models": 0}, "--trak-models 0"),
+    ({"models_from": "bagging"}, "--trak-models-from 'bagging'"),
+    ({"models": 0}, "--trak-models 0"),
     ({"damping": -1.0}, "--damping -1.0"),
     ({"params": "head", "max_dim": 8}, "use --proj-dim 4096"),
+    ({"split": "train"}, "--method trak scores the test split only"),
+    ({"memory_budget_gb": 1e-4}, "--memory-budget-gb 0.0001"),
+    ({"models_from": "checkpoints", "kernel_gb": 4}, r"kernels 4\.00 GB"),
 ])
-def test_run_trak_bad_input(trak_workdir, tmp_path, monkeypatch, kw, match):
+def test_trak_bad_input(trak_workdir, tmp_path, monkeypatch, kw, match):
     from tracin_jax.influence import trak
 
-    if "max_dim" in kw:  # features larger than the kernel allows (the tiny head has 32)
+    if "max_dim" in kw:  # features larger than the kernel allows (the tiny head has 16)
         monkeypatch.setattr(trak, "MAX_KERNEL_DIM", kw.pop("max_dim"))
+    if "kernel_gb" in kw:  # kernels beyond the memory budget, refused before any work
+        gb = kw.pop("kernel_gb")
+        monkeypatch.setattr(trak, "kernel_bytes", lambda m, d: gb * 2**30)
     models = trak_workdir / "trak" / "models"
     before = sorted(models.glob("*")) if models.exists() else []
     with pytest.raises(InputError, match=match):
-        run_trak(trak_workdir, tmp_path / "x", progress=False, **kw)
+        run_influence(trak_workdir, tmp_path / "x", method="trak", progress=False, **kw)
     assert not (tmp_path / "x").exists()
     after = sorted(models.glob("*")) if models.exists() else []
     assert after == before  # nothing trained before the error
@@ -265,8 +310,11 @@ def test_evaluation_knows_a_trak_folder(trak_workdir, trak_checkpoints, tmp_path
 
     out, meta = trak_checkpoints
     spec = sanity.gradient_spec(meta)
-    assert spec.describe() == "TRAK head, 2 models" and spec.loss == "dice"
-    assert sanity.mislabel_method(spec, 3) is None
+    assert spec.describe().startswith("TRAK margin head, ") and spec.loss == "dice"
+    assert "models_from=checkpoints" in spec.describe()
+    seeds = {**meta["spec"], "options": {**meta["spec"]["options"], "models_from": "seeds"}}
+    assert sanity.mislabel_match(meta["spec"], 3,
+                                 [sanity.MislabelGradient("TRAK head", seeds, 3, 0.8)]) is None
     run = load_run(trak_workdir)
     res = sanity.model_randomisation(run, out, tmp_path / "rnd", progress=False)
     rnd = json.loads((tmp_path / "rnd" / sanity.randomised_key(meta, 0) / "meta.json").read_text())

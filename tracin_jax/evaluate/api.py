@@ -12,7 +12,8 @@ Steps (all inputs are checked before anything is trained or written):
    by :func:`.ground_truth.retrain_without_many`); the number of retrainings and an estimate of
    their time are printed before they start;
 4. model randomisation (one influence recomputation per folder with re-initialised weights,
-   cached in ``<out>/randomised/<folder>/``) and, if given, the mislabel AUC;
+   cached in ``<out>/randomised/<folder>/``) and, if given, the mislabel AUC of the
+   experiment's gradient with the same spec (:func:`.sanity.mislabel_match`);
 5. ``evaluation.json``, ``evaluation.md``, ``lds.png``, ``leave_out.png`` in ``out``.
 
 Sharing the retrainings out (:mod:`.workers`; every model file is trained under a claim, so
@@ -157,7 +158,7 @@ def _check_classes(folder: Path, meta: dict, task) -> None:
     """One-line InputError when the folder's classes (meta.json ``class_names`` and
     ``class_labels``; a folder without them holds the BraTS classes) are not the run's task's
     foreground classes, in order, with labels 1..C."""
-    from tracin_jax.explain.inputs import classes_of
+    from tracin_jax.influence.folder import classes_of
     from tracin_jax.task import brats
 
     task = brats() if task is None else task
@@ -369,7 +370,9 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
     if unknown:
         raise InputError(f"--leave-out-variants {unknown[0]!r}: not the name of an --influence "
                          f"folder or a baseline (have {', '.join(scored)})")
-    mislabel_aucs = sanity.read_mislabel(mislabel) if mislabel else None
+    mislabel_res = sanity.read_mislabel(mislabel) if mislabel else None
+    if mislabel_res is not None and mislabel_res.reason and not worker:
+        log(mislabel_res.reason)
     last_epoch = run.checkpoints[-1].epoch
 
     # -- the leave-out plan (cheap: rankings only) -----------------------------------------
@@ -518,10 +521,11 @@ def run_evaluate(workdir, influence_dirs: Sequence, out, *, subsets: int | None 
                                              progress=progress)
             rnd["per_class"] = {class_names[int(c)]: m for c, m in rnd["per_class"].items()}
         result_variants[name]["randomisation"] = rnd
-        method = sanity.mislabel_method(v["spec"], last_epoch)
-        result_variants[name]["mislabel_method"] = method if mislabel_aucs is not None else None
-        result_variants[name]["mislabel_auc"] = (mislabel_aucs.get(method)
-                                                 if mislabel_aucs is not None and method else None)
+        # the experiment's gradient with the same spec (checkpoints: its run's last or several)
+        match = (sanity.mislabel_match(v["meta"].get("spec"), last_epoch, mislabel_res.gradients)
+                 if mislabel_res is not None else None)
+        result_variants[name]["mislabel_method"] = match.row if match is not None else None
+        result_variants[name]["mislabel_auc"] = match.auc if match is not None else None
 
     a, i = lds_mod.target_mask(present)
     result = {

@@ -28,9 +28,9 @@ from tracin_jax.explain import figures as fig
 from tracin_jax.explain import ranking, report, selection
 from tracin_jax.explain.features import SIMILARITIES, FeatureStore
 from tracin_jax.explain.global_view import global_explanations
-from tracin_jax.explain.inputs import PRESENT_FILE, Influence, classes_of, load_influence
 from tracin_jax.explain.local import local_explanations
 from tracin_jax.explain.trust import trust_section
+from tracin_jax.influence.folder import PRESENT_FILE, Influence, classes_of, load_influence
 from tracin_jax.models.interface import head_name
 
 LEVELS = ("patient", "slice")

@@ -8,7 +8,7 @@ import numpy as np
 
 from tracin_jax.explain import figures as fig
 from tracin_jax.explain import ranking
-from tracin_jax.explain.inputs import Influence
+from tracin_jax.influence.folder import Influence
 
 
 def global_explanations(infl: Influence, k: int, folder: Path, example: str = "slice") -> dict:

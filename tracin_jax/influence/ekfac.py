@@ -638,33 +638,8 @@ def load_or_fit(folder: Path, key: str, epoch: int, fit) -> dict:
         return out
 
 
-def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_dim=None,
-                        proj_seed=0, proj_kind=DEFAULT_PROJ_KIND, loss="dice", normalise=False,
-                        damping=DEFAULT_DAMPING, fisher="sampled", fisher_seed=0, split="test",
-                        topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
-                        data_dir=None, progress=True, store_dir=None) -> dict:
-    """Class-wise EK-FAC influence of the run in ``workdir``; the same files as
-    :func:`~tracin_jax.influence.engine.run_influence` (``patient_scores.npy``, ``meta.json``
-    with an ``"ekfac"`` entry, ...) plus the fitted factors in ``out/ekfac_factors/``.
-
-    ``params``: conv kernels and biases of this subset (BatchNorm parameters are left out);
-    ``damping``: relative damping (lambda = damping x mean corrected eigenvalue, per layer);
-    ``fisher``: ``sampled`` (true Fisher) or ``empirical``; ``normalise``: unit-norm whitened
-    gradients (cosine in the F^-1 metric). Other arguments as in ``run_influence``; the factors
-    are fitted on the training split at every chosen checkpoint.
-    """
-    from tracin_jax.influence.engine import run_influence
-
-    return run_influence(
-        workdir, out, method="ekfac", checkpoints=checkpoints, params=params, proj_dim=proj_dim,
-        proj_seed=proj_seed, proj_kind=proj_kind, loss=loss, normalise=normalise,
-        damping=damping, fisher=fisher, fisher_seed=fisher_seed, split=split, topk=topk,
-        batch_size=batch_size, chunk_size=chunk_size, memory_budget_gb=memory_budget_gb,
-        data_dir=data_dir, progress=progress, store_dir=store_dir)
-
-
 __all__ = ["ConvLayer", "DEFAULT_DAMPING", "EkfacSetup", "FISHERS", "ekfac_setup",
            "factored_checkpoints", "capture", "conv_layers",
            "dense_ekfac_fisher", "ekfac_subset", "fisher_loss", "fit_ekfac", "kernel_matrix",
-           "make_ekfac_grad_fn", "matrix_to_leaves", "patches", "run_ekfac_influence", "whiten",
+           "make_ekfac_grad_fn", "matrix_to_leaves", "patches", "whiten",
            "with_factors"]

@@ -166,6 +166,24 @@ def unique_name(fn: Any) -> str | None:
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(kw.items())) + ")" if kw else "")
 
 
+def as_class_grad_function(fn: ClassGradFn, *, class_names=None,
+                           class_labels=None) -> ClassGradFunction:
+    """``fn`` as a :class:`ClassGradFunction`, whose attributes the rest of the package reads.
+
+    A ClassGradFunction is returned as it is (``class_names``/``class_labels`` are ignored: the
+    caller applies its own overrides). Any other callable ``(variables, images, labels) ->
+    f32[B, C, D]`` is wrapped with ``tag = unique_name(fn)`` (None for a lambda, a closure or a
+    callable object: fine in memory, refused by the feature store), ``dim = -1`` (unknown), no
+    subset, projector, ``scaled_fn`` (no preconditioner) or loss name, and the classes given
+    here (names default to those of the labels, labels to 1, 2, 3: NCR/NET, ED, ET).
+    """
+    if isinstance(fn, ClassGradFunction):
+        return fn
+    names, labels = class_axis(class_names, class_labels)
+    return ClassGradFunction(fn=fn, tag=unique_name(fn), dim=-1, class_names=names,
+                             class_labels=labels)
+
+
 def class_logit_grads(loss_fn: LossFn, logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example, per-class gradients of the loss w.r.t. the logits.
 
@@ -400,9 +418,10 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
 
     With projection, the projected vector is normalised. Scores become
     ``sum_t eta_t cos(grad D_j(z), grad D_i(z'))``; self-influence becomes ``sum_t eta_t``.
+    A plain callable is read through :func:`as_class_grad_function`.
     """
-    inner = grad_fn
-    inner_scaled = getattr(grad_fn, "scaled_fn", None)
+    inner = as_class_grad_function(grad_fn)
+    inner_scaled = inner.scaled_fn
 
     def unit(g):
         return g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + eps)
@@ -417,17 +436,13 @@ def normalised(grad_fn: ClassGradFn, eps: float = 1e-12) -> ClassGradFunction:
         def scaled_fn(variables_and_scale, images, labels):
             return unit(inner_scaled(variables_and_scale, images, labels))
 
-    inner_tag = getattr(grad_fn, "tag", None) or unique_name(grad_fn)
     return ClassGradFunction(
-        fn=fn, tag=f"normalised({inner_tag})" if inner_tag else None,
-        dim=getattr(grad_fn, "dim", -1), subset=getattr(grad_fn, "subset", None),
-        projector=getattr(grad_fn, "projector", None),
-        class_names=getattr(grad_fn, "class_names", CLASS_NAMES),
-        class_labels=getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS),
-        scaled_fn=scaled_fn, loss=getattr(grad_fn, "loss", None), normalised=True)
+        fn=fn, tag=f"normalised({inner.tag})" if inner.tag else None, dim=inner.dim,
+        subset=inner.subset, projector=inner.projector, class_names=inner.class_names,
+        class_labels=inner.class_labels, scaled_fn=scaled_fn, loss=inner.loss, normalised=True)
 
 
 __all__ = ["DEFAULT_CLASS_LABELS", "LABEL_NAMES", "LOSSES", "ClassGradFn", "ClassGradFunction",
-           "LossFn", "loss_name", "resolve_loss",
+           "LossFn", "as_class_grad_function", "loss_name", "resolve_loss",
            "check_example_shapes", "class_axis", "class_logit_grads", "default_examples_mode",
            "is_head_subset", "make_class_grad_fn", "normalised", "unique_name"]

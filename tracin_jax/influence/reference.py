@@ -180,3 +180,24 @@ def toy_problem(n_train: int = 5, n_test: int = 3, size: int = 16, n_checkpoints
 
     return SimpleNamespace(model=model, checkpoints=checkpoints,
                            train=examples(n_train, "tr", 2, 1), test=examples(n_test, "te", 1, 3))
+
+
+def dense_logra(subset: ParamSubset, projector: Any, grads: np.ndarray) -> np.ndarray:
+    """LoGra's projection by its definition: f64[n, C, P] flat exact gradients (leaves in
+    ``subset.paths`` order) -> f64[n, C, D], each kernel gradient G (k x Cout, k = the kernel's
+    other axes times Cin, row-major) replaced by P_in^T G P_out with the matrices of
+    ``projector.matrices()``, every other leaf unchanged; plain numpy, leaf by leaf."""
+    mats = {p: (np.asarray(a, np.float64), np.asarray(b, np.float64))
+            for p, (a, b) in projector.matrices().items()}
+    out, start = [], 0
+    for path, shape in zip(subset.paths, subset.shapes):
+        size = int(np.prod(shape))
+        g = np.asarray(grads[..., start:start + size], np.float64)
+        start += size
+        if path in mats:
+            p_in, p_out = mats[path]
+            g = g.reshape(*g.shape[:2], p_in.shape[0], p_out.shape[0])
+            g = np.einsum("nckr,kp,rq->ncpq", g, p_in, p_out).reshape(*g.shape[:2], -1)
+        out.append(g)
+    return np.concatenate(out, axis=-1)
+

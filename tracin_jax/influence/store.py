@@ -5,6 +5,7 @@ Layout of one store (default ``<workdir>/features/<key>/``)::
     manifest.json                  header + one entry per checkpoint and per finished chunk
     epoch_0006/chunk_00000.npy     f32[rows, C, D]: examples [0, chunk_size) at epoch 6
     epoch_0006/chunk_00001.npy     ...
+    model_seed1/chunk_00000.npy    a model that is no checkpoint of the run, keyed by a name
 
 Row ``[b, c]`` of a chunk is ``sqrt(eta_t) * g`` with g the (projected) gradient of the class-c
 loss of training example b at checkpoint t, so a TracIn score is a plain inner product of
@@ -16,7 +17,9 @@ or ``all-rademacher4096-seed0-...``; the hash covers the gradient function's tag
 the resolved parameter paths, the projection, the example ids and the chunk size. The store
 therefore belongs to a training set, not to a test set: any later test set reuses it. Each
 checkpoint's entry records its epoch, lr and a fingerprint of its variables; if the checkpoint
-on disk changes (a retrained workdir), that checkpoint's chunks are recomputed.
+on disk changes (a retrained workdir), that checkpoint's chunks are recomputed. A store
+"checkpoint" is keyed by its epoch (an int), or by a name (a string starting with a letter,
+:func:`key_folder`) for models that are no checkpoint of the run (TRAK's retrained seeds).
 
 Crash safety: a chunk is written to ``chunk_k.npy.tmp`` through a memory map, flushed and
 fsynced, then renamed to ``chunk_k.npy`` (atomic); only a renamed file counts as done. The
@@ -54,6 +57,7 @@ from tracin_jax.atomic import save_npy_atomic, write_json_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.identity import variables_fingerprint  # noqa: F401 (also this module's API)
 from tracin_jax.influence import sharding
+from tracin_jax.influence.grads import as_class_grad_function
 
 MANIFEST = "manifest.json"
 LOCK = "store.lock"
@@ -68,6 +72,23 @@ def ids_hash(ids: Sequence[Any]) -> str:
 def _slug(text: str, limit: int = 40) -> str:
     s = re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_")
     return (s or "subset")[:limit]
+
+
+def key_folder(key: int | str) -> str:
+    """The folder of a store checkpoint: ``epoch_0006`` for epoch 6, ``model_<key>`` for a
+    key given as a name (letters, digits, ``_.-``, starting with a letter)."""
+    if isinstance(key, str):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", key):
+            raise ValueError(f"store key {key!r}: a name starts with a letter and holds letters, "
+                             "digits, '_', '.' and '-' only")
+        return f"model_{key}"
+    return f"epoch_{int(key):04d}"
+
+
+def _key(key: int | str) -> int | str:
+    """A store checkpoint key as the manifest records it."""
+    key_folder(key)  # checked
+    return key if isinstance(key, str) else int(key)
 
 
 def store_key(header: dict) -> str:
@@ -139,8 +160,9 @@ class FeatureStore:
         try:
             self._load_manifest()
             if sharding.is_writer():
-                for stale in self.root.glob("epoch_*/*.tmp"):  # only the lock holder writes
-                    stale.unlink(missing_ok=True)
+                for pattern in ("epoch_*/*.tmp", "model_*/*.tmp"):  # only the lock holder
+                    for stale in self.root.glob(pattern):  # writes
+                        stale.unlink(missing_ok=True)
             yield self
         finally:
             if handle is not None:
@@ -151,17 +173,18 @@ class FeatureStore:
     def chunk_rows(self, k: int) -> tuple[int, int]:
         return k * self.chunk_size, min(self.n, (k + 1) * self.chunk_size)
 
-    def chunk_path(self, epoch: int, k: int) -> Path:
-        return self.root / f"epoch_{epoch:04d}" / f"chunk_{k:05d}.npy"
+    def chunk_path(self, epoch: int | str, k: int) -> Path:
+        return self.root / key_folder(epoch) / f"chunk_{k:05d}.npy"
 
     def _save_manifest(self) -> None:
         if sharding.is_writer():
             write_json_atomic(self.root / MANIFEST, self.manifest)
 
     # -- checkpoints --------------------------------------------------------------------
-    def open_checkpoint(self, epoch: int, lr: float, fingerprint: str) -> None:
-        """Records checkpoint ``epoch``; drops its chunks if they came from other variables."""
-        entry = {"epoch": int(epoch), "lr": float(lr), "fingerprint": fingerprint,
+    def open_checkpoint(self, epoch: int | str, lr: float, fingerprint: str) -> None:
+        """Records checkpoint ``epoch`` (an epoch, or a model's name: the store key); drops its
+        chunks if they came from other variables."""
+        entry = {"epoch": _key(epoch), "lr": float(lr), "fingerprint": fingerprint,
                  "scale": math.sqrt(float(lr))}
         old = self.manifest["checkpoints"].get(str(epoch))
         if old != entry:
@@ -169,11 +192,11 @@ class FeatureStore:
                 for k in range(self.n_chunks):
                     self.chunk_path(epoch, k).unlink(missing_ok=True)
             self.manifest["chunks"] = {key: v for key, v in self.manifest["chunks"].items()
-                                       if v["epoch"] != int(epoch)}
+                                       if v["epoch"] != _key(epoch)}
             self.manifest["checkpoints"][str(epoch)] = entry
             self._save_manifest()
 
-    def has_chunk(self, epoch: int, k: int) -> bool:
+    def has_chunk(self, epoch: int | str, k: int) -> bool:
         """True when chunk k of ``epoch`` was completely written (its final file exists)."""
         if str(epoch) not in self.manifest["checkpoints"]:
             return False
@@ -187,7 +210,7 @@ class FeatureStore:
             return False
         return arr.shape == (stop - start, self.num_classes, self.dim) and arr.dtype == np.float32
 
-    def missing_chunks(self, epoch: int) -> list[int]:
+    def missing_chunks(self, epoch: int | str) -> list[int]:
         missing = [k for k in range(self.n_chunks) if not self.has_chunk(epoch, k)]
         # Re-record chunks that were renamed but whose manifest entry a crash lost.
         changed = False
@@ -200,11 +223,11 @@ class FeatureStore:
             self._save_manifest()
         return missing
 
-    def _chunk_entry(self, epoch: int, k: int) -> dict:
+    def _chunk_entry(self, epoch: int | str, k: int) -> dict:
         start, stop = self.chunk_rows(k)
         ids = self.ids
         return {
-            "epoch": int(epoch), "lr": self.manifest["checkpoints"][str(epoch)]["lr"],
+            "epoch": _key(epoch), "lr": self.manifest["checkpoints"][str(epoch)]["lr"],
             "chunk": k, "start": start, "stop": stop,
             "ids_hash": ids_hash(ids[start:stop]) if ids is not None else None,
             "file": str(self.chunk_path(epoch, k).relative_to(self.root)),
@@ -212,7 +235,7 @@ class FeatureStore:
             "subset": self.header.get("subset_name"), "projection": self.header.get("projection"),
         }
 
-    def write_chunk(self, epoch: int, k: int, features: np.ndarray) -> None:
+    def write_chunk(self, epoch: int | str, k: int, features: np.ndarray) -> None:
         """Writes chunk k of ``epoch`` (f32[rows, C, D]) atomically, then records it.
 
         Any process may write the chunks it computed; only process 0 records them in the
@@ -228,16 +251,16 @@ class FeatureStore:
             self.manifest["chunks"][f"{epoch}/{k}"] = self._chunk_entry(epoch, k)
             self._save_manifest()
 
-    def read_chunk(self, epoch: int, k: int) -> np.ndarray:
+    def read_chunk(self, epoch: int | str, k: int) -> np.ndarray:
         """f32[rows, C, D], memory-mapped."""
         return np.load(self.chunk_path(epoch, k), mmap_mode="r")
 
-    def read_block(self, epochs: Sequence[int], k: int) -> np.ndarray:
+    def read_block(self, epochs: Sequence[int | str], k: int) -> np.ndarray:
         """f32[rows, C, T*D]: chunk k of every checkpoint, concatenated along the feature axis."""
         return np.concatenate([self.read_chunk(e, k) for e in epochs], axis=-1)
 
 
-def pending_bytes(root: str | os.PathLike, header: dict, epochs: Iterable[int]) -> int:
+def pending_bytes(root: str | os.PathLike, header: dict, epochs: Iterable[int | str]) -> int:
     """Disk bytes the chunk files of ``epochs`` still need in the store at ``root`` (header as
     for :class:`FeatureStore`): a chunk file already there with its full size counts as done."""
     n, size = int(header["n_examples"]), int(header["chunk_size"])
@@ -246,7 +269,7 @@ def pending_bytes(root: str | os.PathLike, header: dict, epochs: Iterable[int]) 
     for epoch in epochs:
         for k in range(max(1, math.ceil(n / size))):
             rows = min(n, (k + 1) * size) - k * size
-            path = Path(root) / f"epoch_{int(epoch):04d}" / f"chunk_{k:05d}.npy"
+            path = Path(root) / key_folder(epoch) / f"chunk_{k:05d}.npy"
             try:
                 if path.stat().st_size >= rows * row:
                     continue
@@ -258,12 +281,13 @@ def pending_bytes(root: str | os.PathLike, header: dict, epochs: Iterable[int]) 
 
 def make_header(grad_fn: Any, ids: Sequence[Any], chunk_size: int, num_classes: int,
                 dim: int) -> dict:
-    """The store header for ``grad_fn`` on examples ``ids`` (everything but the checkpoint)."""
-    subset = getattr(grad_fn, "subset", None)
-    projector = getattr(grad_fn, "projector", None)
-    tag = getattr(grad_fn, "tag", None)
+    """The store header for ``grad_fn`` on examples ``ids`` (everything but the checkpoint).
+    ``grad_fn`` is read through :func:`~.grads.as_class_grad_function`; one without a tag is
+    refused (one-line InputError)."""
+    grad_fn = as_class_grad_function(grad_fn)
+    subset, projector, tag = grad_fn.subset, grad_fn.projector, grad_fn.tag
     if not tag:
-        name = getattr(grad_fn, "__qualname__", None) or type(grad_fn).__name__
+        name = getattr(grad_fn.fn, "__qualname__", None) or type(grad_fn.fn).__name__
         raise InputError(f"the gradient function {name!r} has no tag, and stored features are "
                          "known by their tag (a function's name such as <lambda> does not tell "
                          "two functions apart): pass tag=\"...\" naming what it computes, "
@@ -309,9 +333,10 @@ def preconditioned_call(grad_fn: Callable, variables: Any, precond: Sequence[Any
     """
     if precond is None:
         return grad_fn, variables
-    scaled = getattr(grad_fn, "scaled_fn", None)
+    grad_fn = as_class_grad_function(grad_fn)
+    scaled = grad_fn.scaled_fn
     if scaled is None:
-        raise InputError(f"the gradient function {getattr(grad_fn, 'tag', None)!r} cannot apply a "
+        raise InputError(f"the gradient function {grad_fn.tag!r} cannot apply a "
                          "preconditioner in parameter space (it has no scaled_fn); build it with "
                          "make_class_grad_fn or normalised()")
     return scaled, (variables, [jnp.sqrt(jnp.asarray(d, jnp.float32)) for d in precond])
@@ -361,12 +386,13 @@ def compute_features(grad_fn: Callable, variables: Any, lr: float, images: np.nd
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
 
-def featurise_checkpoint(store: FeatureStore, grad_fn: Callable, epoch: int, lr: float,
+def featurise_checkpoint(store: FeatureStore, grad_fn: Callable, epoch: int | str, lr: float,
                          variables: Any, images: np.ndarray, labels: np.ndarray, *,
                          batch_size: int, mesh, bar=None,
                          precond: Sequence[Any] | None = None) -> dict:
     """Computes and writes the missing chunks of one checkpoint.
 
+    ``epoch``: the store key (an epoch, or a model's name, :func:`key_folder`).
     ``variables``: host (or device) variables of the checkpoint; they are replicated on the mesh.
     ``precond``: the checkpoint's diagonal preconditioner (the per-checkpoint hook, see
     :func:`compute_features`); it joins the checkpoint's fingerprint, so chunks computed with

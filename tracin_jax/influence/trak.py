@@ -6,7 +6,7 @@ For model m (parameters theta_m), test slice z', test class i, training slice z,
     scores[z', i, z, j] = (1/M sum_m tau_m[z', i, z, j]) * (1/M sum_m Q_m(z, j))
 
 as in TRAK's Algorithm 1 (the out-to-loss term averaged over the models apart from the kernel
-terms), written in the influence-folder format of :mod:`.engine` (positive = proponent).
+terms), written in the influence-folder format of :mod:`.folder` (positive = proponent).
 
 - **Model output.** TRAK differentiates a model *output*, not the loss. For a segmentation region
   we take, for class c (label value ``class_labels[c]``), the summed log-odds margin over the
@@ -31,50 +31,50 @@ terms), written in the influence-folder format of :mod:`.engine` (positive = pro
   margin) becomes, for a region, the mean over the region's pixels of 1 - p_c (p = softmax), so
   that Q_m(z, j) f_j is the region cross-entropy's first-order change up to the pixel count;
   0 for an absent class.
-- **Models** (``models=``): ``seeds`` (default): the run's last checkpoint plus ``n_models - 1``
-  models trained from scratch on all training patients with the run's recipe and training seeds
-  ``config.train.seed + k`` (cached in ``<workdir>/trak/models/``, one ``.npz`` per model,
-  written atomically, so an interrupted run keeps the finished ones); ``checkpoints``: the
-  run's saved checkpoints (``--checkpoints``), no training at all. TRAK's gains come from
-  ensembling independently trained models (the paper ensembles 20-100; checkpoints of one
-  trajectory are correlated and early ones are barely trained).
+- **Models** (``models_from``): ``seeds`` (default): the run's last checkpoint plus
+  ``models - 1`` models trained from scratch on all training patients with the run's recipe
+  and training seeds ``config.train.seed + k`` (cached in ``<workdir>/trak/models/``, one
+  ``.npz`` per model, written atomically, so an interrupted run keeps the finished ones);
+  ``checkpoints``: the run's saved checkpoints (``--checkpoints``), no training at all.
+  TRAK's gains come from ensembling independently trained models (the paper ensembles 20-100;
+  checkpoints of one trajectory are correlated and early ones are barely trained).
+- **Through the shared pipeline** (:class:`~.methods.trak.Trak`, :mod:`.methods.base`):
+  ``fit`` builds the ensemble and Q (:func:`ensemble_models`, :func:`mean_out_to_loss`); each
+  model is one store "checkpoint" of weight 1 (store key: its epoch, or ``seed<s>`` for a
+  retrained model, :func:`~.store.key_folder`), so :func:`~.engine.compute_influence` stores
+  the training features phi_m (``<workdir>/features/<key>/``: a killed run recomputes only
+  missing chunks, and the ``seeds`` and ``checkpoints`` ensembles share the last checkpoint's
+  features) and computes the query features; ``fit_features`` fits each model's kernel from
+  the stored features (:func:`fit_kernels`); ``transform_test`` multiplies model m's query
+  features by K_m^-1 / M (:func:`precondition_queries`), ``transform_train`` the training rows
+  by Q bar (:class:`QBlocks`), and the shared scorer sums the M terms.
 
-Training features of every model go to a :class:`~.store.FeatureStore`
-(``<workdir>/features/trak-<models>-<key>/``, one store "checkpoint" per model), so a killed run
-recomputes only missing chunks. Cost per model: one forward pass over the training set (Q), the
-class gradients of the training and test sets (as one TracIn checkpoint), the D x D kernel
-(float64) and its Cholesky factor.
+Cost per model: one forward pass over the training set (Q), the class gradients of the
+training and test sets (as one TracIn checkpoint), the D x D kernel (float64) and its Cholesky
+factor; the M factors are held from the kernel fit until the query features are
+preconditioned, (M + 1) D^2 x 8 bytes at the peak (:func:`kernel_bytes`).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-from tracin_jax.atomic import StagedFiles, save_npz_atomic
+from tracin_jax.atomic import save_npz_atomic
 from tracin_jax.errors import InputError
 from tracin_jax.influence import sharding
-from tracin_jax.influence.engine import (DEFAULT_TOPK, _check_args, abandon_output,
-                                         check_memory, check_writable_folder, open_outputs,
-                                         class_present, folder_meta, gradient_workspace,
-                                         memory_estimate, open_scores, output_bytes,
-                                         parse_checkpoints, run_classes, run_record,
-                                         write_meta, write_score_files)
-from tracin_jax.influence.grads import ClassGradFunction, class_axis, make_class_grad_fn
-from tracin_jax.influence.projection import DEFAULT_PROJ_KIND, make_projector
-from tracin_jax.influence.scores import patient_index, score_blocks
-from tracin_jax.influence.store import (compute_features, feature_shape, featurise_checkpoint,
-                                        finish_stats, ids_hash, make_header, store_key)
-from tracin_jax.influence.subsets import resolve_subset
-from tracin_jax.progress import tqdm
+from tracin_jax.influence.grads import ClassGradFunction, make_class_grad_fn
+from tracin_jax.influence.store import ids_hash
 
 MODEL_SOURCES = ("seeds", "checkpoints")
 DEFAULT_MODELS = 4
@@ -154,12 +154,17 @@ def kernel_factor(train_feats: np.ndarray, damping: float = DEFAULT_DAMPING) -> 
     return factor_gram(gram, damping)
 
 
-def factor_gram(gram: np.ndarray, damping: float) -> tuple[Any, float]:
-    """(``cho_factor`` of gram + lambda I, lambda) with lambda = damping x trace(gram) / D."""
+def factor_gram(gram: np.ndarray, damping: float, overwrite: bool = False
+                ) -> tuple[Any, float]:
+    """(``cho_factor`` of gram + lambda I, lambda) with lambda = damping x trace(gram) / D.
+    ``overwrite``: ``gram`` (float64) becomes the factor, no D x D copy is made."""
     d = gram.shape[0]
     mean_eig = float(np.trace(gram)) / d
     lam = float(damping) * (mean_eig if mean_eig > 0 else 1.0)
-    return linalg.cho_factor(gram + lam * np.eye(d), lower=True), lam
+    if not overwrite:
+        return linalg.cho_factor(gram + lam * np.eye(d), lower=True), lam
+    gram[np.diag_indices(d)] += lam
+    return linalg.cho_factor(gram, lower=True, overwrite_a=True), lam
 
 
 def precondition(factor: Any, feats: np.ndarray) -> np.ndarray:
@@ -193,13 +198,17 @@ def trak_scores(test_feats: Sequence[np.ndarray], train_feats: Sequence[np.ndarr
 
 @dataclass
 class TrakModel:
-    """One model of the ensemble: ``key`` (the store's checkpoint number), a description,
-    the run epoch it is (None for a retrained seed) and its variables."""
+    """One model of the ensemble, as the shared pipeline sees a checkpoint: ``key`` (its store
+    key, :func:`~.store.key_folder`: the run epoch, or a name such as ``seed1``), a
+    description, the run epoch it is (None for a model that is no checkpoint of the run), its
+    variables and ``lr``, the weight its features are stored with (1: the score does not
+    depend on it, the kernel scales with it)."""
 
-    key: int
+    key: int | str
     name: str
     epoch: int | None
     variables: Any
+    lr: float = 1.0
 
 
 def _flat(variables: Any) -> dict[str, np.ndarray]:
@@ -228,25 +237,33 @@ def seed_model_path(run, seed: int) -> Path:
     return Path(run.workdir) / "trak" / "models" / f"seed{seed}-{ids_hash(run.train.ids)}.npz"
 
 
-def ensure_seed_models(run, n_models: int, *, mode: str = "auto", progress: bool = True,
-                       log=print) -> list[TrakModel]:
-    """The ``seeds`` ensemble: the run's last checkpoint and ``n_models - 1`` full-data models.
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ensure_seed_models(run, n_models: int, *, last: Any = None, mode: str = "auto",
+                       progress: bool = True, log: Callable[[str], None] = _log
+                       ) -> list[TrakModel]:
+    """The ``seeds`` ensemble: ``last`` (a checkpoint of the run; default its last) and
+    ``n_models - 1`` full-data models (store keys: the epoch, ``seed<s>``).
 
     Missing models are trained one at a time (:func:`~tracin_jax.training.multi.train_models`
-    with every patient kept) and saved atomically; finished ones are loaded.
+    with every patient kept) and saved atomically; finished ones are loaded. ``log``: where the
+    training is announced (default: stderr).
     """
     from tracin_jax.training.multi import run_patients, train_models, unstack
     from tracin_jax.training.train import init_variables
 
-    last = run.checkpoints[-1]
-    models = [TrakModel(0, f"run epoch {last.epoch}", int(last.epoch), last.variables)]
+    last = run.checkpoints[-1] if last is None else last
+    models = [TrakModel(int(last.epoch), f"run epoch {last.epoch}", int(last.epoch),
+                        last.variables)]
     like = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
     patients, _ = run_patients(run)
     todo = [s for s in model_seeds(run, n_models) if not seed_model_path(run, s).exists()]
     if todo:
         log(f"TRAK: training {len(todo)} full-data model(s) (seeds {', '.join(map(str, todo))}) "
             f"-> {seed_model_path(run, todo[0]).parent}")
-    for k, seed in enumerate(model_seeds(run, n_models), start=1):
+    for seed in model_seeds(run, n_models):
         path = seed_model_path(run, seed)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,19 +278,56 @@ def ensure_seed_models(run, n_models: int, *, mode: str = "auto", progress: bool
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{path}: unreadable TRAK model ({type(e).__name__}); delete it to "
                              "retrain") from None
-        models.append(TrakModel(k, f"seed {seed}", None, variables))
+        models.append(TrakModel(f"seed{seed}", f"seed {seed}", None, variables))
     return models
 
 
-def checkpoint_models(run, checkpoints="all") -> list[TrakModel]:
-    """The ``checkpoints`` ensemble: the run's saved checkpoints (epochs of ``checkpoints``)."""
-    epochs = parse_checkpoints(checkpoints, [c.epoch for c in run.checkpoints], run.workdir)
-    out = []
-    for e in epochs:
-        ck = run.checkpoint(e)
-        ck.check()
-        out.append(TrakModel(int(e), f"run epoch {e}", int(e), ck.variables))
-    return out
+def seeds_start_epoch(run, workdir) -> int:
+    """The epoch the ``seeds`` ensemble starts from: the run's last checkpoint. A run that
+    finished a later epoch whose checkpoint is gone is a one-line InputError (the ensemble
+    would silently start from an earlier epoch); a gap before it does not matter."""
+    last = int(run.checkpoints[-1].epoch)
+    late = [e for e in run.missing_epochs() if e > last]
+    if late:
+        raise InputError(f"{workdir}: the run finished epoch {late[-1]} but its checkpoint "
+                         f"{Path(workdir) / 'checkpoints' / str(late[-1])} is missing (last "
+                         f"available: {last}); the seeds ensemble starts from the run's last "
+                         "epoch: restore it, or resume training to save it again")
+    return last
+
+
+def as_model(checkpoint: Any) -> TrakModel:
+    """A run checkpoint (``epoch``, ``variables``) as a model of the ensemble (store key: its
+    epoch); a :class:`TrakModel` as it is."""
+    if isinstance(checkpoint, TrakModel):
+        return checkpoint
+    e = int(checkpoint.epoch)
+    return TrakModel(e, f"run epoch {e}", e, checkpoint.variables)
+
+
+def ensemble_models(run, checkpoints: Sequence[Any], models_from: str, n_models: int, *,
+                    progress: bool = True) -> list[TrakModel]:
+    """The ensemble: ``seeds``: the last of ``checkpoints`` and ``n_models - 1`` full-data
+    models of ``run`` (a loaded run with its workdir), trained by process 0 while the others
+    wait; ``checkpoints``: ``checkpoints`` themselves (:func:`as_model`)."""
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise InputError("--method trak: no checkpoint to build the ensemble from")
+    if models_from != "seeds":
+        models = [as_model(c) for c in checkpoints]
+        keys = [str(m.key) for m in models]
+        if len(set(keys)) != len(keys):
+            raise InputError(f"--method trak: the models' store keys {keys} repeat")
+        return models
+    if getattr(run, "workdir", None) is None:
+        raise InputError("--trak-models-from seeds trains models in a run's workdir; with given "
+                         "checkpoints use models_from='checkpoints'")
+    if sharding.is_writer():  # several processes: process 0 trains, the others then load
+        models = ensure_seed_models(run, n_models, last=checkpoints[-1], progress=progress)
+    sharding.barrier("trak-seed-models")
+    if not sharding.is_writer():
+        models = ensure_seed_models(run, n_models, last=checkpoints[-1], progress=False)
+    return models
 
 
 def _out_to_loss_all(model, variables, images, labels, class_labels, batch_size) -> np.ndarray:
@@ -285,7 +339,132 @@ def _out_to_loss_all(model, variables, images, labels, class_labels, batch_size)
     return np.concatenate(parts)
 
 
-# -- the stage ----------------------------------------------------------------------------
+def mean_out_to_loss(model: Any, ensemble: Sequence[TrakModel], train: Any,
+                     class_labels: Sequence[int], batch_size: int) -> np.ndarray:
+    """Q bar f32[n_train, C]: :func:`out_to_loss` of the training set averaged over the models,
+    computed by process 0 and sent to the others (every process scales the same rows)."""
+    q = None
+    if sharding.is_writer():
+        q = np.mean([_out_to_loss_all(model, m.variables, train.images, train.labels,
+                                      class_labels, batch_size) for m in ensemble],
+                    axis=0).astype(np.float32)
+    return sharding.from_writer(q, (len(train.ids), len(class_labels)))
+
+
+def random_models(run, n_models: int, seed: int = 0) -> list[TrakModel]:
+    """``n_models`` re-initialised models of ``run``'s architecture (model k: initialisation key
+    ``seed + k``, store key ``random<seed + k>``)."""
+    from tracin_jax.training.train import init_variables
+
+    return [TrakModel(f"random{seed + k}", f"random init {seed + k}", None,
+                      init_variables(run.model, jax.random.key(seed + k), run.image_shape))
+            for k in range(n_models)]
+
+
+# -- the kernels over the stored features -------------------------------------------------
+
+def check_kernel_dim(dim: int, what: str = "the TRAK features") -> None:
+    """One-line InputError when D x D kernels of ``dim`` exceed :data:`MAX_KERNEL_DIM`."""
+    if dim > MAX_KERNEL_DIM:
+        raise InputError(f"{what}: {dim} features per class; TRAK's kernel needs at most "
+                         f"{MAX_KERNEL_DIM}: use --proj-dim 4096")
+
+
+def kernel_bytes(n_models: int, dim: int) -> int:
+    """Bytes the kernel fit holds at its peak: the M float64 D x D Cholesky factors and one
+    D x D product being summed (:func:`fit_kernels`)."""
+    return (int(n_models) + 1) * int(dim) ** 2 * 8
+
+
+def check_kernel_memory(grad_fn: Any, *, n_test: int, n_train: int, num_classes: int,
+                        dim: int, n_models: int, chunk_size: int, batch_size: int,
+                        memory_budget_gb: float, workspace_bytes: int = 0) -> dict:
+    """The shared stage's estimate (:func:`~.checks.memory_estimate`; ``workspace_bytes``: the
+    gradient program's, :func:`~.checks.gradient_workspace`, 0 when not computed) plus the
+    kernels (:func:`kernel_bytes`), refused in one line when over ``memory_budget_gb``
+    (:func:`~.checks.check_memory`): checked before any model is trained. Returns the
+    estimate."""
+    from tracin_jax.influence.checks import batch_params, check_memory, memory_estimate
+
+    local = sharding.local_mesh(sharding.train_mesh())
+    estimate = memory_estimate(n_test=n_test, n_train=n_train, num_classes=num_classes, dim=dim,
+                               n_checkpoints=n_models, chunk_size=chunk_size,
+                               batch_size=sharding.padded_size(batch_size, local),
+                               grad_params=batch_params(grad_fn, dim), split="test",
+                               workspace_bytes=workspace_bytes)
+    estimate["kernels"] = kernel_bytes(n_models, dim)
+    estimate["total"] += estimate["kernels"]
+    check_memory(estimate, float(memory_budget_gb) * 2**30,
+                 projected=getattr(grad_fn, "projector", None) is not None)
+    return estimate
+
+
+def fit_kernels(read: Callable[[int], np.ndarray], blocks: Sequence[tuple[int, int]],
+                n_models: int, damping: float = DEFAULT_DAMPING
+                ) -> tuple[list, list[float], np.ndarray]:
+    """Each model's damped kernel from the stored training features, and TRAK's leverage.
+
+    ``read(k)``: block k (rows ``blocks[k]``) of the M models' features, f32[rows, C, M*D]
+    (model m in ``[m*D, (m+1)*D)``). Two passes over the blocks: the float64 Gram matrices
+    Phi_m^T Phi_m (factored in place: :func:`factor_gram`), then the leverage
+    phi_m^T K_m^-1 phi_m of every row. Returns (M ``cho_factor`` results, M lambdas,
+    f32[n_train, C] the leverage averaged over the models).
+    """
+    m = int(n_models)
+    grams = None
+    for kb in range(len(blocks)):
+        block = read(kb)
+        d = block.shape[-1] // m
+        if grams is None:
+            grams = [np.zeros((d, d), np.float64) for _ in range(m)]
+        for i in range(m):
+            phi = np.asarray(block[..., i * d:(i + 1) * d], np.float64).reshape(-1, d)
+            grams[i] += phi.T @ phi
+    factors, lambdas = [], []
+    for i in range(m):
+        factor, lam = factor_gram(grams[i], damping, overwrite=True)
+        grams[i] = None
+        factors.append(factor)
+        lambdas.append(lam)
+    leverage = [[] for _ in range(m)]
+    for kb in range(len(blocks)):
+        block = read(kb)
+        for i in range(m):
+            phi = np.ascontiguousarray(block[..., i * d:(i + 1) * d])
+            leverage[i].append(np.einsum("bjd,bjd->bj", precondition(factors[i], phi), phi))
+    return factors, lambdas, np.mean([np.concatenate(parts) for parts in leverage], axis=0)
+
+
+def precondition_queries(factors: Sequence[Any], features: Any) -> np.ndarray:
+    """f32[n, C, M*D] -> f32[n, C, M*D]: model m's query features multiplied by K_m^-1 / M."""
+    feats = np.asarray(features)
+    m = len(factors)
+    d = feats.shape[-1] // m
+    return np.concatenate([precondition(f, feats[..., i * d:(i + 1) * d]) / m
+                           for i, f in enumerate(factors)], axis=-1)
+
+
+class QBlocks:
+    """The training block reader times Q bar: ``read(k) -> f32[rows, C, M*D]`` becomes
+    ``read(k) * qbar[rows, :, None]``; :meth:`self_influence` gives TRAK's self-score, the
+    leverage times Q bar (``leverage`` None: zeros, a process that writes nothing)."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], blocks: Sequence[tuple[int, int]],
+                 qbar: np.ndarray, leverage: np.ndarray | None):
+        self.read, self.blocks, self.qbar, self.leverage = read, list(blocks), qbar, leverage
+
+    def __call__(self, k: int) -> np.ndarray:
+        start, stop = self.blocks[k]
+        return self.read(k) * self.qbar[start:stop, :, None]
+
+    def self_influence(self) -> np.ndarray:
+        """f32[n_train, C]: mean over the models of phi^T K^-1 phi, times Q bar."""
+        if self.leverage is None:
+            return np.zeros(self.qbar.shape, np.float32)
+        return (self.leverage * self.qbar).astype(np.float32)
+
+
+# -- options and spec ---------------------------------------------------------------------
 
 def _check_trak_args(models, n_models, damping) -> None:
     if models not in MODEL_SOURCES:
@@ -315,254 +494,10 @@ def trak_spec(grad_fn: Any, epochs: Sequence[int | None], *, damping: float, n_m
                         "models_from": str(models_from)}}
 
 
-def run_trak(workdir, out, *, models: str = "seeds", n_models: int = DEFAULT_MODELS,
-             checkpoints="all", params: str = "head", proj_dim=None, proj_seed: int = 0,
-             proj_kind=DEFAULT_PROJ_KIND, damping: float = DEFAULT_DAMPING, topk=None,
-             batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
-             data_dir=None, progress: bool = True, mode: str = "auto", log=print) -> dict:
-    """Class-wise TRAK of the run in ``workdir``, written to ``out`` like ``run_influence``.
-
-    ``models``: ``seeds`` (the last checkpoint + ``n_models - 1`` full-data retrainings) or
-    ``checkpoints`` (the run's checkpoints named by ``checkpoints``; ``n_models`` unused);
-    ``params``/``proj_*``: the feature subset and projection as in ``run_influence`` (``all``
-    defaults to a 4096-dimensional CountSketch); ``damping``: the relative kernel damping;
-    ``mode``: how the extra models train (``auto``/``sequential``/``vmap``). The other
-    arguments as in :func:`~.engine.run_influence`. Returns the meta dict.
-    """
-    from tracin_jax import identity, load_run
-    from tracin_jax.training.train import init_variables
-
-    t0 = time.perf_counter()
-    _check_args("test", topk, batch_size, chunk_size, memory_budget_gb, proj_seed)
-    _check_trak_args(models, n_models, damping)
-    check_writable_folder(out, "--out")
-    check_writable_folder(Path(workdir) / "features", "feature store")
-    run = load_run(workdir, data_dir)
-    shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
-    subset = resolve_subset(shapes["params"], params)
-    projector = make_projector(subset, proj_dim, proj_seed, proj_kind)
-    grad_fn = trak_grad_fn(run.model, subset, projector, **run_classes(run))
-    if grad_fn.dim > MAX_KERNEL_DIM:
-        raise InputError(f"--params {params}: {grad_fn.dim} features per class; TRAK's kernel "
-                         f"needs at most {MAX_KERNEL_DIM}: use --proj-dim 4096")
-    for name, ex in (("training", run.train), ("test", run.test)):
-        if len(ex.images) == 0:
-            raise InputError(f"{workdir}: the {name} split has no slices")
-    if models == "seeds":
-        last = run.checkpoints[-1].epoch
-        late = [e for e in run.missing_epochs() if e > last]
-        if late:  # the ensemble would silently start from an earlier epoch
-            raise InputError(f"{workdir}: the run finished epoch {late[-1]} but its checkpoint "
-                             f"{Path(workdir) / 'checkpoints' / str(late[-1])} is missing (last "
-                             f"available: {last}); the seeds ensemble starts from the run's last "
-                             "epoch: restore it, or resume training to save it again")
-        run.checkpoints[-1].check()  # a damaged checkpoint fails before any training
-    ensemble = (ensure_seed_models(run, n_models, mode=mode, progress=progress, log=log)
-                if models == "seeds" else checkpoint_models(run, checkpoints))
-    timings = {"load_and_models_s": round(time.perf_counter() - t0, 3)}
-    return compute_trak(run.model, grad_fn, ensemble, run.train, run.test, out, models=models,
-                        damping=damping, topk=topk, batch_size=batch_size,
-                        chunk_size=chunk_size, memory_budget_gb=memory_budget_gb,
-                        progress=progress, workdir=workdir, run_checkpoints=run.checkpoints,
-                        task=run.task,
-                        extra_timings=timings, extra_meta={"run_identity": identity.describe(
-                            run, sorted({m.epoch for m in ensemble if m.epoch is not None}))})
-
-
-def compute_trak(model: Any, grad_fn, ensemble: Sequence[TrakModel], train: Any, test: Any,
-                 out, *, models: str = "custom", damping: float = DEFAULT_DAMPING, topk=None,
-                 batch_size: int = 16, chunk_size: int = 256, memory_budget_gb: float = 2.0,
-                 progress: bool = True, workdir=None, store_dir=None, run_checkpoints=(),
-                 extra_timings: dict | None = None, mesh=None,
-                 extra_meta: dict | None = None, task=None) -> dict:
-    """TRAK without the workdir: the Flax ``model``, the features ``grad_fn`` (e.g.
-    :func:`trak_grad_fn`; any ClassGradFn with a ``tag``), the models and the examples given.
-
-    ``ensemble``: :class:`TrakModel` objects; ``train``/``test``: objects with ``images``
-    f32[n,H,W,M], ``labels`` int[n,H,W], ``ids`` and ``cases``.
-    The store lives in ``store_dir``, else ``<workdir>/features/trak-<models>-<key>``.
-    ``run_checkpoints``: the run's checkpoints (epoch, lr), to record the models that are run
-    checkpoints in meta.json; ``task``: the run's task, meta.json's ``task``. Writes the files
-    of :mod:`.engine` (``self_influence.npy`` holds the TRAK self-score phi^T K^-1 phi Q) and
-    returns the meta dict.
-    """
-    timings = dict(extra_timings or {})
-    _check_trak_args(models if models in MODEL_SOURCES else "seeds", len(ensemble) or 1, damping)
-    out = Path(out)
-    check_writable_folder(out, "--out")
-    mesh = mesh if mesh is not None else sharding.train_mesh()
-    train_ids, test_ids = [str(i) for i in train.ids], [str(i) for i in test.ids]
-    n_train, n_test = len(train_ids), len(test_ids)
-    if not n_train or not n_test or not ensemble:
-        raise InputError(f"nothing to score: {n_train} training and {n_test} test examples, "
-                         f"{len(ensemble)} models")
-    c, dim = feature_shape(grad_fn, ensemble[0].variables, train.images, train.labels)
-    class_names, class_labels = class_axis(getattr(grad_fn, "class_names", None),
-                                           getattr(grad_fn, "class_labels", None))
-    if len(class_labels) != c:
-        raise InputError(f"the TRAK features have {c} classes but their class labels are "
-                         f"{list(class_labels)} ({', '.join(class_names)}); pass class_names= "
-                         f"and class_labels= with {c} entries to trak_grad_fn")
-    if dim > MAX_KERNEL_DIM:
-        raise InputError(f"the TRAK features have {dim} dimensions; the kernel needs at most "
-                         f"{MAX_KERNEL_DIM} (project the gradients)")
-    header = make_header(grad_fn, train_ids, chunk_size, c, dim)
-    if store_dir is None:
-        if workdir is None:
-            raise ValueError("compute_trak needs store_dir or workdir")
-        store_dir = Path(workdir) / "features" / f"trak-{models}-{store_key(header)}"
-    check_writable_folder(store_dir, "feature store")
-    subset = getattr(grad_fn, "subset", None)
-    m = len(ensemble)
-    workspace = gradient_workspace(grad_fn, ensemble[0].variables, train.images, train.labels,
-                                   batch_size, mesh)
-    estimate = memory_estimate(
-        n_test=n_test, n_train=n_train, num_classes=c, dim=dim, n_checkpoints=m,
-        chunk_size=chunk_size, batch_size=sharding.padded_size(batch_size, mesh),
-        grad_params=subset.size if subset is not None else dim, split="test",
-        workspace_bytes=workspace or 0)
-    estimate["kernel"] = 3 * dim * dim * 8
-    estimate["total"] += estimate["kernel"]
-    budget = float(memory_budget_gb) * 2**30
-    check_memory(estimate, budget, projected=getattr(grad_fn, "projector", None) is not None)
-    full_bytes = 4 * n_test * c * n_train * c
-    fits = estimate["total"] + full_bytes <= budget
-    k = topk if topk is not None else (None if fits else DEFAULT_TOPK)
-    k = min(int(k), n_train) if k else None
-    patients, patient_of = patient_index(train.cases)
-    store, made_out = open_outputs(
-        out, store_dir, header, train_ids, [mdl.key for mdl in ensemble],
-        output_bytes(n_test, n_train, c, len(patients), fits=fits, patients_fit=True, k=k,
-                     topk=topk))
-    if sharding.is_writer():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"--out {out}: cannot be written ({e.strerror})") from None
-
-    # Stage 1, per model: training features to the store, Q, test features preconditioned.
-    t = time.perf_counter()
-    blocks = [store.chunk_rows(k) for k in range(store.n_chunks)]
-    test_parts, q_parts, lambdas, self_parts, train_stats = [], [], [], [], {}
-    bar = tqdm(total=m * n_train, desc="TRAK train gradients", unit="ex", disable=not progress,
-               dynamic_ncols=True, leave=False)
-    for mdl in ensemble:
-        stats = featurise_checkpoint(store, grad_fn, mdl.key, 1.0, mdl.variables, train.images,
-                                     train.labels, batch_size=batch_size, mesh=mesh, bar=bar)
-        for key, v in stats.items():
-            train_stats[key] = train_stats.get(key, 0) + v
-        gram = np.zeros((dim, dim), np.float64)
-        for kb in range(len(blocks)):
-            phi = np.asarray(store.read_chunk(mdl.key, kb), np.float64).reshape(-1, dim)
-            gram += phi.T @ phi
-        factor, lam = factor_gram(gram, damping)
-        lambdas.append(lam)
-        te = compute_features(grad_fn, sharding.replicate(mdl.variables, mesh), 1.0, test.images,
-                              test.labels, batch_size, mesh)
-        test_parts.append(precondition(factor, sharding.to_host(te)) / m)
-        q_parts.append(_out_to_loss_all(model, mdl.variables, train.images, train.labels,
-                                        class_labels, batch_size))
-        lev = np.concatenate([np.einsum("bjd,bjd->bj", precondition(factor, store.read_chunk(
-            mdl.key, kb)), store.read_chunk(mdl.key, kb)) for kb in range(len(blocks))])
-        self_parts.append(lev)
-    bar.close()
-    qbar = np.mean(q_parts, axis=0).astype(np.float32)  # [n_train, C]
-    keys = [mdl.key for mdl in ensemble]
-    timings["features_s"] = round(time.perf_counter() - t, 3)
-    timings["train_features"] = finish_stats(train_stats)
-
-    # Stage 2: one contraction of the model-concatenated features, Q on the training side.
-    t = time.perf_counter()
-    test_feats = jnp.asarray(np.concatenate(test_parts, axis=-1))
-
-    def read_block(kb):
-        start, stop = blocks[kb]
-        return store.read_block(keys, kb) * qbar[start:stop, :, None]
-
-    staged = StagedFiles(out)
-    scores_out = None
-    try:
-        if fits and sharding.is_writer():
-            scores_out = open_scores(staged, (n_test, c, n_train, c))
-        result = score_blocks(test_feats, read_block, blocks, mesh=mesh, scores_out=scores_out,
-                              collect_scores=fits, topk=k, patient_of=patient_of,
-                              n_patients=len(patients), progress=progress, self_influence=False)
-        result["self_influence"] = (np.mean(self_parts, axis=0) * qbar).astype(np.float32)
-        timings["scores_s"] = round(time.perf_counter() - t, 3)
-
-        # Stage 3: files (each complete under a temporary name), then meta.json last.
-        t = time.perf_counter()
-        if scores_out is not None:
-            scores_out.flush()
-            scores_out = None
-        test_present = class_present(test.labels, class_labels)
-        train_present = class_present(train.labels, class_labels)
-        written = write_score_files(out, result, test_present, train_present, topk=topk,
-                                    scores_tmp=staged.path("scores.npy") if fits else None,
-                                    staged=staged)
-        timings["write_s"] = round(time.perf_counter() - t, 3)
-        timings["total_s"] = round(sum(v for key, v in timings.items() if key.endswith("_s")), 3)
-
-        lrs = {int(ck.epoch): float(ck.lr) for ck in run_checkpoints}
-        projector = getattr(grad_fn, "projector", None)
-        meta = {
-            **folder_meta(workdir, "test", class_names, class_labels, test, train, patients,
-                          task=task),
-            "spec": trak_spec(grad_fn, [mdl.epoch for mdl in ensemble if mdl.epoch is not None],
-                              damping=damping, n_models=m, models_from=models),
-            "method": "trak",
-            # The run checkpoints among the models (their epochs and learning rates): what the
-            # explain stage checks against the run and uses for the latent features.
-            "checkpoints": [{"epoch": mdl.epoch, "lr": lrs[mdl.epoch]} for mdl in ensemble
-                            if mdl.epoch is not None and mdl.epoch in lrs],
-            "trak": {
-                "models_from": models, "models": [mdl.name for mdl in ensemble],
-                "output": "summed log-odds margin over the class's ground-truth region",
-                "out_to_loss": "mean over the region of 1 - p_c, averaged over the models",
-                "damping": float(damping), "lambda": [round(x, 8) for x in lambdas],
-            },
-            "params": (dict(subset.describe()) if subset is not None else {"name": "custom"}),
-            "gradient": {"tag": f"trak({getattr(grad_fn, 'tag', None)})", "feature_dim": dim},
-            "projection": projector.describe() if projector is not None else None,
-            **run_record(k, memory_budget_gb, full_bytes, store, written, timings, mesh),
-            **(extra_meta or {}),
-        }
-        return write_meta(out, meta, "trak-written", staged=staged)
-    except BaseException:
-        scores_out = None
-        abandon_output(staged, out, made_out)
-        raise
-
-
-def randomised_trak(run, meta: dict, out_dir, *, seed: int = 0, progress: bool = False) -> dict:
-    """The TRAK of an influence folder's ``meta`` (parameters, projection, damping, number of
-    models) recomputed with re-initialised models (model k: initialisation key ``seed + k``)
-    into ``out_dir``, for the model-randomisation check; its feature store (inside
-    ``out_dir``) is removed once the scores are written. Returns the meta dict."""
-    import shutil
-
-    from tracin_jax.training.train import init_variables
-
-    out_dir = Path(out_dir)
-    shapes = jax.eval_shape(lambda: init_variables(run.model, jax.random.key(0), run.image_shape))
-    subset = resolve_subset(shapes["params"], (meta.get("params") or {}).get("name", "head"))
-    proj = meta.get("projection") or {}
-    projector = make_projector(subset, proj.get("dim", 0), proj.get("seed", 0), proj.get("kind"))
-    trak = meta.get("trak") or {}
-    models = [TrakModel(k, f"random init {seed + k}", None,
-                        init_variables(run.model, jax.random.key(seed + k), run.image_shape))
-              for k in range(max(1, len(trak.get("models", []))))]
-    out = compute_trak(run.model, trak_grad_fn(run.model, subset, projector, **run_classes(run)),
-                       models, run.train, run.test, out_dir, models="randomised",
-                       task=getattr(run, "task", None),
-                       damping=trak.get("damping", DEFAULT_DAMPING),
-                       store_dir=out_dir / "features", progress=progress)
-    shutil.rmtree(out_dir / "features", ignore_errors=True)
-    return out
-
-
-__all__ = ["DEFAULT_DAMPING", "DEFAULT_MODELS", "MODEL_SOURCES", "TrakModel", "checkpoint_models",
-           "compute_trak", "ensure_seed_models", "factor_gram", "kernel_factor", "out_to_loss",
-           "precondition", "randomised_trak", "region_margin", "region_margin_loss", "run_trak",
-           "trak_grad_fn",
-           "trak_scores"]
+__all__ = ["DEFAULT_DAMPING", "DEFAULT_MODELS", "MAX_KERNEL_DIM", "MODEL_SOURCES", "QBlocks",
+           "TrakModel", "as_model", "check_kernel_dim", "check_kernel_memory",
+           "ensemble_models", "ensure_seed_models", "factor_gram", "fit_kernels",
+           "kernel_bytes", "kernel_factor", "mean_out_to_loss", "out_to_loss", "precondition",
+           "precondition_queries", "random_models", "region_margin",
+           "region_margin_loss", "seeds_start_epoch", "trak_grad_fn", "trak_scores",
+           "trak_spec"]

@@ -1,28 +1,35 @@
 """The attribution-method protocol: one class per method, one options dataclass per method.
 
-A method (:class:`Method`) turns a trained run into an influence folder in five steps, each a
+A method (:class:`Method`) turns a trained run into an influence folder in these steps, each a
 hook with a default:
 
+0. :meth:`Method.chosen_epochs`: the run's epochs whose checkpoints the method gets (default:
+   ``--checkpoints``);
 1. :meth:`Method.featuriser` -> a :class:`~tracin_jax.influence.grads.ClassGradFunction`
    ``(variables, images f32[B,H,W,Cin], labels int[B,H,W]) -> f32[B, C, D]``: class gradients
    of a loss over a parameter subset, optionally projected (:func:`~..grads.make_class_grad_fn`,
    :mod:`..subsets`, :mod:`..projection`, :mod:`..logra`);
 2. :meth:`Method.fit` over the chosen checkpoints and the training set -> :class:`Fitted`:
-   the checkpoints the features are taken at (their variables may carry fitted factors), an
-   optional per-checkpoint diagonal preconditioner applied to both sides before projection,
-   optional query checkpoints (when the query features are taken at other variables than the
-   training features) and what to record in meta.json;
-3. :meth:`Method.transform_train` / :meth:`Method.transform_test`: wrap the readers of the
+   the checkpoints the features are taken at (their variables may carry fitted factors; they
+   may also be other models, each with its own store ``key``), an optional per-checkpoint
+   diagonal preconditioner applied to both sides before projection, optional query
+   checkpoints (when the query features are taken at other variables than the training
+   features) and what to record in meta.json;
+3. :meth:`Method.fit_features`: anything fitted over the stored training features, once all
+   of them are computed (TRAK's kernels ``Phi^T Phi + lambda I``, one per model); nothing by
+   default;
+4. :meth:`Method.transform_train` / :meth:`Method.transform_test`: wrap the readers of the
    training blocks ``k -> f32[rows, C, T*D]`` and of the query features (T checkpoints
    concatenated); identity by default;
-4. the scorer: the blocked contraction of :mod:`..scores` (streaming top-K, patient sums,
+5. the scorer: the blocked contraction of :mod:`..scores` (streaming top-K, patient sums,
    self-influence), run by :func:`~..engine.compute_influence` with the feature store
    (:mod:`..store`, shared between processes) and the staged output files;
-5. :meth:`Method.spec`: the ``spec`` entry of meta.json, from which :meth:`Method.from_spec`
+6. :meth:`Method.spec`: the ``spec`` entry of meta.json, from which :meth:`Method.from_spec`
    rebuilds the same method (evaluate's model-randomisation check).
 
-A method with its own pipeline (TRAK) overrides :meth:`Method.run` and
-:meth:`Method.randomised` instead.
+Every method goes through :meth:`Method.run` -> :meth:`Method.compute` ->
+:func:`~..engine.compute_influence`; :meth:`Method.randomised` may be overridden (TRAK
+re-initialises its models rather than the chosen checkpoints).
 
 Arguments come in two groups: :class:`Common` (checkpoints, split, top-K, batches, memory,
 data folder, progress, store folder: the same for every method) and the method's ``Options``
@@ -56,7 +63,7 @@ def flag_of(f: dataclasses.Field) -> str:
 
 @dataclass(frozen=True)
 class Common:
-    """Arguments every method takes (see :func:`~..engine.run_influence`)."""
+    """Arguments every method takes (see :func:`~..api.run_influence`)."""
 
     checkpoints: Any = "all"
     split: str = "test"
@@ -69,9 +76,9 @@ class Common:
     store_dir: Any = None
 
     def check(self) -> None:
-        from tracin_jax.influence.engine import _check_args
+        from tracin_jax.influence.checks import check_args
 
-        _check_args(self.split, self.topk, self.batch_size, self.chunk_size,
+        check_args(self.split, self.topk, self.batch_size, self.chunk_size,
                     self.memory_budget_gb, 0)
 
 
@@ -112,10 +119,10 @@ class LossOptions(FeatureOptions):
     normalise: bool = option(False, "unit-norm class gradients (cosine)", flag="--normalised")
 
     def check(self) -> None:
-        from tracin_jax.influence.engine import _check_loss
+        from tracin_jax.influence.checks import check_loss
 
         super().check()
-        _check_loss(self.loss)
+        check_loss(self.loss)
         if not isinstance(self.normalise, bool):
             raise InputError(f"--normalised {self.normalise!r} must be true or false")
 
@@ -125,8 +132,10 @@ class Fitted:
     """What :meth:`Method.fit` gives the scoring stage.
 
     ``checkpoints``: objects with ``epoch``, ``lr``, ``variables`` (features are taken at
-    these); ``precondition``: None or a per-checkpoint diagonal preconditioner
-    (``(checkpoint, subset) -> leaves``, with ``name`` and ``describe()``, see
+    these, weighted by ``lr``), and optionally ``key``: the store key when it is not the epoch
+    (a model that is no checkpoint of the run, with ``epoch`` None; see
+    :func:`~..engine.compute_influence`); ``precondition``: None or a per-checkpoint diagonal
+    preconditioner (``(checkpoint, subset) -> leaves``, with ``name`` and ``describe()``, see
     :mod:`..precondition`); ``meta``: entries added to meta.json; ``timings``: added to its
     timings; ``query_checkpoints``: None (the query features are taken at ``checkpoints``, as
     the training features) or one object per entry of ``checkpoints``, same epoch, whose
@@ -184,6 +193,15 @@ class Method:
         return cls.name.upper() if cls.label is None else cls.label
 
     # -- hooks -------------------------------------------------------------------------------
+    def chosen_epochs(self, run: Any, common: Common, workdir: Any) -> list[int]:
+        """The epochs of the loaded ``run`` whose checkpoints :meth:`run` checks, loads and gives
+        :meth:`compute` (and records in meta.json's ``run_identity``). Default:
+        ``common.checkpoints`` (:func:`~..checks.parse_checkpoints`; ``all`` refuses a run
+        whose finished epochs lack a checkpoint)."""
+        from tracin_jax.influence.checks import parse_checkpoints
+
+        return parse_checkpoints(common.checkpoints, [c.epoch for c in run.checkpoints], workdir)
+
     def featuriser(self, run: Any) -> Any:
         """The class-gradient function for the loaded ``run``."""
         raise NotImplementedError
@@ -192,6 +210,15 @@ class Method:
             common: Common, progress: bool = False) -> Fitted:
         """Anything fitted over the checkpoints and the training set (default: nothing)."""
         return Fitted(list(checkpoints))
+
+    def fit_features(self, read: Callable, blocks: Sequence[tuple[int, int]]) -> dict:
+        """Anything fitted over the stored training features; returns entries for meta.json
+        (merged last). Called once every training feature is in the store, before
+        :meth:`transform_train` and :meth:`transform_test`, in every process (each sees the
+        complete store): ``read(k) -> f32[rows, C, T*D]`` is block k (rows ``blocks[k]``) of
+        every :class:`Fitted` checkpoint, concatenated in their order (D = the featuriser's
+        dimension), each scaled by sqrt(lr) as stored. Default: nothing, ``{}``."""
+        return {}
 
     def transform_train(self, read: Callable, blocks: Sequence[tuple[int, int]]) -> Callable:
         """Wraps the training block reader ``k -> f32[rows, C, T*D]``. A wrapper with a
@@ -206,7 +233,7 @@ class Method:
     def spec_loss(self, grad_fn: Any) -> str | None:
         """The loss's name (``dice``, ``ce``, ...), None when unknown: the gradient function's
         ``loss`` by default."""
-        return getattr(grad_fn, "loss", None)
+        return grad_fn.loss
 
     def spec_fields(self) -> dict:
         """``precondition`` / ``relatif`` entries of the spec (defaults ``none`` / False)."""
@@ -223,17 +250,18 @@ class Method:
         """meta.json's ``spec``; None when the featuriser could not rebuild the gradient: a
         custom ``grad_fn`` whose loss has no name, or without a parameter subset, or whose
         classes are not a run's foreground classes (label values 1..C, BraTS: 1, 2, 3)."""
-        from tracin_jax.influence.grads import DEFAULT_CLASS_LABELS
+        from tracin_jax.influence.grads import as_class_grad_function
 
+        grad_fn = as_class_grad_function(grad_fn)
         loss = self.spec_loss(grad_fn)
-        subset, projector = getattr(grad_fn, "subset", None), getattr(grad_fn, "projector", None)
-        labels = tuple(getattr(grad_fn, "class_labels", DEFAULT_CLASS_LABELS))
+        subset, projector = grad_fn.subset, grad_fn.projector
+        labels = tuple(grad_fn.class_labels)
         if loss is None or subset is None or labels != tuple(range(1, len(labels) + 1)):
             return None
         return {"method": self.name, "loss": loss,
                 "params": subset.name,
                 "projection": projector.describe() if projector is not None else None,
-                "normalise": bool(getattr(grad_fn, "normalised", False)),
+                "normalise": bool(grad_fn.normalised),
                 "precondition": "none", "relatif": False, **self.spec_fields(),
                 "checkpoints": [int(e) for e in epochs], "options": self.spec_options()}
 
@@ -248,10 +276,10 @@ class Method:
 
     # -- pipeline ----------------------------------------------------------------------------
     def run(self, workdir: Any, out: Any, common: Common, grad_fn: Any = None) -> dict:
-        """Influence of the run in ``workdir`` into ``out`` (the files of :mod:`..engine`);
+        """Influence of the run in ``workdir`` into ``out`` (the files of :mod:`..folder`);
         returns the meta dict."""
         from tracin_jax import identity, load_run
-        from tracin_jax.influence.engine import check_writable_folder, parse_checkpoints
+        from tracin_jax.paths import check_writable_folder
 
         t0 = time.perf_counter()
         common.check()
@@ -262,8 +290,7 @@ class Method:
         check_writable_folder(common.store_dir if common.store_dir is not None
                               else Path(workdir) / "features", "feature store")
         run = load_run(workdir, common.data_dir)
-        epochs = parse_checkpoints(common.checkpoints, [c.epoch for c in run.checkpoints],
-                                   workdir)
+        epochs = self.chosen_epochs(run, common, workdir)
         chosen = [run.checkpoint(e) for e in epochs]
         grad_fn = self.featuriser(run) if grad_fn is None else grad_fn
         test = run.test if common.split == "test" else run.train
@@ -290,11 +317,12 @@ class Method:
         (the store in ``common.store_dir``, else ``<workdir>/features/<key>``); returns the
         meta dict."""
         from tracin_jax.influence.engine import compute_influence
+        from tracin_jax.influence.grads import as_class_grad_function
 
-        grad_fn = self.featuriser(run) if grad_fn is None else grad_fn
+        grad_fn = as_class_grad_function(self.featuriser(run) if grad_fn is None else grad_fn)
         test = run.test if common.split == "test" else run.train
         fitted = self.fit(run, grad_fn, checkpoints, Path(out), common, progress=common.progress)
-        epochs = [int(c.epoch) for c in checkpoints]
+        epochs = [int(c.epoch) for c in checkpoints if getattr(c, "epoch", None) is not None]
         return compute_influence(
             grad_fn, fitted.checkpoints, run.train, test, out, split=common.split,
             topk=common.topk, batch_size=common.batch_size, chunk_size=common.chunk_size,

@@ -95,11 +95,11 @@ class SourceOptions(FeatureOptions):
                                "checkpoint's saved state)")
 
     def check(self) -> None:
-        from tracin_jax.influence.engine import _check_loss
+        from tracin_jax.influence.checks import check_loss
         from tracin_jax.influence.precondition import PRECONDITIONERS, make_preconditioner
 
         super().check()
-        _check_loss(self.loss)
+        check_loss(self.loss)
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (
                 np.isfinite(float(d)) and float(d) >= 0):
