@@ -62,7 +62,9 @@ Scores compared (higher = inspect first), per slice, for each gradient (``Dice h
   checkpoint (an absent class has loss 1, so ``loss sum`` favours slices with few classes).
 
 Outputs in ``--out`` (default ``runs/mislabel``): ``results.json`` (every number, the corrupted
-patients and slices, timings), ``summary.md`` (the tables), ``detection_curves.png``,
+patients and slices, timings; ``gradients``: for each gradient, ``{"spec": its influence
+folder's meta.json spec, "last_epoch": the run's last epoch}``, which ``tracin-jax evaluate
+--mislabel`` matches its folders against), ``summary.md`` (the tables), ``detection_curves.png``,
 ``auc.png``, ``class_attribution.png``, ``auc_by_checkpoint.png``, ``corruptions.png`` (one
 example slice per corruption).
 
@@ -587,7 +589,6 @@ def run(args) -> dict:
     from tracin_jax.data import discover_cases, load_dataset, write_synthetic_dataset
     from tracin_jax.data.labels import LAYOUT_CONVENTION
     from tracin_jax.influence import run_influence
-    from tracin_jax.influence.trak import run_trak
     from tracin_jax.training.train import train_and_evaluate
 
     progress = not args.no_progress
@@ -650,7 +651,7 @@ def run(args) -> dict:
 
     # 4. self-influence (train vs train): Dice gradients (the paper's, the engine's default) per
     # subset, the last checkpoint alone for 'head', and region cross-entropy gradients.
-    blocks, metas = {}, {}
+    blocks, metas, gradients = {}, {}, {}
     present = None
     variants = []  # (name, subset, loss, checkpoints, precondition, method, projection)
     def proj(subset):  # 'all' is projected, 'head' exact
@@ -679,9 +680,10 @@ def run(args) -> dict:
         if method == "trak":
             # TRAK's self-score phi^T K^-1 phi Q of every training slice, from the run's last
             # checkpoint and trak_models - 1 models retrained on the same (corrupted) data.
-            meta = run_trak(workdir, folder, models="seeds", n_models=args.trak_models,
-                            params=subset, batch_size=args.batch_size, progress=progress,
-                            log=lambda s: print(s, file=sys.stderr))
+            # (the models' training is announced on stderr)
+            meta = run_influence(workdir, folder, method="trak", models_from="seeds",
+                                 models=args.trak_models, params=subset,
+                                 batch_size=args.batch_size, progress=progress)
         elif method == "ekfac":
             meta = run_influence(workdir, folder, checkpoints=eps, split="train", method="ekfac",
                                  params=subset, proj_dim=projection[0],
@@ -705,6 +707,9 @@ def run(args) -> dict:
                        "trak_models": (meta.get("trak") or {}).get("models"),
                        "timings": meta["timings"], "wall_s": time.perf_counter() - t,
                        "self_influence_vs_diagonal_max_rel_err": diag_err}
+        # What `tracin-jax evaluate --mislabel` matches a folder of another run against: the
+        # folder's spec, and this run's last epoch (last checkpoint alone vs several).
+        gradients[name] = {"spec": meta.get("spec"), "last_epoch": int(epochs[-1])}
         timings[f"influence_{name.replace(' ', '_')}_s"] = time.perf_counter() - t
 
     # Diagnostic: AUC of single-checkpoint 'head' self-influence (Dice and CE) and of the loss,
@@ -769,7 +774,8 @@ def run(args) -> dict:
         "n_corrupted_slices": int(slice_bad.sum()), "n_corrupted_patients_effective": int(pat_bad.sum()),
         "corrupted_slices": corrupted_slices,
         "checkpoints": ckpts, "training": metrics_lines[-1] if metrics_lines else None,
-        "influence": metas, "auc_by_checkpoint": by_epoch, "grid": [float(g) for g in GRID],
+        "influence": metas, "gradients": gradients, "auc_by_checkpoint": by_epoch,
+        "grid": [float(g) for g in GRID],
         "results": results, "class_attribution": attribution, "label_confidence": confidence,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }

@@ -1,6 +1,7 @@
 """Scoring of the evaluation on synthetic arrays (no retraining): LDS of a linear datamodel
 oracle and of random scores, bootstrap and paired intervals, noise ceiling, leave-top-k-out
-arithmetic, sanity-check helpers and the report."""
+arithmetic, sanity-check helpers (the mislabel AUC matched by spec, also through run_evaluate
+on the tiny run with its ground truth replaced) and the report."""
 
 from __future__ import annotations
 
@@ -215,86 +216,178 @@ def test_class_voxel_baseline_is_a_perfect_datamodel_when_only_voxels_matter():
 
 # -- sanity checks --------------------------------------------------------------------------
 
-def test_gradient_spec_and_mislabel_method():
+def _spec(**kw) -> dict:
+    """A meta.json spec as the method registry writes it (default: Dice on head, exact)."""
+    return {"method": "tracin", "loss": "dice", "params": "head", "projection": None,
+            "normalise": False, "precondition": "none", "relatif": False,
+            "checkpoints": [2, 4, 6], "options": {}, **kw}
+
+
+SKETCH = {"dim": 4096, "seed": 0, "kind": "countsketch"}
+EKFAC_OPTIONS = {"damping": 0.1, "fisher": "sampled", "fisher_seed": 0}
+TRAK_OPTIONS = {"damping": 1.0, "models": 4, "models_from": "seeds"}
+
+
+def _experiment_gradients() -> list:
+    """The gradients of an experiments.mislabel run whose last epoch is 14 (its checkpoints
+    6, 8, ..., 14), as read_mislabel gives them."""
+    several = [6, 8, 10, 12, 14]
+    specs = {
+        "Dice head": _spec(checkpoints=several),
+        "Dice head last": _spec(checkpoints=[14]),
+        "CE head": _spec(loss="ce", checkpoints=several),
+        "Dice all": _spec(params="all", projection=SKETCH, checkpoints=several),
+        "Dice all logra": _spec(params="all", checkpoints=several,
+                                projection={"dim": 6620, "rank": 16, "seed": 0, "kind": "logra"}),
+        "Dice head adam": _spec(precondition="adam", checkpoints=several),
+        "Dice head ekfac": _spec(method="ekfac", options=EKFAC_OPTIONS, checkpoints=several),
+        "TRAK head": _spec(method="trak", loss="margin", options=TRAK_OPTIONS, checkpoints=[14]),
+        # never matched: normalised self-influence is the same for every slice
+        "Dice head cos": _spec(normalise=True, checkpoints=several),
+        "custom": None,  # a gradient whose folder has no spec
+    }
+    return [sanity.MislabelGradient(name, spec, 14, 0.1 * k)
+            for k, (name, spec) in enumerate(specs.items())]
+
+
+def _matched(spec, last_epoch=6):
+    g = sanity.mislabel_match(spec, last_epoch, _experiment_gradients())
+    return None if g is None else g.name
+
+
+def test_mislabel_match_by_spec():
+    # equal specs on every field that defines the gradient; checkpoints as "several" or "the
+    # run's last only" (the experiment's run has its own epochs)
+    assert _matched(_spec()) == "Dice head"
+    assert _matched(_spec(checkpoints=[1, 2, 3, 4, 5, 6])) == "Dice head"
+    assert _matched(_spec(checkpoints=[6])) == "Dice head last"
+    assert _matched(_spec(checkpoints=[3])) is None  # one checkpoint, not the run's last
+    assert _matched(_spec(checkpoints=[6]), last_epoch=8) is None
+    assert _matched(_spec(checkpoints=[])) is None
+    assert _matched(_spec(loss="ce")) == "CE head"
+    assert _matched(_spec(loss="ce", checkpoints=[6])) is None  # not computed there
+    assert _matched(_spec(params="decoder")) is None
+    # projections: kind and size (LoGra's is its rank); the seed and LoGra's total
+    # dimension (another architecture's) do not count
+    assert _matched(_spec(params="all", projection={**SKETCH, "seed": 3})) == "Dice all"
+    assert _matched(_spec(params="all", projection={**SKETCH, "dim": 2048})) is None
+    assert _matched(_spec(params="all", projection={**SKETCH, "kind": "gaussian"})) is None
+    assert _matched(_spec(params="all")) is None  # exact `all`
+    logra = {"dim": 9000, "rank": 16, "seed": 0, "kind": "logra"}
+    assert _matched(_spec(params="all", projection=logra)) == "Dice all logra"
+    assert _matched(_spec(params="all", projection={**logra, "rank": 8})) is None
+    assert _matched(_spec(params="all", projection=logra, checkpoints=[6])) is None
+    # preconditioning and the method with its options
+    assert _matched(_spec(precondition="adam")) == "Dice head adam"
+    assert _matched(_spec(precondition="identity")) is None
+    assert _matched(_spec(method="ekfac", options=EKFAC_OPTIONS)) == "Dice head ekfac"
+    assert _matched(_spec(method="ekfac", options={**EKFAC_OPTIONS, "damping": 0.2})) is None
+    assert _matched(_spec(method="ekfac", options=EKFAC_OPTIONS, checkpoints=[6])) is None
+    assert _matched(_spec(method="ekfac", options=EKFAC_OPTIONS, loss="ce")) is None
+    trak = _spec(method="trak", loss="margin", options=TRAK_OPTIONS, checkpoints=[6])
+    assert _matched(trak) == "TRAK head"
+    assert _matched({**trak, "options": {**TRAK_OPTIONS, "models": 2}}) is None
+    assert _matched({**trak, "checkpoints": [5, 6],
+                     "options": {**TRAK_OPTIONS, "models": 2, "models_from": "checkpoints"}}) is None
+    # normalised and RelatIF gradients: their normalised self-influence ranks nothing
+    assert _matched(_spec(normalise=True)) is None
+    assert _matched(_spec(relatif=True)) is None
+    assert _matched(None) is None  # a folder written before specs
+    # the row read is the experiment's "classwise sum" of that gradient
+    g = sanity.mislabel_match(_spec(loss="ce"), 6, _experiment_gradients())
+    assert g.row == "CE head classwise sum" and g.auc == pytest.approx(0.2)
+
+
+def test_gradient_spec_describes_from_the_spec_and_the_registry():
+    d = sanity.gradient_spec({"spec": _spec()})
+    assert (d.loss, d.normalise, d.params, d.epochs, d.method) == ("dice", False, "head",
+                                                                    (2, 4, 6), "tracin")
+    assert d.describe() == "dice head"
+    cos = sanity.gradient_spec({"spec": _spec(loss="ce", params="all", projection=SKETCH,
+                                              normalise=True, checkpoints=[6])})
+    assert (cos.loss, cos.normalise) == ("ce", True)
+    assert cos.describe() == "ce all + countsketch 4096, cosine, epoch 6 only"
+    adam = sanity.gradient_spec({"spec": _spec(precondition="adam", relatif=True)})
+    assert adam.describe() == "dice head, adam-preconditioned, RelatIF"
+    logra = {"dim": 6620, "rank": 16, "seed": 0, "kind": "logra"}
+    assert sanity.gradient_spec({"spec": _spec(params="all", projection=logra)}).describe() == \
+        "dice all + logra 16"
+    # another method: its registry label, then its options; a loss LDS does not measure is
+    # scored on Dice
+    ek = sanity.gradient_spec({"spec": _spec(method="ekfac", options=EKFAC_OPTIONS)})
+    assert ek.describe() == "EK-FAC dice head, damping=0.1, fisher=sampled, fisher_seed=0"
+    trak = sanity.gradient_spec({"spec": _spec(method="trak", loss="margin", checkpoints=[6],
+                                               options=TRAK_OPTIONS)})
+    assert trak.loss == "dice" and trak.options == TRAK_OPTIONS
+    assert trak.describe() == ("TRAK margin head, epoch 6 only, damping=1.0, models=4, "
+                               "models_from=seeds")
+
+
+def test_gradient_spec_of_a_folder_without_a_spec():
+    """Written before specs: described from the entries every folder has."""
     meta = {"gradient": {"tag": "tumour_dice_loss(eps=1e-06)|head|exact"},
             "params": {"name": "head"}, "projection": None,
             "checkpoints": [{"epoch": 2}, {"epoch": 4}, {"epoch": 6}]}
     spec = sanity.gradient_spec(meta)
     assert (spec.loss, spec.normalise, spec.params, spec.epochs) == ("dice", False, "head", (2, 4, 6))
-    assert sanity.mislabel_method(spec, 6) == "Dice head classwise sum"
-    cos = sanity.gradient_spec({**meta, "gradient": {"tag": "normalised(tumour_cross_entropy|all|countsketch4096s0)"},
-                                "params": {"name": "all"},
-                                "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}})
-    assert (cos.loss, cos.normalise) == ("ce", True)
-    assert sanity.mislabel_method(cos, 6) is None
-    last = sanity.gradient_spec({**meta, "checkpoints": [{"epoch": 6}]})
-    assert sanity.mislabel_method(last, 6) == "Dice head last classwise sum"
-    assert "epoch 6 only" in last.describe()
-    sketched = {**meta, "gradient": {"tag": "tumour_dice_loss(eps=1e-06)|vjp|countsketch4096s0"},
-                "params": {"name": "all"}}
-    assert sanity.mislabel_method(sanity.gradient_spec(
-        {**sketched, "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}}), 6) == \
-        "Dice all classwise sum"
-    # LoGra has its own row (Dice, all checkpoints); a Gaussian-projected `all` has none
-    logra = {**sketched, "projection": {"dim": 6620, "rank": 16, "seed": 0, "kind": "logra"}}
-    assert sanity.mislabel_method(sanity.gradient_spec(logra), 6) == "Dice all logra classwise sum"
-    assert sanity.mislabel_method(sanity.gradient_spec(
-        {**logra, "checkpoints": [{"epoch": 6}]}), 6) is None
-    assert sanity.mislabel_method(sanity.gradient_spec(
-        {**sketched, "projection": {"dim": 4096, "seed": 0, "kind": "gaussian"}}), 6) is None
-
-
-def test_mislabel_rows_of_ekfac_and_trak_folders():
-    ekfac = {"gradient": {"tag": "ekfac(dice(eps=1e-06),fisher=sampleds0,damping=0.1)|exact"},
-             "params": {"name": "head"}, "projection": None,
-             "ekfac": {"damping": 0.1, "normalised": False},
-             "checkpoints": [{"epoch": 2}, {"epoch": 4}, {"epoch": 6}]}
-    assert sanity.mislabel_method(sanity.gradient_spec(ekfac), 6) == "Dice head ekfac classwise sum"
-    ce = {**ekfac, "gradient": {"tag": "ekfac(tumour_cross_entropy,fisher=sampleds0)|exact"}}
-    assert sanity.mislabel_method(sanity.gradient_spec(ce), 6) == "CE head ekfac classwise sum"
-    cos = {**ekfac, "gradient": {"tag": "normalised(" + ekfac["gradient"]["tag"] + ")"}}
-    assert sanity.mislabel_method(sanity.gradient_spec(cos), 6) is None  # self-influence is 1
-    last = {**ekfac, "checkpoints": [{"epoch": 6}]}
-    assert sanity.mislabel_method(sanity.gradient_spec(last), 6) is None
-    trak = {"gradient": {"tag": "trak(region_margin_loss|head|exact)"}, "method": "trak",
-            "params": {"name": "head"}, "projection": None,
-            "trak": {"models": ["run epoch 6", "seed 1"], "models_from": "seeds"},
-            "checkpoints": []}
-    spec = sanity.gradient_spec(trak)
-    assert (spec.models, spec.models_from) == (2, "seeds")
-    assert sanity.mislabel_method(spec, 6) == "TRAK head classwise sum"
-    on_ckpts = {**trak, "trak": {"models": ["run epoch 5", "run epoch 6"],
-                                 "models_from": "checkpoints"}}
-    assert sanity.mislabel_method(sanity.gradient_spec(on_ckpts), 6) is None
-    projected = {**trak, "params": {"name": "all"},
-                 "projection": {"dim": 4096, "seed": 0, "kind": "countsketch"}}
-    assert sanity.mislabel_method(sanity.gradient_spec(projected), 6) is None
-
-
-def test_preconditioned_and_relatif_folders_are_told_apart():
-    meta = {"gradient": {"tag": "tumour_dice_loss(eps=1e-06)|head|exact"},
-            "params": {"name": "head"}, "projection": None,
-            "checkpoints": [{"epoch": 2}, {"epoch": 4}, {"epoch": 6}]}
-    adam = sanity.gradient_spec({**meta, "precondition": {"kind": "adam"}})
-    assert adam.precondition == "adam" and "adam-preconditioned" in adam.describe()
-    assert sanity.mislabel_method(adam, 6) == "Dice head adam classwise sum"
-    rel = sanity.gradient_spec({**meta, "relatif": True})
-    assert rel.relatif and "RelatIF" in rel.describe()
-    assert sanity.mislabel_method(rel, 6) is None  # self-influence is not what it ranks by
-    assert sanity.gradient_spec(meta).precondition is None
+    assert spec.describe() == "dice head" and spec.precondition is None and spec.method == ""
+    cos = sanity.gradient_spec({**meta, "params": {"name": "all"}, "projection": SKETCH,
+                                "gradient": {"tag": "normalised(tumour_cross_entropy|all|cs)"},
+                                "checkpoints": [{"epoch": 6}]})
+    assert cos.describe() == "ce all + countsketch 4096, cosine, epoch 6 only"
+    adam = sanity.gradient_spec({**meta, "precondition": {"kind": "adam"}, "relatif": True})
+    assert adam.describe() == "dice head, adam-preconditioned, RelatIF"
+    assert sanity.gradient_spec({**meta, "spec": None}).describe() == "dice head"
+    # its randomisation is skipped with a one-line reason; it matches no mislabel gradient
+    assert "no spec in meta.json" in sanity.randomisation_skipped(meta)
+    assert "spec null" in sanity.randomisation_skipped({**meta, "spec": None})
+    assert sanity.randomisation_skipped({**meta, "spec": _spec()}) is None
+    assert _matched(meta.get("spec")) is None
 
 
 def test_read_mislabel(tmp_path):
+    methods = {"CE head classwise sum": {"all": {"auc": 0.78}},
+               "CE head total": {"all": {"auc": 0.8}}}
+    gradients = {"CE head": {"spec": _spec(loss="ce"), "last_epoch": 6},
+                 "Dice head": {"spec": _spec(), "last_epoch": 6}}
     good = tmp_path / "results.json"
-    good.write_text(json.dumps({"results": {"slices": {"methods": {
-        "CE head classwise sum": {"all": {"auc": 0.78}}}}}}))
-    assert sanity.read_mislabel(good) == {"CE head classwise sum": 0.78}
-    bad = tmp_path / "other.json"
-    bad.write_text("{}")
-    with pytest.raises(InputError, match="other.json"):
-        sanity.read_mislabel(bad)
+    good.write_text(json.dumps({"results": {"slices": {"methods": methods}},
+                                "gradients": gradients}))
+    res = sanity.read_mislabel(good)
+    assert res.reason is None and [g.name for g in res.gradients] == ["CE head", "Dice head"]
+    assert [g.auc for g in res.gradients] == [0.78, None]  # no "Dice head classwise sum" row
+    assert sanity.mislabel_match(_spec(loss="ce", checkpoints=[1, 2]), 2, res.gradients).auc == 0.78
+    # written before the experiment recorded its gradients: no gradient, one line saying why
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"results": {"slices": {"methods": methods}}}))
+    res = sanity.read_mislabel(old)
+    assert res.gradients == () and "old.json" in res.reason and "rerun" in res.reason
+    assert "\n" not in res.reason
+    for name, text in (("other.json", "{}"), ("bad.json", "not json"),
+                       ("list.json", json.dumps({"results": {"slices": {"methods": methods}},
+                                                 "gradients": [1]}))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=name):
+            sanity.read_mislabel(tmp_path / name)
     with pytest.raises(InputError, match="not found"):
         sanity.read_mislabel(tmp_path / "missing.json")
+
+
+def test_evaluate_names_no_method():
+    """Methods are named in their own files only: evaluate reads specs and the registry."""
+    import re
+    from pathlib import Path
+
+    from tracin_jax.influence.methods import METHODS
+
+    folder = Path(sanity.__file__).parent
+    names = [n for n in METHODS if n != "tracin"] + ["logra"]  # tracin: the package's name
+    word = re.compile(r"\b(" + "|".join(names) + r")\b", re.IGNORECASE)
+    citation = "Park et al. 2023, TRAK"  # LDS's paper
+    hits = [f"{p.name}:{i}: {line.strip()}" for p in sorted(folder.glob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if word.search(line.replace(citation, ""))]
+    assert not hits, hits
 
 
 def test_rank_agreement():
@@ -376,3 +469,49 @@ def test_report_markdown_verdict_and_figures(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"evaluation.json", "evaluation.md",
                                                      "lds.png", "leave_out.png"}
     assert json.loads((tmp_path / "evaluation.json").read_text())["variants"]["head"]["mislabel_auc"] == 0.13
+
+
+def test_evaluate_reads_the_mislabel_auc_by_spec(tmp_path, tiny_run, tiny_influence, monkeypatch):
+    """Through run_evaluate (ground truth replaced by random losses: no retraining): the AUC of
+    the experiment's gradient with the folder's spec, in evaluation.json and the table; a
+    results.json without gradients gives none and one printed line."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from tracin_jax.evaluate import api
+    from tracin_jax.evaluate import ground_truth as gt_mod
+
+    meta = json.loads((Path(tiny_influence) / "meta.json").read_text())
+    n_test, n_pat = len(meta["test_ids"]), len(meta["patients"])
+
+    def fake_ground_truth(workdir, *, subsets, fraction, seeds, **kw):
+        rng = np.random.default_rng(0)
+        arr = rng.normal(size=(subsets, seeds, n_test, 3)).astype(np.float32)
+        return SimpleNamespace(masks=rng.random((subsets, n_pat)) < 0.5, dice_loss=arr,
+                               ce_loss=arr, path=tmp_path / "gt", meta={})
+
+    monkeypatch.setattr(gt_mod, "compute_ground_truth", fake_ground_truth)
+    methods = {"Dice head classwise sum": {"all": {"auc": 0.24}},
+               "CE head classwise sum": {"all": {"auc": 0.92}}}
+    spec = meta["spec"]
+    assert spec["checkpoints"] == [1, 2, 3] and spec["loss"] == "dice"
+    new = tmp_path / "results.json"  # another run: epochs 2, 4, 6
+    new.write_text(json.dumps({"results": {"slices": {"methods": methods}}, "gradients": {
+        "CE head": {"spec": {**spec, "loss": "ce", "checkpoints": [2, 4, 6]}, "last_epoch": 6},
+        "Dice head": {"spec": {**spec, "checkpoints": [2, 4, 6]}, "last_epoch": 6}}}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"results": {"slices": {"methods": methods}}}))
+    name = Path(tiny_influence).name
+    for path, row, auc in ((new, "Dice head classwise sum", 0.24), (old, None, None)):
+        lines = []
+        res = api.run_evaluate(tiny_run, [tiny_influence], tmp_path / path.stem, subsets=4,
+                               leave_out_queries=0, randomisation=False, baselines=False,
+                               mislabel=path, progress=False, log=lines.append)
+        v = res["variants"][name]
+        assert (v["mislabel_method"], v["mislabel_auc"]) == (row, auc)
+        said = [s for s in lines if "--mislabel" in s]
+        md = (tmp_path / path.stem / "evaluation.md").read_text()
+        if auc is None:
+            assert len(said) == 1 and "old.json" in said[0] and "rerun" in said[0]
+        else:
+            assert not said and "| 0.24 |" in md

@@ -242,3 +242,15 @@ def test_mislabel_end_to_end_tiny(tiny_data, tmp_path):
     assert not np.allclose(si["Dice head ekfac"], si["Dice head"])
     assert res["influence"]["Dice all"]["projection"]["dim"] == 64
     assert res["auc_by_checkpoint"]["epochs"] == [1, 2]
+    # each gradient's folder spec and the run's last epoch, which `tracin-jax evaluate
+    # --mislabel` matches folders against: each folder's spec finds its own gradient
+    from tracin_jax.evaluate import sanity
+
+    read = sanity.read_mislabel(out / "results.json")
+    assert read.reason is None and [g.name for g in read.gradients] == list(res["influence"])
+    for g in read.gradients:
+        folder = out / f"influence-{g.name.replace(' ', '-')}"
+        spec = json.loads((folder / "meta.json").read_text())["spec"]
+        assert spec is not None and g.spec == spec and g.last_epoch == 2, g.name
+        assert g.auc == methods[g.row]["all"]["auc"]
+        assert sanity.mislabel_match(spec, 2, read.gradients).name == g.name
