@@ -39,7 +39,13 @@ def test_names_that_do_not_identify_a_loss_give_no_default_tag(toy, head):
     assert unique_name(classwise_dice_loss) == "classwise_dice_loss"
     assert unique_name(functools.partial(classwise_dice_loss, eps=1e-3)) == \
         "classwise_dice_loss(eps=0.001)"
-    assert unique_name(_run) == f"{__name__}._run"
+    assert unique_name(_run).startswith(f"{__name__}._run@")
+    # A module-level function edited and run again (a notebook cell) is another function.
+    namespace: dict = {"__name__": "__main__"}
+    exec("def loss(logits, labels):\n    return logits[..., 1:] * 1.0", namespace)
+    first = unique_name(namespace["loss"])
+    exec("def loss(logits, labels):\n    return logits[..., 1:] * 2.0", namespace)
+    assert first.startswith("__main__.loss@") and unique_name(namespace["loss"]) != first
     for fn in (_scaled(1.0), _local_loss(), functools.partial(_scaled(2.0)),
                functools.partial(classwise_dice_loss, 1.0), toy_problem.__call__):
         assert unique_name(fn) is None, fn

@@ -59,6 +59,7 @@ NVIDIA GPUs, as in training). For full float32 there, call under
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -138,11 +139,27 @@ def class_axis(class_names=None, class_labels=None) -> tuple[tuple[str, ...], tu
 _SIMPLE = (int, float, str, bool, type(None))
 
 
+def code_digest(fn: Any) -> str:
+    """8 hex digits of what a plain function's code is: its bytecode, constants and the names
+    it reads (another body under the same name gives other digits); '' for a builtin."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+
+    def describe(c) -> tuple:  # nested code (comprehensions, inner functions) by content
+        return (c.co_code, c.co_names, tuple(describe(k) if hasattr(k, "co_code") else repr(k)
+                                             for k in c.co_consts))
+
+    text = repr((describe(code), fn.__defaults__, fn.__kwdefaults__)).encode()
+    return hashlib.sha1(text).hexdigest()[:8]
+
+
 def unique_name(fn: Any) -> str | None:
     """A name that identifies what ``fn`` computes, or None when its name does not.
 
-    A function defined at module level is named by its module and qualified name (the
-    project's own losses by their bare name); a ``functools.partial`` of one adds its
+    A function defined at module level is named by its module and qualified name plus a
+    digest of its code (so a function edited in a notebook and run again gets another name);
+    the project's own losses go by their bare name. A ``functools.partial`` of one adds its
     keyword arguments when those are plain values. Lambdas, local functions and closures,
     bound methods and callable objects (whose behaviour depends on state the name does not
     show), and partials of those, give None: such a function needs an explicit tag.
@@ -162,7 +179,8 @@ def unique_name(fn: Any) -> str | None:
     if not qualname or "<lambda>" in qualname or "<locals>" in qualname:
         return None
     module = getattr(fn, "__module__", None) or ""
-    name = fn.__name__ if module.startswith("tracin_jax.") else f"{module}.{qualname}"
+    name = fn.__name__ if module.startswith("tracin_jax.") else \
+        f"{module}.{qualname}@{code_digest(fn)}"
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(kw.items())) + ")" if kw else "")
 
 
