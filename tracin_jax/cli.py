@@ -181,7 +181,7 @@ def _cmd_evaluate(args) -> dict:
 # The demos: 2D on BraTS-layout slices (make demo), 3D on volumes of the nnU-Net-format task.
 DEMO_DIMS = {2: {"workdir": "runs/demo", "cases": 16, "config": "demo"},
              3: {"workdir": "runs/demo3d", "cases": 40, "config": "demo3d"}}
-DEMO3D_SHAPE = (64, 64, 64)  # the synthetic volumes; demo3d's model sees them whole (no downsampling)
+DEMO3D_SHAPE = (48, 48, 48)  # the synthetic volumes; demo3d's model sees them whole (no downsampling)
 
 
 def _cmd_demo(args) -> None:
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="synth -> train -> influence -> report on the embedded data "
                        "(--dims 3: volumes of the nnU-Net-format task)")
     d.add_argument("--dims", type=int, default=2,
-                   help="2: BraTS-layout slices, config demo | 3: whole 64^3 volumes of the "
+                   help="2: BraTS-layout slices, config demo | 3: whole 48^3 volumes of the "
                         "synthetic nnU-Net task, config demo3d")
     d.add_argument("--workdir", default=None, help="default runs/demo (2D), runs/demo3d (3D)")
     d.add_argument("--cases", type=int, default=None, help="default 16 (2D), 40 (3D)")
