@@ -20,6 +20,7 @@ from tracin_jax.influence.grads import make_class_grad_fn, normalised
 from tracin_jax.influence.methods import Common, from_spec, get_method, make_options
 from tracin_jax.influence.reference import brute_force_class_grads
 from tracin_jax.influence.subsets import resolve_subset
+from tracin_jax.task import Task
 from tracin_jax.training.losses import tumour_cross_entropy, tumour_dice_loss
 
 EPS = inspect.signature(tumour_dice_loss).parameters["eps"].default
@@ -151,6 +152,13 @@ def test_custom_gradient_specs(toy):
     assert custom.loss is None and methods.TracIn().spec(custom, [1]) is None
     four = make_class_grad_fn(toy.model, subset, loss="dice", class_labels=(0, 1, 2, 3))
     assert methods.TracIn().spec(four, [1]) is None  # the featuriser gives 3 classes
+    # Two of a 3-class run's classes: labels 1..2 look complete, the run's task says they are not.
+    two = make_class_grad_fn(toy.model, subset, loss="dice", class_labels=(1, 2))
+    brats = SimpleNamespace(task=Task("BraTS", "brats2023", ("flair",), ("NCR/NET", "ED", "ET"),
+                                      (1, 2, 3)))
+    assert methods.TracIn().spec(two, [1]) is not None
+    assert methods.TracIn().recorded_spec(two, [1], brats) is None
+    assert methods.TracIn().recorded_spec(ce_cos, [1], brats) == spec | {"checkpoints": [1]}
     with pytest.raises(InputError, match="--loss 'l1'"):
         make_class_grad_fn(toy.model, subset, loss="l1")
 

@@ -331,7 +331,21 @@ class Method:
             extra_timings={**(extra_timings or {}), **fitted.timings},
             precondition=fitted.precondition, method=self, task=getattr(run, "task", None),
             query_checkpoints=fitted.query_checkpoints,
-            extra_meta={**fitted.meta, **(extra_meta or {}), "spec": self.spec(grad_fn, epochs)})
+            extra_meta={**fitted.meta, **(extra_meta or {}),
+                        "spec": self.recorded_spec(grad_fn, epochs, run)})
+
+    def recorded_spec(self, grad_fn: Any, epochs: Sequence[int], run: Any) -> dict | None:
+        """meta.json's ``spec`` for a folder of ``run``: :meth:`spec`, or None when the gradient
+        function scores another number of classes than the run's task has (a gradient over
+        some of its classes: the featuriser would rebuild all of them)."""
+        from tracin_jax.influence.grads import as_class_grad_function
+
+        spec = self.spec(grad_fn, epochs)
+        task = getattr(run, "task", None)
+        if spec is not None and task is not None and \
+                len(as_class_grad_function(grad_fn).class_labels) != len(task.classes):
+            return None
+        return spec
 
     def randomised(self, run: Any, meta: dict, out_dir: Path, *, seed: int = 0,
                    progress: bool = False) -> None:
