@@ -82,7 +82,7 @@ def test_influence_refuses_a_gap_and_takes_an_explicit_subset(gappy, tmp_path, m
 
 
 def test_trak_and_ekfac_use_the_same_check(gappy, tmp_path, monkeypatch):
-    from tracin_jax.influence import api, ekfac, run_influence, trak
+    from tracin_jax.influence import ekfac, run_influence, trak
 
     def boom(*a, **k):
         raise AssertionError("worked before checking the checkpoints")
@@ -90,7 +90,7 @@ def test_trak_and_ekfac_use_the_same_check(gappy, tmp_path, monkeypatch):
     monkeypatch.setattr(ekfac, "factored_checkpoints", boom)
     monkeypatch.setattr(trak, "ensure_seed_models", boom)
     with pytest.raises(InputError, match="checkpoints/1 is missing.*available: 2, 3"):
-        api.run_ekfac_influence(gappy, tmp_path / "e", params="head", progress=False)
+        run_influence(gappy, tmp_path / "e", method="ekfac", params="head", progress=False)
     with pytest.raises(InputError, match="checkpoints/1 is missing.*available: 2, 3"):
         run_influence(gappy, tmp_path / "t", method="trak", models_from="checkpoints",
                       progress=False)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 from tracin_jax.influence import methods
-from tracin_jax.influence.ekfac import DEFAULT_DAMPING
-from tracin_jax.influence.projection import DEFAULT_PROJ_KIND
 
 
 # Keyword arguments of the earlier signature that callers pass with their old default values
@@ -77,28 +75,4 @@ def run_influence(workdir, out, *, method: str = "tracin", options=None, grad_fn
     return cls(options).run(workdir, out, common, grad_fn=grad_fn)
 
 
-def run_ekfac_influence(workdir, out, *, checkpoints="all", params="all", proj_dim=None,
-                        proj_seed=0, proj_kind=DEFAULT_PROJ_KIND, loss="dice", normalise=False,
-                        damping=DEFAULT_DAMPING, fisher="sampled", fisher_seed=0, split="test",
-                        topk=None, batch_size=16, chunk_size=256, memory_budget_gb=2.0,
-                        data_dir=None, progress=True, store_dir=None) -> dict:
-    """Class-wise EK-FAC influence of the run in ``workdir`` (``run_influence(method="ekfac")``,
-    :mod:`.ekfac`); the same files as :func:`run_influence` (``patient_scores.npy``,
-    ``meta.json`` with an ``"ekfac"`` entry, ...) plus the fitted factors in
-    ``out/ekfac_factors/``.
-
-    ``params``: conv kernels and biases of this subset (BatchNorm parameters are left out);
-    ``damping``: relative damping (lambda = damping x mean corrected eigenvalue, per layer);
-    ``fisher``: ``sampled`` (true Fisher) or ``empirical``; ``normalise``: unit-norm whitened
-    gradients (cosine in the F^-1 metric). Other arguments as in ``run_influence``; the factors
-    are fitted on the training split at every chosen checkpoint.
-    """
-    return run_influence(
-        workdir, out, method="ekfac", checkpoints=checkpoints, params=params, proj_dim=proj_dim,
-        proj_seed=proj_seed, proj_kind=proj_kind, loss=loss, normalise=normalise,
-        damping=damping, fisher=fisher, fisher_seed=fisher_seed, split=split, topk=topk,
-        batch_size=batch_size, chunk_size=chunk_size, memory_budget_gb=memory_budget_gb,
-        data_dir=data_dir, progress=progress, store_dir=store_dir)
-
-
-__all__ = ["run_ekfac_influence", "run_influence"]
+__all__ = ["run_influence"]
