@@ -456,17 +456,30 @@ def dense_ekfac_fisher(factors: dict, layer: ConvLayer) -> np.ndarray:
 
 
 
-def leaf_reader(subset: Any):
-    """``(g, path) -> leaf``: the entries of parameter ``path`` (one of ``subset.paths``) in a
-    flat class gradient g f32[..., P] of ``subset``, reshaped to f32[..., *its shape]."""
+def layer_class_gradients(inner: Any, subset: Any, layers: Sequence[ConvLayer],
+                          collection: str):
+    """``(variables, images, labels) -> (fitted, mats)`` for a method whose fitted arrays
+    travel in ``variables[collection]``: ``fitted`` is that entry; ``mats`` the class gradients
+    of ``inner`` (a class-gradient function over ``subset``, exact: f32[B, C, P]), taken at the
+    other collections, as one kernel matrix per layer of ``layers`` (:func:`kernel_matrix`:
+    f32[B, C, k, Cout], bias row last). Traceable (call it under jit)."""
     index = {p: i for i, p in enumerate(subset.paths)}
     offsets = np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in subset.shapes])])
 
-    def leaf(g, path):
+    def leaf(g, path):  # parameter ``path``'s entries of a flat gradient, in its shape
         i = index[path]
         return g[..., offsets[i]:offsets[i + 1]].reshape(*g.shape[:-1], *subset.shapes[i])
 
-    return leaf
+    def read(variables, images, labels):
+        plain = {k: v for k, v in variables.items() if k != collection}
+        g = inner(plain, images, labels)  # f32[B, C, P]
+        mats = [kernel_matrix(l, leaf(g, f"{l.name}/kernel"),
+                              leaf(g, f"{l.name}/bias") if l.has_bias else None)
+                for l in layers]
+        return variables[collection], mats
+
+    return read
+
 
 def make_ekfac_grad_fn(model: Any, subset: ParamSubset, layers: Sequence[ConvLayer], loss_fn: Any,
                        *, damping: float = DEFAULT_DAMPING, proj_dim: int | None = None,
@@ -488,16 +501,11 @@ def make_ekfac_grad_fn(model: Any, subset: ParamSubset, layers: Sequence[ConvLay
                                class_names=class_names, class_labels=class_labels)
     flat = ParamSubset(subset.name, ("ekfac/whitened",), ((subset.size,),))
     projector = make_projector(flat, proj_dim, proj_seed, proj_kind)
-    leaf = leaf_reader(subset)
+    read = layer_class_gradients(inner, subset, layers, COLLECTION)
 
     @jax.jit
     def fn(variables, images, labels):
-        factors = variables[COLLECTION]
-        plain = {k: v for k, v in variables.items() if k != COLLECTION}
-        g = inner(plain, images, labels)  # f32[B, C, P]
-        mats = [kernel_matrix(l, leaf(g, f"{l.name}/kernel"),
-                              leaf(g, f"{l.name}/bias") if l.has_bias else None)
-                for l in layers]
+        factors, mats = read(variables, images, labels)
         w = whiten(layers, factors, mats, damping)
         w = jnp.concatenate([m.reshape(*m.shape[:2], -1) for m in w], axis=-1)
         return projector([w]) if projector is not None else w
@@ -641,5 +649,6 @@ def load_or_fit(folder: Path, key: str, epoch: int, fit) -> dict:
 __all__ = ["ConvLayer", "DEFAULT_DAMPING", "EkfacSetup", "FISHERS", "ekfac_setup",
            "factored_checkpoints", "capture", "conv_layers",
            "dense_ekfac_fisher", "ekfac_subset", "fisher_loss", "fit_ekfac", "kernel_matrix",
+           "layer_class_gradients",
            "make_ekfac_grad_fn", "matrix_to_leaves", "patches", "whiten",
            "with_factors"]

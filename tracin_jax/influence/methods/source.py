@@ -232,7 +232,7 @@ def make_source_grad_fn(model: Any, subset: Any, layers: Sequence[Any], loss_fn:
     import jax
     import jax.numpy as jnp
 
-    from tracin_jax.influence.ekfac import HIGHEST, kernel_matrix, leaf_reader
+    from tracin_jax.influence.ekfac import HIGHEST, layer_class_gradients
     from tracin_jax.influence.grads import ClassGradFunction, make_class_grad_fn
     from tracin_jax.influence.projection import make_projector
     from tracin_jax.influence.subsets import ParamSubset
@@ -242,7 +242,7 @@ def make_source_grad_fn(model: Any, subset: Any, layers: Sequence[Any], loss_fn:
                                class_labels=class_labels)
     flat = ParamSubset(subset.name, ("source/rotated",), ((subset.size,),))
     projector = make_projector(flat, proj_dim, proj_seed, proj_kind)
-    leaf = leaf_reader(subset)
+    read = layer_class_gradients(inner, subset, layers, COLLECTION)
 
     def rotate(f, m):
         return jnp.einsum("ia,...ij,jb->...ab", f["qa"], m, f["qs"], precision=HIGHEST)
@@ -253,12 +253,7 @@ def make_source_grad_fn(model: Any, subset: Any, layers: Sequence[Any], loss_fn:
 
     @jax.jit
     def fn(variables, images, labels):
-        src = variables[COLLECTION]
-        plain = {k: v for k, v in variables.items() if k != COLLECTION}
-        g = inner(plain, images, labels)  # f32[B, C, P]
-        mats = [kernel_matrix(l, leaf(g, f"{l.name}/kernel"),
-                              leaf(g, f"{l.name}/bias") if l.has_bias else None)
-                for l in layers]
+        src, mats = read(variables, images, labels)
         for step in src["transport"]:
             mats = [transport(step[l.name], m) for l, m in zip(layers, mats)]
         w = [rotate(src["basis"][l.name], m) * src["basis"][l.name]["weight"]
